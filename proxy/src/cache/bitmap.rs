@@ -1,0 +1,349 @@
+//! The persisted presence bitmap: one bit per chunk, set only after the
+//! chunk's data is durable in the data file.
+//!
+//! On-disk layout (`herd-cache.bitmap`, little-endian, version 1):
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "HERDBMP\0"
+//!      8     4  version (1)
+//!     12     4  header length (64)
+//!     16     8  image size in bytes
+//!     24     4  chunk size in bytes
+//!     28     4  reserved (0)
+//!     32     8  chunk count
+//!     40    24  reserved (0)
+//!     64     …  bitmap words, u64 each, bit i of word w = chunk 64*w+i
+//! ```
+//!
+//! A word is rewritten in place when one of its bits is set. A crash can
+//! lose a bit whose data was durable (the chunk is fetched again), never the
+//! other way round, because the cache syncs data before calling `set`.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+pub const MAGIC: [u8; 8] = *b"HERDBMP\0";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: u32 = 64;
+
+#[derive(Debug, Error)]
+pub enum BitmapError {
+    #[error("{op} of cache bitmap {path} failed")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a herd cache bitmap (bad magic or truncated); remove the cache directory"
+    )]
+    NotABitmap { path: PathBuf },
+    #[error("{path} has format version {found}; this herd reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "cache {path} holds an image of {cached_size} bytes in {cached_chunk}-byte chunks, but the upstream is {size} bytes with {chunk}-byte chunks; use another --cache-dir or remove this one"
+    )]
+    Mismatch {
+        path: PathBuf,
+        cached_size: u64,
+        cached_chunk: u32,
+        size: u64,
+        chunk: u32,
+    },
+    #[error("cache {path} is in use by another herd process")]
+    Locked { path: PathBuf },
+}
+
+/// Header fields that identify what a bitmap describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub image_size: u64,
+    pub chunk_size: u32,
+    pub chunks: u64,
+}
+
+pub fn encode_header(h: &Header) -> [u8; HEADER_LEN as usize] {
+    let mut b = [0u8; HEADER_LEN as usize];
+    b[..8].copy_from_slice(&MAGIC);
+    b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&HEADER_LEN.to_le_bytes());
+    b[16..24].copy_from_slice(&h.image_size.to_le_bytes());
+    b[24..28].copy_from_slice(&h.chunk_size.to_le_bytes());
+    b[32..40].copy_from_slice(&h.chunks.to_le_bytes());
+    b
+}
+
+/// Parses a header: `Ok(None)` for bad magic or a short buffer, `Err(v)`
+/// for an unknown version.
+pub fn decode_header(b: &[u8]) -> Result<Option<Header>, u32> {
+    if b.len() < HEADER_LEN as usize || b[..8] != MAGIC {
+        return Ok(None);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(a)
+    };
+    let version = u32_at(8);
+    if version != VERSION || u32_at(12) != HEADER_LEN {
+        return Err(version);
+    }
+    Ok(Some(Header {
+        image_size: u64_at(16),
+        chunk_size: u32_at(24),
+        chunks: u64_at(32),
+    }))
+}
+
+pub struct Bitmap {
+    path: PathBuf,
+    file: File,
+    words: Vec<AtomicU64>,
+    chunks: u64,
+    write_lock: Mutex<()>,
+    dirty: AtomicBool,
+}
+
+impl Bitmap {
+    /// Opens the bitmap at `path`, creating it if missing, and takes an
+    /// exclusive lock so two daemons never share one cache.
+    ///
+    /// # Errors
+    /// Any `BitmapError`: I/O, foreign or mismatched file, or a held lock.
+    pub fn open(path: &Path, image_size: u64, chunk_size: u32) -> Result<Self, BitmapError> {
+        let io = |op, source| BitmapError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let chunks = image_size.div_ceil(u64::from(chunk_size));
+        let want = Header {
+            image_size,
+            chunk_size,
+            chunks,
+        };
+        let nwords = usize::try_from(chunks.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        // SAFETY: flock on an fd we own; the result is checked.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(BitmapError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        let len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let mut words = Vec::with_capacity(nwords);
+        if len == 0 {
+            let mut init = encode_header(&want).to_vec();
+            init.resize(HEADER_LEN as usize + nwords * 8, 0);
+            file.write_all(&init).map_err(|e| io("initialise", e))?;
+            file.sync_all().map_err(|e| io("sync", e))?;
+            words.resize_with(nwords, || AtomicU64::new(0));
+        } else {
+            let mut raw = Vec::new();
+            file.read_to_end(&mut raw).map_err(|e| io("read", e))?;
+            let header = match decode_header(&raw) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    return Err(BitmapError::NotABitmap {
+                        path: path.to_owned(),
+                    })
+                }
+                Err(found) => {
+                    return Err(BitmapError::Version {
+                        path: path.to_owned(),
+                        found,
+                    })
+                }
+            };
+            if header != want {
+                return Err(BitmapError::Mismatch {
+                    path: path.to_owned(),
+                    cached_size: header.image_size,
+                    cached_chunk: header.chunk_size,
+                    size: image_size,
+                    chunk: chunk_size,
+                });
+            }
+            let body = &raw[HEADER_LEN as usize..];
+            if body.len() < nwords * 8 {
+                return Err(BitmapError::NotABitmap {
+                    path: path.to_owned(),
+                });
+            }
+            for (w, c) in body.chunks_exact(8).take(nwords).enumerate() {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                let mut v = u64::from_le_bytes(a);
+                // Bits past the last chunk are meaningless; never trust them.
+                let first = w as u64 * 64;
+                if first + 64 > chunks {
+                    let valid = chunks - first;
+                    v &= (1u64 << valid) - 1;
+                }
+                words.push(AtomicU64::new(v));
+            }
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            words,
+            chunks,
+            write_lock: Mutex::new(()),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    #[must_use]
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+
+    #[must_use]
+    pub fn is_set(&self, chunk: u64) -> bool {
+        let (w, bit) = (chunk / 64, chunk % 64);
+        usize::try_from(w)
+            .ok()
+            .and_then(|w| self.words.get(w))
+            .is_some_and(|a| a.load(Ordering::Acquire) & (1 << bit) != 0)
+    }
+
+    /// Marks `chunk` present and writes its word to the file. Call only
+    /// after the chunk's data is durable.
+    ///
+    /// # Errors
+    /// `Io` if the word cannot be written; the bit stays set in memory.
+    pub fn set(&self, chunk: u64) -> Result<(), BitmapError> {
+        let Some(word) = usize::try_from(chunk / 64)
+            .ok()
+            .and_then(|w| self.words.get(w))
+        else {
+            return Ok(());
+        };
+        // Serialise load+write so a slower writer never puts back a stale
+        // word that lacks a bit another writer just set.
+        let _g = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = word.fetch_or(1 << (chunk % 64), Ordering::AcqRel) | (1 << (chunk % 64));
+        let at = u64::from(HEADER_LEN) + chunk / 64 * 8;
+        self.dirty.store(true, Ordering::Release);
+        self.file
+            .write_all_at(&v.to_le_bytes(), at)
+            .map_err(|source| BitmapError::Io {
+                op: "write",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Number of chunks present.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Flushes written words to disk if any changed since the last sync.
+    ///
+    /// # Errors
+    /// `Io` if fdatasync fails.
+    pub fn sync(&self) -> Result<(), BitmapError> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            self.file.sync_data().map_err(|source| BitmapError::Io {
+                op: "sync",
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("herd-bmp-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&d);
+        d
+    }
+
+    #[test]
+    fn header_round_trip_and_rejects() {
+        let h = Header {
+            image_size: 1 << 30,
+            chunk_size: 1 << 20,
+            chunks: 1024,
+        };
+        let b = encode_header(&h);
+        assert_eq!(&b[..8], b"HERDBMP\0");
+        assert_eq!(decode_header(&b), Ok(Some(h)));
+        assert_eq!(decode_header(&b[..10]), Ok(None));
+        let mut v2 = b;
+        v2[8] = 2;
+        assert_eq!(decode_header(&v2), Err(2));
+    }
+
+    #[test]
+    fn bits_persist_across_reopen() {
+        let p = tmp("persist");
+        {
+            let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("create");
+            assert_eq!(b.chunks(), 131);
+            b.set(0).expect("set");
+            b.set(64).expect("set");
+            b.set(130).expect("set");
+            b.sync().expect("sync");
+            assert_eq!(b.count(), 3);
+        }
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("reopen");
+        assert!(b.is_set(0) && b.is_set(64) && b.is_set(130));
+        assert!(!b.is_set(1) && !b.is_set(131));
+        assert_eq!(b.count(), 3);
+        drop(b);
+        // A different image or chunk size is refused, not silently reused.
+        assert!(matches!(
+            Bitmap::open(&p, 4096, 4096),
+            Err(BitmapError::Mismatch { .. })
+        ));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn second_opener_is_locked_out_and_garbage_refused() {
+        let p = tmp("lock");
+        let _a = Bitmap::open(&p, 4096, 4096).expect("create");
+        assert!(matches!(
+            Bitmap::open(&p, 4096, 4096),
+            Err(BitmapError::Locked { .. })
+        ));
+        let g = tmp("garbage");
+        std::fs::write(&g, b"not a bitmap at all").expect("write");
+        assert!(matches!(
+            Bitmap::open(&g, 4096, 4096),
+            Err(BitmapError::NotABitmap { .. })
+        ));
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(&g);
+    }
+}

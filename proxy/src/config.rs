@@ -1,0 +1,226 @@
+//! `herd serve` settings: a TOML file (`--config`) and command-line flags
+//! with the same names; flags win.
+//!
+//! ```toml
+//! upstream = "nbd://10.0.0.1:10809/golden"   # or a path, file://, nbd+unix://
+//! listen = ["0.0.0.0:10809", "unix:/run/herd.sock"]
+//! cache_dir = "/var/cache/herd"
+//! export_name = "golden"
+//! chunk_size = "1MiB"
+//! metrics = "127.0.0.1:9100"
+//! connections = 4
+//! direct_io = true
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::net::ListenAddr;
+use crate::size::parse_size;
+use crate::upstream::UpstreamUrl;
+
+pub const DEFAULT_CHUNK: u32 = 1 << 20;
+pub const DEFAULT_EXPORT: &str = "herd";
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// The file as written: every key optional so flags can fill the gaps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub upstream: Option<String>,
+    pub listen: Option<Vec<String>>,
+    pub cache_dir: Option<PathBuf>,
+    pub export_name: Option<String>,
+    pub chunk_size: Option<String>,
+    pub metrics: Option<String>,
+    pub connections: Option<usize>,
+    pub direct_io: Option<bool>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub upstream: UpstreamUrl,
+    pub listen: Vec<ListenAddr>,
+    pub cache_dir: PathBuf,
+    pub export_name: String,
+    pub chunk_size: u32,
+    pub metrics: Option<String>,
+    pub connections: usize,
+    pub direct_io: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("missing setting `{0}` (give --{flag} or `{0} = …` in the config file)", flag = .0.replace('_', "-"))]
+    Missing(&'static str),
+    #[error("invalid `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file; parse errors quote the line.
+    ///
+    /// # Errors
+    /// `Read` or `Parse`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// The parser's message, which names line, column and key.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Overlays `other` (flags) on `self` (file).
+    #[must_use]
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            upstream: other.upstream.or(self.upstream),
+            listen: other.listen.filter(|l| !l.is_empty()).or(self.listen),
+            cache_dir: other.cache_dir.or(self.cache_dir),
+            export_name: other.export_name.or(self.export_name),
+            chunk_size: other.chunk_size.or(self.chunk_size),
+            metrics: other.metrics.or(self.metrics),
+            connections: other.connections.or(self.connections),
+            direct_io: other.direct_io.or(self.direct_io),
+        }
+    }
+
+    /// Checks and converts every setting.
+    ///
+    /// # Errors
+    /// `Missing` or `Invalid`, naming the key.
+    pub fn validate(self) -> Result<ServeConfig, ConfigError> {
+        let inv = |key, message: String| ConfigError::Invalid { key, message };
+        let upstream = self
+            .upstream
+            .ok_or(ConfigError::Missing("upstream"))?
+            .parse::<UpstreamUrl>()
+            .map_err(|e| inv("upstream", e.to_string()))?;
+        let listen = self
+            .listen
+            .filter(|l| !l.is_empty())
+            .ok_or(ConfigError::Missing("listen"))?
+            .iter()
+            .map(|s| {
+                s.parse::<ListenAddr>()
+                    .map_err(|e| inv("listen", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cache_dir = self.cache_dir.ok_or(ConfigError::Missing("cache_dir"))?;
+        let chunk_size = match self.chunk_size {
+            None => DEFAULT_CHUNK,
+            Some(s) => {
+                let n = parse_size(&s).map_err(|e| inv("chunk_size", e.to_string()))?;
+                if !n.is_power_of_two() || !(4096..=32 << 20).contains(&n) {
+                    return Err(inv(
+                        "chunk_size",
+                        format!("{s} must be a power of two from 4KiB to 32MiB"),
+                    ));
+                }
+                u32::try_from(n).map_err(|e| inv("chunk_size", e.to_string()))?
+            }
+        };
+        let connections = self.connections.unwrap_or(DEFAULT_CONNECTIONS);
+        if !(1..=64).contains(&connections) {
+            return Err(inv(
+                "connections",
+                format!("{connections} is outside 1..=64"),
+            ));
+        }
+        if let Some(m) = &self.metrics {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                return Err(inv("metrics", format!("`{m}` is not ip:port")));
+            }
+        }
+        Ok(ServeConfig {
+            upstream,
+            listen,
+            cache_dir,
+            export_name: self
+                .export_name
+                .unwrap_or_else(|| DEFAULT_EXPORT.to_owned()),
+            chunk_size,
+            metrics: self.metrics,
+            connections,
+            direct_io: self.direct_io.unwrap_or(true),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let f = FileConfig::parse(
+            "upstream = \"nbd://p:1/x\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\nchunk_size = \"256KiB\"\n",
+        )
+        .expect("parse");
+        let c = f.validate().expect("valid");
+        assert_eq!(c.chunk_size, 256 << 10);
+        assert_eq!(c.export_name, DEFAULT_EXPORT);
+        assert_eq!(c.connections, DEFAULT_CONNECTIONS);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let e = FileConfig::parse("upstream = \"a\"\nlisten = 5\n").expect_err("bad type");
+        assert!(e.contains("line 2"), "{e}");
+        let e = FileConfig::parse("upstreem = \"a\"\n").expect_err("unknown key");
+        assert!(e.contains("upstreem"), "{e}");
+        let e = FileConfig {
+            upstream: Some("x".into()),
+            listen: Some(vec!["127.0.0.1:1".into()]),
+            cache_dir: Some("/c".into()),
+            chunk_size: Some("3000".into()),
+            ..FileConfig::default()
+        }
+        .validate()
+        .expect_err("bad chunk");
+        assert!(e.to_string().contains("chunk_size"), "{e}");
+        let e = FileConfig::default().validate().expect_err("missing");
+        assert_eq!(
+            e.to_string(),
+            "missing setting `upstream` (give --upstream or `upstream = …` in the config file)"
+        );
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = FileConfig {
+            upstream: Some("/a".into()),
+            export_name: Some("file".into()),
+            ..FileConfig::default()
+        };
+        let flags = FileConfig {
+            export_name: Some("flag".into()),
+            ..FileConfig::default()
+        };
+        let m = file.merge(flags);
+        assert_eq!(m.export_name.as_deref(), Some("flag"));
+        assert_eq!(m.upstream.as_deref(), Some("/a"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Exports: how a proxy serves its image to children.
+
+pub mod nbd;

@@ -1,0 +1,216 @@
+//! Server side of fixed newstyle negotiation.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Export;
+use crate::nbd::proto::{self, ProtoError};
+
+/// Longest a client may take to reach transmission.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Most options one client may send before we give up on it.
+const MAX_OPTIONS: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error("I/O during handshake")]
+    Io(#[from] std::io::Error),
+    #[error("malformed handshake")]
+    Proto(#[from] ProtoError),
+    #[error("client flags {0:#x} include unknown bits")]
+    ClientFlags(u32),
+    #[error("client asked for unknown export `{0}` with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("client sent more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+/// How negotiation ended.
+pub enum Outcome {
+    Transmission { structured: bool },
+    Closed,
+}
+
+struct Negotiation<'a, S> {
+    s: &'a mut S,
+    export: &'a Export,
+    structured: bool,
+    no_zeroes: bool,
+}
+
+/// Runs negotiation; `Ok(Transmission)` means the stream is ready for
+/// requests.
+///
+/// # Errors
+/// Malformed input, I/O errors or the timeout; the caller closes.
+pub async fn negotiate<S>(s: &mut S, export: &Export) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut n = Negotiation {
+        s,
+        export,
+        structured: false,
+        no_zeroes: false,
+    };
+    tokio::time::timeout(TIMEOUT, n.run())
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
+    async fn run(&mut self) -> Result<Outcome, HandshakeError> {
+        let mut out = Vec::with_capacity(proto::GREETING_LEN);
+        proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES, &mut out);
+        self.s.write_all(&out).await?;
+        self.s.flush().await?;
+        let cflags = self.s.read_u32().await?;
+        if cflags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+            return Err(HandshakeError::ClientFlags(cflags));
+        }
+        self.no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+        for _ in 0..MAX_OPTIONS {
+            let mut h = [0u8; proto::OPTION_HEADER_LEN];
+            self.s.read_exact(&mut h).await?;
+            let opt = proto::decode_option_header(&h)?;
+            let mut payload = vec![0u8; opt.len as usize];
+            self.s.read_exact(&mut payload).await?;
+            tracing::trace!(
+                option = proto::option_name(opt.option),
+                len = opt.len,
+                "option"
+            );
+            let done = match opt.option {
+                proto::OPT_EXPORT_NAME => return self.export_name(&payload).await,
+                proto::OPT_ABORT => {
+                    // The client may already have closed; ignore errors.
+                    let _ = self.reply(proto::OPT_ABORT, proto::REP_ACK, &[]).await;
+                    return Ok(Outcome::Closed);
+                }
+                proto::OPT_LIST => self.list(&payload).await?,
+                proto::OPT_STRUCTURED_REPLY => self.structured_reply(&payload).await?,
+                proto::OPT_INFO | proto::OPT_GO => self.info_or_go(opt.option, &payload).await?,
+                other => {
+                    self.reply(other, proto::REP_ERR_UNSUP, b"option not supported")
+                        .await?;
+                    false
+                }
+            };
+            if done {
+                return Ok(Outcome::Transmission {
+                    structured: self.structured,
+                });
+            }
+        }
+        Err(HandshakeError::TooManyOptions)
+    }
+
+    async fn reply(&mut self, option: u32, reply: u32, payload: &[u8]) -> std::io::Result<()> {
+        let mut out = Vec::with_capacity(proto::OPTION_REPLY_HEADER_LEN + payload.len());
+        proto::encode_option_reply(option, reply, payload, &mut out);
+        self.s.write_all(&out).await?;
+        self.s.flush().await
+    }
+
+    async fn export_name(&mut self, payload: &[u8]) -> Result<Outcome, HandshakeError> {
+        let name = String::from_utf8_lossy(payload).into_owned();
+        if !self.export.matches(&name) {
+            // The spec leaves the server no way to refuse but closing.
+            return Err(HandshakeError::UnknownExport(name));
+        }
+        let mut out = Vec::with_capacity(134);
+        proto::encode_export_name_reply(
+            self.export.cache.size(),
+            Export::tflags(),
+            self.no_zeroes,
+            &mut out,
+        );
+        self.s.write_all(&out).await?;
+        self.s.flush().await?;
+        Ok(Outcome::Transmission {
+            structured: self.structured,
+        })
+    }
+
+    async fn list(&mut self, payload: &[u8]) -> Result<bool, HandshakeError> {
+        if !payload.is_empty() {
+            self.reply(
+                proto::OPT_LIST,
+                proto::REP_ERR_INVALID,
+                b"LIST takes no data",
+            )
+            .await?;
+            return Ok(false);
+        }
+        let name = self.export.name.as_bytes();
+        let mut entry = Vec::with_capacity(4 + name.len());
+        entry.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
+        entry.extend_from_slice(name);
+        self.reply(proto::OPT_LIST, proto::REP_SERVER, &entry)
+            .await?;
+        self.reply(proto::OPT_LIST, proto::REP_ACK, &[]).await?;
+        Ok(false)
+    }
+
+    async fn structured_reply(&mut self, payload: &[u8]) -> Result<bool, HandshakeError> {
+        if payload.is_empty() {
+            self.structured = true;
+            self.reply(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[])
+                .await?;
+        } else {
+            self.reply(
+                proto::OPT_STRUCTURED_REPLY,
+                proto::REP_ERR_INVALID,
+                b"STRUCTURED_REPLY takes no data",
+            )
+            .await?;
+        }
+        Ok(false)
+    }
+
+    async fn info_or_go(&mut self, option: u32, payload: &[u8]) -> Result<bool, HandshakeError> {
+        let Ok(req) = proto::decode_info_request(payload) else {
+            self.reply(option, proto::REP_ERR_INVALID, b"malformed INFO/GO request")
+                .await?;
+            return Ok(false);
+        };
+        if !self.export.matches(&req.name) {
+            let msg = format!("no export named `{}`", req.name);
+            self.reply(option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
+                .await?;
+            return Ok(false);
+        }
+        let size = self.export.cache.size();
+        self.reply(
+            option,
+            proto::REP_INFO,
+            &proto::encode_info_export(size, Export::tflags()),
+        )
+        .await?;
+        // Always sent: clients that honour it never send oversized requests.
+        self.reply(
+            option,
+            proto::REP_INFO,
+            &proto::encode_info_block_size(1, 4096, proto::MAX_REQUEST),
+        )
+        .await?;
+        for info in &req.infos {
+            let (kind, text) = match *info {
+                proto::INFO_NAME => (proto::INFO_NAME, self.export.name.clone()),
+                proto::INFO_DESCRIPTION => {
+                    (proto::INFO_DESCRIPTION, self.export.description.clone())
+                }
+                _ => continue,
+            };
+            let mut p = kind.to_be_bytes().to_vec();
+            p.extend_from_slice(text.as_bytes());
+            self.reply(option, proto::REP_INFO, &p).await?;
+        }
+        self.reply(option, proto::REP_ACK, &[]).await?;
+        Ok(option == proto::OPT_GO)
+    }
+}

@@ -1,0 +1,83 @@
+//! NBD export: a read-only NBD server (fixed newstyle) over TCP or Unix
+//! sockets, backed by the chunk cache.
+//!
+//! One task per connection reads requests in order (`transmission`), spawns
+//! a task per READ so replies go out as soon as their data is ready (out of
+//! order), and one writer task per connection serialises the replies.
+//! Negotiation lives in `handshake`, one function per option reply.
+
+mod handshake;
+mod transmission;
+
+use std::sync::Arc;
+
+use crate::cache::{CacheError, ChunkCache};
+use crate::nbd::proto;
+use crate::net::Listener;
+
+/// What is exported: a name and the cache that serves its bytes.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub cache: Arc<ChunkCache>,
+}
+
+impl Export {
+    /// Transmission flags advertised to clients.
+    #[must_use]
+    pub fn tflags() -> u16 {
+        proto::TFLAG_HAS_FLAGS
+            | proto::TFLAG_READ_ONLY
+            | proto::TFLAG_SEND_FLUSH
+            | proto::TFLAG_CAN_MULTI_CONN
+            | proto::TFLAG_SEND_CACHE
+    }
+
+    /// Whether a client asking for `name` gets this export ("" is the
+    /// default export, as qemu and nbdkit treat it).
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+}
+
+/// The errno an NBD client sees for a failed cache operation.
+#[must_use]
+pub fn errno_for(e: &CacheError) -> u32 {
+    match e {
+        CacheError::OutOfRange { .. } => proto::EINVAL,
+        CacheError::Dir { .. }
+        | CacheError::Bitmap(_)
+        | CacheError::Fetch { .. }
+        | CacheError::Data { .. }
+        | CacheError::Abandoned { .. }
+        | CacheError::Joined { .. } => proto::EIO,
+    }
+}
+
+/// Accepts connections until the listener fails; each runs in its own task
+/// so a misbehaving client only ever closes its own connection.
+pub async fn serve(listener: Listener, export: Arc<Export>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                crate::metrics::connection();
+                let export = Arc::clone(&export);
+                tokio::spawn(async move {
+                    tracing::debug!(%peer, "client connected");
+                    match transmission::run(stream, &export).await {
+                        Ok(()) => tracing::debug!(%peer, "client disconnected"),
+                        Err(e) => {
+                            tracing::info!(%peer, error = %crate::error_chain(&e), "connection closed")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends are transient: back off, keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

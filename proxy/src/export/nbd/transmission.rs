@@ -1,0 +1,231 @@
+//! Transmission phase: decode, validate, execute, encode.
+//!
+//! Validation happens once, here, before anything executes: read-only
+//! commands, range, maximum size. A bad magic or short read closes the
+//! connection; an invalid request gets an error reply (after draining any
+//! write payload) and the connection stays in sync.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::handshake::{self, HandshakeError, Outcome};
+use super::{errno_for, Export};
+use crate::io::IoBuf;
+use crate::metrics as m;
+use crate::nbd::proto::{self, Request};
+use crate::net::BoxStream;
+
+/// Requests one connection may have executing at once; bounds memory at
+/// `MAX_IN_FLIGHT * 32 MiB` in the worst case.
+const MAX_IN_FLIGHT: usize = 64;
+
+enum Reply {
+    Ok {
+        handle: u64,
+        offset: u64,
+        data: Option<IoBuf>,
+    },
+    Err {
+        handle: u64,
+        errno: u32,
+    },
+}
+
+/// Serves one connection from greeting to disconnect.
+///
+/// # Errors
+/// Handshake failures and transport errors; either way the connection ends.
+pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), HandshakeError> {
+    let structured = match handshake::negotiate(&mut stream, export).await? {
+        Outcome::Transmission { structured } => structured,
+        Outcome::Closed => return Ok(()),
+    };
+    let (mut r, w) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+    let writer = tokio::spawn(write_replies(w, rx, structured));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let size = export.cache.size();
+    let mut hdr = [0u8; proto::REQUEST_LEN];
+    let result = loop {
+        if let Err(e) = r.read_exact(&mut hdr).await {
+            // A client that just closes without DISC is normal.
+            break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
+        }
+        let req = match proto::decode_request(&hdr) {
+            Ok(r) => r,
+            Err(e) => break Err(HandshakeError::Proto(e)),
+        };
+        m::request();
+        tracing::trace!(
+            cmd = proto::command_name(req.command),
+            offset = req.offset,
+            len = req.length,
+            "request"
+        );
+        let err = |errno| Reply::Err {
+            handle: req.handle,
+            errno,
+        };
+        match req.command {
+            proto::CMD_READ | proto::CMD_CACHE => {
+                if let Some(errno) = invalid_range(&req, size) {
+                    if tx.send(err(errno)).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break Ok(());
+                };
+                let (export, tx) = (Arc::clone(export), tx.clone());
+                tokio::spawn(async move {
+                    let reply = execute(&export, &req).await;
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            }
+            proto::CMD_WRITE => {
+                // Drain the payload so the stream stays in sync, then refuse.
+                let mut sink = tokio::io::sink();
+                let mut payload = (&mut r).take(u64::from(req.length));
+                match tokio::io::copy(&mut payload, &mut sink).await {
+                    Ok(n) if n == u64::from(req.length) => {}
+                    Ok(_) => break Ok(()),
+                    Err(e) => break Err(e.into()),
+                }
+                if tx.send(err(proto::EPERM)).await.is_err() {
+                    break Ok(());
+                }
+            }
+            proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => {
+                if tx.send(err(proto::EPERM)).await.is_err() {
+                    break Ok(());
+                }
+            }
+            proto::CMD_FLUSH => {
+                let ok = Reply::Ok {
+                    handle: req.handle,
+                    offset: req.offset,
+                    data: None,
+                };
+                if tx.send(ok).await.is_err() {
+                    break Ok(());
+                }
+            }
+            proto::CMD_DISC => break Ok(()),
+            // BLOCK_STATUS needs a negotiated meta context; we offer none.
+            _ => {
+                if tx.send(err(proto::EINVAL)).await.is_err() {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    // Replies still in flight are delivered before the socket closes.
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+fn invalid_range(req: &Request, size: u64) -> Option<u32> {
+    if req.length > proto::MAX_REQUEST {
+        return Some(proto::EINVAL);
+    }
+    match req.offset.checked_add(u64::from(req.length)) {
+        Some(end) if end <= size => None,
+        _ => Some(proto::EINVAL),
+    }
+}
+
+async fn execute(export: &Arc<Export>, req: &Request) -> Reply {
+    let cache = &export.cache;
+    let res = if req.command == proto::CMD_READ {
+        cache.read(req.offset, req.length as usize).await.map(Some)
+    } else {
+        cache
+            .ensure(req.offset, u64::from(req.length))
+            .await
+            .map(|()| None)
+    };
+    match res {
+        Ok(data) => Reply::Ok {
+            handle: req.handle,
+            offset: req.offset,
+            data,
+        },
+        Err(e) => {
+            tracing::warn!(offset = req.offset, len = req.length, error = %crate::error_chain(&e), "request failed");
+            Reply::Err {
+                handle: req.handle,
+                errno: errno_for(&e),
+            }
+        }
+    }
+}
+
+async fn write_replies(
+    w: tokio::io::WriteHalf<BoxStream>,
+    mut rx: mpsc::Receiver<Reply>,
+    structured: bool,
+) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 * 1024, w);
+    let mut hdr = Vec::with_capacity(64);
+    while let Some(reply) = rx.recv().await {
+        hdr.clear();
+        match reply {
+            Reply::Ok {
+                handle,
+                offset,
+                data,
+            } => {
+                let len = data.as_ref().map_or(0, |d| d.len());
+                if !structured {
+                    proto::encode_simple_reply(0, handle, &mut hdr);
+                } else if len > 0 {
+                    let plen = u32::try_from(8 + len).unwrap_or(u32::MAX);
+                    proto::encode_structured_header(
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_OFFSET_DATA,
+                        handle,
+                        plen,
+                        &mut hdr,
+                    );
+                    hdr.extend_from_slice(&offset.to_be_bytes());
+                } else {
+                    proto::encode_structured_header(
+                        proto::REPLY_FLAG_DONE,
+                        proto::REPLY_TYPE_NONE,
+                        handle,
+                        0,
+                        &mut hdr,
+                    );
+                }
+                w.write_all(&hdr).await?;
+                if let Some(d) = data {
+                    w.write_all(&d).await?;
+                    m::served(d.len() as u64);
+                }
+            }
+            Reply::Err { handle, errno } => {
+                if structured {
+                    proto::encode_structured_error(handle, errno, "", &mut hdr);
+                } else {
+                    proto::encode_simple_reply(errno, handle, &mut hdr);
+                }
+                w.write_all(&hdr).await?;
+            }
+        }
+        // Batch replies that are already queued into one write.
+        if rx.is_empty() {
+            w.flush().await?;
+        }
+    }
+    w.flush().await?;
+    w.shutdown().await
+}

@@ -1,0 +1,31 @@
+//! herd proxy library: serves one read-only VM image over NBD, fetching
+//! chunks on demand from an upstream (a local file at the root, a parent
+//! proxy elsewhere) and caching them on local disk.
+//!
+//! ```text
+//!   upstream::{file, nbd}  ──▶  cache (chunks + bitmap, single-flight)  ──▶  export::nbd
+//!        (io_uring / NBD client)                                            (NBD server)
+//! ```
+
+pub mod cache;
+pub mod config;
+pub mod export;
+pub mod io;
+pub mod metrics;
+pub mod nbd;
+pub mod net;
+pub mod size;
+pub mod upstream;
+
+/// Renders an error with its chain of causes: "a: b: c".
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

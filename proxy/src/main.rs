@@ -1,0 +1,193 @@
+//! `herd`: the herd proxy daemon and its command-line tools.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use herd::cache::ChunkCache;
+use herd::config::{FileConfig, ServeConfig};
+use herd::export::nbd::{self as nbd_export, Export};
+use herd::io::Engine;
+use herd::net::Listener;
+use herd::upstream::file::FileUpstream;
+use herd::upstream::nbd::NbdUpstream;
+use herd::upstream::{Upstream, UpstreamUrl};
+
+#[derive(Parser)]
+#[command(
+    name = "herd",
+    version,
+    about = "Serve one VM image to a fleet through a tree of caching NBD proxies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve an image over NBD, fetching chunks from the upstream on demand.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML file with the same keys as these flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Image source: a path, file://PATH, nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Where to serve: HOST:PORT or unix:PATH (repeatable).
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Directory for the chunk cache (data file + bitmap).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Export name clients ask for ("" always works too).
+    #[arg(long)]
+    export_name: Option<String>,
+    /// Cache chunk size, a power of two from 4KiB to 32MiB (default 1MiB).
+    #[arg(long)]
+    chunk_size: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// NBD connections to the parent (default 4).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Read the local upstream through the page cache instead of O_DIRECT.
+    #[arg(long)]
+    no_direct_io: bool,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Result<ServeConfig> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let flags = FileConfig {
+            upstream: self.upstream,
+            listen: Some(self.listen),
+            cache_dir: self.cache_dir,
+            export_name: self.export_name,
+            chunk_size: self.chunk_size,
+            metrics: self.metrics,
+            connections: self.connections,
+            direct_io: self.no_direct_io.then_some(false),
+        };
+        Ok(file.merge(flags).validate()?)
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Serve(args) => args.into_config().and_then(serve),
+    };
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herd: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cfg: ServeConfig) -> Result<()> {
+    // Two cores here and on most hypervisor hosts' proxy budget: one worker
+    // per core, plus the io_uring thread for file I/O.
+    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("herd-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve_async(cfg))
+}
+
+async fn open_upstream(cfg: &ServeConfig, engine: &Engine) -> Result<Arc<dyn Upstream>> {
+    Ok(match &cfg.upstream {
+        UpstreamUrl::File(p) => {
+            let up = FileUpstream::open(p, engine.clone(), cfg.direct_io)
+                .with_context(|| format!("upstream file {} is unreadable", p.display()))?;
+            tracing::info!(path = %p.display(), size = up.size(), direct = up.is_direct(), "serving from local file");
+            Arc::new(up)
+        }
+        url => {
+            let up = NbdUpstream::connect(url.clone(), cfg.connections)
+                .await
+                .with_context(|| format!("parent {url} is unreachable or refused the export"))?;
+            tracing::info!(parent = %url, size = up.size(), "connected to parent");
+            Arc::new(up)
+        }
+    })
+}
+
+async fn serve_async(cfg: ServeConfig) -> Result<()> {
+    if let Some(addr) = &cfg.metrics {
+        herd::metrics::install(addr)?;
+    }
+    let engine = Engine::start(256, false).context("cannot start the I/O engine")?;
+    tracing::info!(backend = ?engine.backend(), "file I/O engine");
+    let upstream = open_upstream(&cfg, &engine).await?;
+    herd::metrics::image_size(upstream.size());
+    let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine)
+        .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
+    tracing::info!(
+        dir = %cfg.cache_dir.display(),
+        chunk_size = cfg.chunk_size,
+        present = cache.chunks_present(),
+        total = cache.chunks_total(),
+        "cache ready"
+    );
+    let export = Arc::new(Export {
+        name: cfg.export_name.clone(),
+        description: format!("herd proxy of {}", cache.upstream().describe()),
+        cache: Arc::clone(&cache),
+    });
+    for addr in &cfg.listen {
+        let l = Listener::bind(addr).await?;
+        tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, "serving NBD");
+        tokio::spawn(nbd_export::serve(l, Arc::clone(&export)));
+    }
+    let syncer = Arc::clone(&cache);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = syncer.sync() {
+                tracing::warn!(error = %herd::error_chain(&e), "bitmap sync failed");
+            }
+        }
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    cache.sync().context("final bitmap sync failed")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

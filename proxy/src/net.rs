@@ -1,0 +1,146 @@
+//! Sockets: one boxed stream type over TCP and Unix sockets, and the
+//! listener for `--listen host:port | unix:PATH`.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+
+/// A byte stream the NBD code can drive, whatever the transport.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+pub type BoxStream = Box<dyn Stream>;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("listen address `{0}` is neither host:port nor unix:PATH")]
+    BadAddr(String),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(NetError::BadAddr(s.to_owned()));
+            }
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(s.to_owned()))
+            }
+            _ => Err(NetError::BadAddr(s.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => f.write_str(a),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds; a stale Unix socket file from a previous run is replaced.
+    ///
+    /// # Errors
+    /// `Bind` with the OS error.
+    pub async fn bind(addr: &ListenAddr) -> Result<Self, NetError> {
+        let bind_err = |source| NetError::Bind {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Self::Tcp(TcpListener::bind(a).await.map_err(bind_err)?)),
+            ListenAddr::Unix(p) => {
+                if std::fs::symlink_metadata(p)
+                    .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                    .unwrap_or(false)
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                Ok(Self::Unix(
+                    UnixListener::bind(p).map_err(bind_err)?,
+                    p.clone(),
+                ))
+            }
+        }
+    }
+
+    /// The bound address (with the real port when 0 was asked).
+    #[must_use]
+    pub fn local_addr(&self) -> String {
+        match self {
+            Self::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string()),
+            Self::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    /// Accepts one connection; returns the stream and a peer label for logs.
+    ///
+    /// # Errors
+    /// The OS error of accept.
+    pub async fn accept(&self) -> std::io::Result<(BoxStream, String)> {
+        match self {
+            Self::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                s.set_nodelay(true)?;
+                Ok((Box::new(s), peer.to_string()))
+            }
+            Self::Unix(l, p) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), format!("unix:{}", p.display())))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!(
+            "127.0.0.1:10809".parse::<ListenAddr>().ok(),
+            Some(ListenAddr::Tcp("127.0.0.1:10809".into()))
+        );
+        assert_eq!(
+            "[::1]:1".parse::<ListenAddr>().ok(),
+            Some(ListenAddr::Tcp("[::1]:1".into()))
+        );
+        assert_eq!(
+            "unix:/run/h.sock".parse::<ListenAddr>().ok(),
+            Some(ListenAddr::Unix("/run/h.sock".into()))
+        );
+        assert!("nohost".parse::<ListenAddr>().is_err());
+        assert!("h:notaport".parse::<ListenAddr>().is_err());
+        assert!("unix:".parse::<ListenAddr>().is_err());
+    }
+}

@@ -1,0 +1,71 @@
+//! Upstreams: where a proxy gets the bytes it does not have.
+//!
+//! ```text
+//!            Upstream (size, read_at)
+//!            ├── FileUpstream   local file or block device, io_uring (the root)
+//!            └── NbdUpstream    NBD client pool to a parent proxy / qemu-nbd / nbdkit
+//! ```
+//!
+//! The cache only ever asks for whole chunks, so an upstream sees few,
+//! large, aligned reads.
+
+pub mod file;
+pub mod nbd;
+pub mod url;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use thiserror::Error;
+
+use crate::io::IoBuf;
+
+pub use self::url::UpstreamUrl;
+
+/// Why an upstream read or open failed.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("cannot open {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read of {len} bytes at offset {offset} failed")]
+    Read {
+        offset: u64,
+        len: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read of {len} bytes at offset {offset} is past the end of the {size}-byte image")]
+    OutOfRange { offset: u64, len: usize, size: u64 },
+    #[error("cannot reach parent {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NBD handshake with {addr} failed: {reason}")]
+    Handshake { addr: String, reason: String },
+    #[error("parent answered errno {errno} for {len} bytes at offset {offset}")]
+    Remote { offset: u64, len: usize, errno: u32 },
+    #[error("connection to parent {addr} lost")]
+    ConnectionLost { addr: String },
+}
+
+pub type UpstreamResult<T> = Result<T, UpstreamError>;
+
+pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = UpstreamResult<IoBuf>> + Send + 'a>>;
+
+/// A read-only source of image bytes.
+pub trait Upstream: Send + Sync {
+    /// Image size in bytes.
+    fn size(&self) -> u64;
+
+    /// Reads exactly `len` bytes at `offset`; the range lies within `size()`.
+    fn read_at(&self, offset: u64, len: usize) -> ReadFuture<'_>;
+
+    /// Short human description for logs ("file:/srv/golden.img").
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,413 @@
+//! NBD client upstream: reads from a parent herd, qemu-nbd or nbdkit.
+//!
+//! ```text
+//!  NbdUpstream ── pool of N slots ── Conn ── writer (mutex) ──▶ parent
+//!                                       └── reader task ◀── simple replies,
+//!                                            routed by handle to oneshots
+//! ```
+//!
+//! Fixed newstyle handshake with NBD_OPT_GO. Many requests are in flight per
+//! connection (replies may come back in any order). A lost connection fails
+//! its in-flight requests, which are retried once on a fresh connection; a
+//! slot reconnects lazily, so reads recover as soon as the parent returns.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::oneshot;
+
+use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult, UpstreamUrl};
+use crate::io::IoBuf;
+use crate::nbd::proto::{self, Info, InfoRequest, Request};
+use crate::net::BoxStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the parent told us in the handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub tflags: u16,
+    pub max_block: u32,
+}
+
+enum Fault {
+    Errno(u32),
+    Lost,
+}
+
+struct Pending {
+    len: usize,
+    tx: oneshot::Sender<Result<IoBuf, Fault>>,
+}
+
+struct Conn {
+    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    dead: AtomicBool,
+    next_handle: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    fn kill(&self) {
+        let drained: Vec<Pending> = {
+            let Ok(mut p) = self.pending.lock() else {
+                return;
+            };
+            self.dead.store(true, Ordering::SeqCst);
+            p.drain().map(|(_, v)| v).collect()
+        };
+        for p in drained {
+            let _ = p.tx.send(Err(Fault::Lost));
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, Fault> {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let Ok(mut p) = self.pending.lock() else {
+                return Err(Fault::Lost);
+            };
+            if self.dead.load(Ordering::SeqCst) {
+                return Err(Fault::Lost);
+            }
+            p.insert(
+                handle,
+                Pending {
+                    len: len as usize,
+                    tx,
+                },
+            );
+        }
+        let mut req = Vec::with_capacity(proto::REQUEST_LEN);
+        proto::encode_request(
+            &Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                handle,
+                offset,
+                length: len,
+            },
+            &mut req,
+        );
+        {
+            let mut w = self.writer.lock().await;
+            if w.write_all(&req).await.is_err() || w.flush().await.is_err() {
+                drop(w);
+                self.kill();
+            }
+        }
+        rx.await.unwrap_or(Err(Fault::Lost))
+    }
+}
+
+async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
+    let mut hdr = [0u8; proto::SIMPLE_REPLY_LEN];
+    loop {
+        if r.read_exact(&mut hdr).await.is_err() {
+            break;
+        }
+        let Ok(proto::ReplyHeader::Simple { error, handle }) = proto::decode_reply_header(&hdr)
+        else {
+            // We never ask for structured replies: anything else is a
+            // protocol violation, so the connection is unusable.
+            tracing::warn!("parent sent a malformed reply header; dropping the connection");
+            break;
+        };
+        let Some(c) = conn.upgrade() else { return };
+        let pending = c.pending.lock().ok().and_then(|mut p| p.remove(&handle));
+        drop(c);
+        let Some(p) = pending else {
+            tracing::warn!(
+                handle,
+                "parent replied to an unknown handle; dropping the connection"
+            );
+            break;
+        };
+        if error != 0 {
+            let _ = p.tx.send(Err(Fault::Errno(error)));
+            continue;
+        }
+        let mut buf = IoBuf::zeroed(p.len);
+        if r.read_exact(&mut buf).await.is_err() {
+            let _ = p.tx.send(Err(Fault::Lost));
+            break;
+        }
+        let _ = p.tx.send(Ok(buf));
+    }
+    if let Some(c) = conn.upgrade() {
+        c.kill();
+    }
+}
+
+async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
+    match url {
+        UpstreamUrl::NbdTcp { host, port, .. } => {
+            let s = TcpStream::connect((host.as_str(), *port)).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        UpstreamUrl::NbdUnix { socket, .. } => Ok(Box::new(UnixStream::connect(socket).await?)),
+        UpstreamUrl::File(_) => Err(std::io::Error::other("not an NBD URL")),
+    }
+}
+
+/// Runs the client side of the fixed newstyle handshake up to transmission.
+async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResult<ExportInfo> {
+    let fail = |reason: String| UpstreamError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
+    let mut greet = [0u8; proto::GREETING_LEN];
+    s.read_exact(&mut greet).await.map_err(io)?;
+    let flags = proto::decode_greeting(&greet)
+        .map_err(|e| fail(format!("not an NBD newstyle server ({e})")))?;
+    if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(fail("server does not support fixed newstyle".into()));
+    }
+    let mut cflags = proto::FLAG_C_FIXED_NEWSTYLE;
+    if flags & proto::FLAG_NO_ZEROES != 0 {
+        cflags |= proto::FLAG_C_NO_ZEROES;
+    }
+    let mut out = cflags.to_be_bytes().to_vec();
+    let req = InfoRequest {
+        name: export.to_owned(),
+        infos: vec![proto::INFO_BLOCK_SIZE],
+    };
+    proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
+    s.write_all(&out).await.map_err(io)?;
+    s.flush().await.map_err(io)?;
+
+    let mut size = None;
+    let mut tflags = 0;
+    let mut max_block = proto::MAX_REQUEST;
+    loop {
+        let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        s.read_exact(&mut h).await.map_err(io)?;
+        let rep = proto::decode_option_reply_header(&h).map_err(|e| fail(e.to_string()))?;
+        if rep.len > proto::MAX_OPTION_LEN {
+            return Err(fail(format!(
+                "option reply of {} bytes is too long",
+                rep.len
+            )));
+        }
+        let mut payload = vec![0u8; rep.len as usize];
+        s.read_exact(&mut payload).await.map_err(io)?;
+        match rep.reply {
+            proto::REP_ACK => break,
+            proto::REP_INFO => {
+                match proto::decode_info(&payload).map_err(|e| fail(e.to_string()))? {
+                    Info::Export {
+                        size: sz,
+                        tflags: f,
+                    } => {
+                        size = Some(sz);
+                        tflags = f;
+                    }
+                    Info::BlockSize { max, .. } => max_block = max.clamp(4096, proto::MAX_REQUEST),
+                    Info::Other(_) => {}
+                }
+            }
+            e if e & proto::REP_FLAG_ERROR != 0 => {
+                let what = match e {
+                    proto::REP_ERR_UNKNOWN => "export not found",
+                    proto::REP_ERR_UNSUP => "NBD_OPT_GO not supported",
+                    proto::REP_ERR_POLICY => "refused by policy",
+                    _ => "error",
+                };
+                let msg = String::from_utf8_lossy(&payload);
+                return Err(fail(format!(
+                    "{what} for export `{export}` (reply {e:#x}) {msg}"
+                )));
+            }
+            other => return Err(fail(format!("unexpected option reply {other:#x}"))),
+        }
+    }
+    let size = size.ok_or_else(|| fail("server sent no export size".into()))?;
+    Ok(ExportInfo {
+        size,
+        tflags,
+        max_block,
+    })
+}
+
+/// NBD client upstream with a small connection pool.
+pub struct NbdUpstream {
+    url: UpstreamUrl,
+    export: String,
+    info: ExportInfo,
+    slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
+    next: AtomicUsize,
+}
+
+impl NbdUpstream {
+    /// Connects once to learn the export's size; more connections open on
+    /// demand up to `connections`.
+    ///
+    /// # Errors
+    /// `Connect` when the parent is unreachable, `Handshake` when it is not
+    /// an NBD server or lacks the export.
+    pub async fn connect(url: UpstreamUrl, connections: usize) -> UpstreamResult<Self> {
+        let export = match &url {
+            UpstreamUrl::NbdTcp { export, .. } | UpstreamUrl::NbdUnix { export, .. } => {
+                export.clone()
+            }
+            UpstreamUrl::File(p) => {
+                return Err(UpstreamError::Open {
+                    path: p.display().to_string(),
+                    source: std::io::Error::other("not an NBD URL"),
+                })
+            }
+        };
+        let slots = (0..connections.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        let mut up = Self {
+            url,
+            export,
+            info: ExportInfo {
+                size: 0,
+                tflags: 0,
+                max_block: proto::MAX_REQUEST,
+            },
+            slots,
+            next: AtomicUsize::new(0),
+        };
+        let (conn, info) = up.open().await?;
+        up.info = info;
+        *up.slots[0].get_mut() = Some(conn);
+        Ok(up)
+    }
+
+    #[must_use]
+    pub fn info(&self) -> ExportInfo {
+        self.info
+    }
+
+    async fn open(&self) -> UpstreamResult<(Arc<Conn>, ExportInfo)> {
+        let addr = self.url.to_string();
+        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, connect_stream(&self.url))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .map_err(|source| UpstreamError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let info = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, &self.export, &addr))
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Handshake {
+                    addr: addr.clone(),
+                    reason: "timed out".into(),
+                })
+            })?;
+        let (r, w) = tokio::io::split(s);
+        let conn = Arc::new_cyclic(|weak| Conn {
+            writer: tokio::sync::Mutex::new(w),
+            pending: Mutex::new(HashMap::new()),
+            dead: AtomicBool::new(false),
+            next_handle: AtomicU64::new(1),
+            reader: tokio::spawn(reader_loop(weak.clone(), r)),
+        });
+        Ok((conn, info))
+    }
+
+    async fn conn(&self) -> UpstreamResult<Arc<Conn>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut slot = self.slots[i].lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.dead.load(Ordering::SeqCst) {
+                return Ok(Arc::clone(c));
+            }
+        }
+        let (c, info) = self.open().await?;
+        if info.size != self.info.size {
+            return Err(UpstreamError::Handshake {
+                addr: self.url.to_string(),
+                reason: format!(
+                    "export size changed from {} to {} bytes",
+                    self.info.size, info.size
+                ),
+            });
+        }
+        tracing::info!(parent = %self.url, slot = i, "connected to parent");
+        *slot = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    async fn read_piece(&self, offset: u64, len: u32) -> UpstreamResult<IoBuf> {
+        // One retry on a fresh connection hides a parent restart.
+        for _ in 0..2 {
+            let c = self.conn().await?;
+            match c.read(offset, len).await {
+                Ok(b) => return Ok(b),
+                Err(Fault::Errno(errno)) => {
+                    return Err(UpstreamError::Remote {
+                        offset,
+                        len: len as usize,
+                        errno,
+                    })
+                }
+                Err(Fault::Lost) => c.kill(),
+            }
+        }
+        Err(UpstreamError::ConnectionLost {
+            addr: self.url.to_string(),
+        })
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> UpstreamResult<IoBuf> {
+        if offset.saturating_add(len as u64) > self.info.size {
+            return Err(UpstreamError::OutOfRange {
+                offset,
+                len,
+                size: self.info.size,
+            });
+        }
+        let max = self.info.max_block as usize;
+        if len <= max {
+            return self
+                .read_piece(offset, u32::try_from(len).unwrap_or(u32::MAX))
+                .await;
+        }
+        let mut out = IoBuf::zeroed(len);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(max);
+            let piece = self
+                .read_piece(offset + done as u64, u32::try_from(n).unwrap_or(u32::MAX))
+                .await?;
+            out[done..done + n].copy_from_slice(&piece);
+            done += n;
+        }
+        Ok(out)
+    }
+}
+
+impl Upstream for NbdUpstream {
+    fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> ReadFuture<'_> {
+        Box::pin(self.read(offset, len))
+    }
+
+    fn describe(&self) -> String {
+        self.url.to_string()
+    }
+}

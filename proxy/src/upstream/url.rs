@@ -1,0 +1,189 @@
+//! Parsing of `--upstream` values: a path, `file://`, `nbd://`, `nbd+unix://`.
+//!
+//! The NBD forms follow the NBD URI spec (`doc/uri.md` of the NBD project),
+//! which qemu, nbdkit and libnbd also accept.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Default NBD port (IANA).
+pub const NBD_PORT: u16 = 10809;
+
+/// Where an upstream lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamUrl {
+    File(PathBuf),
+    NbdTcp {
+        host: String,
+        port: u16,
+        export: String,
+    },
+    NbdUnix {
+        socket: PathBuf,
+        export: String,
+    },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum UrlError {
+    #[error("upstream `{input}` is not a valid URL: {reason}")]
+    Syntax { input: String, reason: String },
+    #[error(
+        "upstream scheme `{scheme}` is not supported (use a path, file://, nbd:// or nbd+unix://)"
+    )]
+    Scheme { scheme: String },
+    #[error("upstream `{input}` lacks a host")]
+    NoHost { input: String },
+    #[error("upstream `{input}` lacks ?socket=PATH")]
+    NoSocket { input: String },
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = UrlError;
+
+    fn from_str(input: &str) -> Result<Self, UrlError> {
+        if !input.contains("://") && !input.starts_with("file:") {
+            return Ok(Self::File(PathBuf::from(input)));
+        }
+        let u = url::Url::parse(input).map_err(|e| UrlError::Syntax {
+            input: input.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let export = || {
+            let p = u.path();
+            let p = p.strip_prefix('/').unwrap_or(p);
+            percent_decode(p)
+        };
+        match u.scheme() {
+            "file" => Ok(Self::File(PathBuf::from(percent_decode(u.path())))),
+            "nbd" => {
+                let host =
+                    u.host_str()
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| UrlError::NoHost {
+                            input: input.to_owned(),
+                        })?;
+                let host = host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                Ok(Self::NbdTcp {
+                    host,
+                    port: u.port().unwrap_or(NBD_PORT),
+                    export: export(),
+                })
+            }
+            "nbd+unix" => {
+                let socket = u
+                    .query_pairs()
+                    .find(|(k, _)| k == "socket")
+                    .map(|(_, v)| PathBuf::from(v.into_owned()))
+                    .ok_or_else(|| UrlError::NoSocket {
+                        input: input.to_owned(),
+                    })?;
+                Ok(Self::NbdUnix {
+                    socket,
+                    export: export(),
+                })
+            }
+            other => Err(UrlError::Scheme {
+                scheme: other.to_owned(),
+            }),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "file://{}", p.display()),
+            Self::NbdTcp { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
+            Self::NbdUnix { socket, export } => {
+                write!(f, "nbd+unix:///{export}?socket={}", socket.display())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<UpstreamUrl, UrlError> {
+        s.parse()
+    }
+
+    #[test]
+    fn paths_and_file_urls() {
+        assert_eq!(p("/srv/a.img"), Ok(UpstreamUrl::File("/srv/a.img".into())));
+        assert_eq!(p("rel.img"), Ok(UpstreamUrl::File("rel.img".into())));
+        assert_eq!(
+            p("file:///srv/a%20b.img"),
+            Ok(UpstreamUrl::File("/srv/a b.img".into()))
+        );
+    }
+
+    #[test]
+    fn nbd_urls() {
+        assert_eq!(
+            p("nbd://127.0.0.1:10900/golden"),
+            Ok(UpstreamUrl::NbdTcp {
+                host: "127.0.0.1".into(),
+                port: 10900,
+                export: "golden".into()
+            })
+        );
+        assert_eq!(
+            p("nbd://parent"),
+            Ok(UpstreamUrl::NbdTcp {
+                host: "parent".into(),
+                port: NBD_PORT,
+                export: String::new()
+            })
+        );
+        assert_eq!(
+            p("nbd+unix:///golden?socket=/run/herd.sock"),
+            Ok(UpstreamUrl::NbdUnix {
+                socket: "/run/herd.sock".into(),
+                export: "golden".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem() {
+        assert!(matches!(p("http://x/y"), Err(UrlError::Scheme { .. })));
+        assert!(matches!(
+            p("nbd+unix:///golden"),
+            Err(UrlError::NoSocket { .. })
+        ));
+        assert!(matches!(
+            p("nbd://:99/x"),
+            Err(UrlError::Syntax { .. } | UrlError::NoHost { .. })
+        ));
+        assert!(matches!(
+            p("nbd://host:99999/x"),
+            Err(UrlError::Syntax { .. })
+        ));
+    }
+}
