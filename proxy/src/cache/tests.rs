@@ -37,7 +37,7 @@ impl Upstream for CountingUpstream {
     }
 }
 
-fn setup(name: &str, size: usize, chunk: u32) -> (PathBuf, Arc<CountingUpstream>, Engine) {
+fn setup(name: &str, size: usize) -> (PathBuf, Arc<CountingUpstream>, Engine) {
     let dir = std::env::temp_dir().join(format!("herd-cache-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = (0..size)
@@ -53,7 +53,7 @@ fn setup(name: &str, size: usize, chunk: u32) -> (PathBuf, Arc<CountingUpstream>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_fetch_each_chunk_once() {
-    let (dir, up, engine) = setup("sf", 1 << 20, 64 << 10);
+    let (dir, up, engine) = setup("sf", 1 << 20);
     let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine).expect("open");
     let mut tasks = Vec::new();
     for i in 0..16u64 {
@@ -74,7 +74,7 @@ async fn concurrent_readers_fetch_each_chunk_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unaligned_and_spanning_reads_are_exact() {
     let size = 300_001;
-    let (dir, up, engine) = setup("span", size, 4096);
+    let (dir, up, engine) = setup("span", size);
     let cache = ChunkCache::open(&dir, up.clone(), 4096, engine).expect("open");
     for (off, len) in [
         (0u64, 1usize),
@@ -100,7 +100,7 @@ async fn unaligned_and_spanning_reads_are_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_keeps_chunks_and_failures_are_retried() {
-    let (dir, up, engine) = setup("reopen", 256 << 10, 64 << 10);
+    let (dir, up, engine) = setup("reopen", 256 << 10);
     {
         let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine.clone()).expect("open");
         cache.read(0, 70_000).await.expect("read");

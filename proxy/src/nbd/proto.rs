@@ -509,7 +509,7 @@ mod tests {
     #[test]
     fn oldstyle_greeting_is_refused() {
         let mut out = b"NBDMAGIC".to_vec();
-        out.extend_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+        out.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
         out.extend_from_slice(&[0, 0]);
         assert!(matches!(
             decode_greeting(&out),

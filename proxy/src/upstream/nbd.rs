@@ -27,6 +27,9 @@ use crate::net::BoxStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Extra pool connections give up sooner: a parent that caps its clients
+/// accepts the TCP connection but never greets.
+const EXTRA_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the parent told us in the handshake.
 #[derive(Debug, Clone, Copy)]
@@ -252,6 +255,8 @@ pub struct NbdUpstream {
     info: ExportInfo,
     slots: Vec<tokio::sync::Mutex<Option<Arc<Conn>>>>,
     next: AtomicUsize,
+    /// Slots in use: shrinks when the parent caps its connections.
+    effective: AtomicUsize,
 }
 
 impl NbdUpstream {
@@ -273,9 +278,10 @@ impl NbdUpstream {
                 })
             }
         };
-        let slots = (0..connections.max(1))
+        let slots: Vec<_> = (0..connections.max(1))
             .map(|_| tokio::sync::Mutex::new(None))
             .collect();
+        let effective = AtomicUsize::new(slots.len());
         let mut up = Self {
             url,
             export,
@@ -286,8 +292,9 @@ impl NbdUpstream {
             },
             slots,
             next: AtomicUsize::new(0),
+            effective,
         };
-        let (conn, info) = up.open().await?;
+        let (conn, info) = up.open(HANDSHAKE_TIMEOUT).await?;
         up.info = info;
         *up.slots[0].get_mut() = Some(conn);
         Ok(up)
@@ -298,7 +305,7 @@ impl NbdUpstream {
         self.info
     }
 
-    async fn open(&self) -> UpstreamResult<(Arc<Conn>, ExportInfo)> {
+    async fn open(&self, handshake_timeout: Duration) -> UpstreamResult<(Arc<Conn>, ExportInfo)> {
         let addr = self.url.to_string();
         let mut s = tokio::time::timeout(CONNECT_TIMEOUT, connect_stream(&self.url))
             .await
@@ -307,7 +314,7 @@ impl NbdUpstream {
                 addr: addr.clone(),
                 source,
             })?;
-        let info = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut s, &self.export, &addr))
+        let info = tokio::time::timeout(handshake_timeout, handshake(&mut s, &self.export, &addr))
             .await
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Handshake {
@@ -327,14 +334,48 @@ impl NbdUpstream {
     }
 
     async fn conn(&self) -> UpstreamResult<Arc<Conn>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let n = self
+            .effective
+            .load(Ordering::Relaxed)
+            .clamp(1, self.slots.len());
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
         let mut slot = self.slots[i].lock().await;
+        if i >= self.effective.load(Ordering::Relaxed) {
+            // The pool shrank while we queued for this slot.
+            drop(slot);
+            if let Some(live) = self.any_live(i) {
+                return Ok(live);
+            }
+            slot = self.slots[i].lock().await;
+        }
         if let Some(c) = slot.as_ref() {
             if !c.dead.load(Ordering::SeqCst) {
                 return Ok(Arc::clone(c));
             }
         }
-        let (c, info) = self.open().await?;
+        let timeout = if self.any_live(i).is_some() {
+            EXTRA_HANDSHAKE_TIMEOUT
+        } else {
+            HANDSHAKE_TIMEOUT
+        };
+        let (c, info) = match self.open(timeout).await {
+            Ok(x) => x,
+            Err(e) => {
+                // A parent that caps its clients (qemu-nbd's default is one)
+                // still serves us over the connections we already have.
+                drop(slot);
+                if let Some(live) = self.any_live(i) {
+                    // Shrink the pool so later reads don't wait on it again.
+                    let n = self
+                        .effective
+                        .fetch_min(i.max(1), Ordering::Relaxed)
+                        .min(i.max(1));
+                    tracing::info!(connections = n, error = %crate::error_chain(&e), "parent refused another connection; using fewer");
+                    return Ok(live);
+                }
+                return Err(e);
+            }
+        };
         if info.size != self.info.size {
             return Err(UpstreamError::Handshake {
                 addr: self.url.to_string(),
@@ -347,6 +388,19 @@ impl NbdUpstream {
         tracing::info!(parent = %self.url, slot = i, "connected to parent");
         *slot = Some(Arc::clone(&c));
         Ok(c)
+    }
+
+    fn any_live(&self, except: usize) -> Option<Arc<Conn>> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != except)
+            .find_map(|(_, s)| {
+                let g = s.try_lock().ok()?;
+                g.as_ref()
+                    .filter(|c| !c.dead.load(Ordering::SeqCst))
+                    .map(Arc::clone)
+            })
     }
 
     async fn read_piece(&self, offset: u64, len: u32) -> UpstreamResult<IoBuf> {

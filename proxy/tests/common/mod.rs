@@ -1,0 +1,258 @@
+//! Helpers for end-to-end tests: spawn real `herd` daemons and real peers
+//! (qemu-nbd, nbdkit, nbdcopy, qemu-img), scrape metrics, speak raw NBD.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herd::nbd::proto;
+
+pub const HERD: &str = env!("CARGO_BIN_EXE_herd");
+
+/// A scratch directory under target/tmp, fresh per test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// True if `tool` is on PATH. Under `HERD_STRICT` (set by `cargo xtask
+/// test`) a missing tool fails the test instead of skipping it.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var_os("HERD_STRICT").is_none(),
+            "{tool} is required (run `cargo xtask test`, which installs it)"
+        );
+        eprintln!("SKIP: {tool} not installed");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Writes `size` random bytes to `path`.
+pub fn random_image(path: &Path, size: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut data = vec![0u8; size];
+    rand::thread_rng().fill_bytes(&mut data);
+    std::fs::write(path, &data).expect("write image");
+    data
+}
+
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on port {port} after 20 s");
+}
+
+/// A running herd daemon; killed on drop.
+pub struct Herd {
+    pub child: Child,
+    pub port: u16,
+    pub metrics: u16,
+    pub log: PathBuf,
+}
+
+impl Herd {
+    /// Starts `herd serve` with `upstream` and waits until it listens.
+    pub fn start(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> Self {
+        Self::start_on(dir, name, upstream, free_port(), extra)
+    }
+
+    pub fn start_on(dir: &Path, name: &str, upstream: &str, port: u16, extra: &[&str]) -> Self {
+        let metrics = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(HERD)
+            .args(["serve", "--upstream", upstream])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--cache-dir",
+                dir.join(format!("{name}-cache")).to_str().expect("utf8"),
+            ])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+            .args(extra)
+            .stderr(logf)
+            .spawn()
+            .expect("spawn herd");
+        wait_port(port);
+        wait_port(metrics);
+        Self {
+            child,
+            port,
+            metrics,
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/herd", self.port)
+    }
+
+    /// Value of one Prometheus metric (0 if not yet recorded).
+    pub fn metric(&self, name: &str) -> f64 {
+        scrape(self.metrics, name)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Herd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn scrape(port: u16, name: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read metrics");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A child process (peer server) killed on drop.
+pub struct Peer(pub Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn nbdcopy(url: &str, out: &Path) {
+    run(Command::new("nbdcopy").arg(url).arg(out));
+}
+
+pub fn assert_same_file(a: &Path, expected: &[u8]) {
+    let got = std::fs::read(a).expect("read output");
+    assert_eq!(got.len(), expected.len(), "length of {}", a.display());
+    if let Some(i) = got.iter().zip(expected).position(|(x, y)| x != y) {
+        panic!("{} differs from the source at byte {i}", a.display());
+    }
+}
+
+/// A minimal blocking NBD client for raw wire tests.
+pub struct RawClient {
+    pub s: TcpStream,
+    pub size: u64,
+}
+
+impl RawClient {
+    pub fn connect(port: u16, export: &str) -> Self {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).expect("greeting");
+        proto::decode_greeting(&g).expect("valid greeting");
+        let mut out = 3u32.to_be_bytes().to_vec();
+        let req = proto::InfoRequest {
+            name: export.into(),
+            infos: vec![],
+        };
+        proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
+        s.write_all(&out).expect("send GO");
+        let mut size = 0;
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).expect("option reply");
+            let r = proto::decode_option_reply_header(&h).expect("reply header");
+            let mut p = vec![0u8; r.len as usize];
+            s.read_exact(&mut p).expect("payload");
+            match r.reply {
+                proto::REP_ACK => break,
+                proto::REP_INFO => {
+                    if let Ok(proto::Info::Export { size: sz, .. }) = proto::decode_info(&p) {
+                        size = sz;
+                    }
+                }
+                other => panic!("GO failed with reply {other:#x}"),
+            }
+        }
+        Self { s, size }
+    }
+
+    pub fn send(&mut self, command: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
+        let mut out = Vec::new();
+        proto::encode_request(
+            &proto::Request {
+                flags: 0,
+                command,
+                handle,
+                offset,
+                length,
+            },
+            &mut out,
+        );
+        out.extend_from_slice(payload);
+        self.s.write_all(&out).expect("send request");
+    }
+
+    /// Reads one simple reply; returns (handle, errno, data) with `len`
+    /// bytes of data when errno is 0 and `len` is given for that handle.
+    pub fn reply(&mut self, data_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).expect("reply header");
+        let proto::ReplyHeader::Simple { error, handle } =
+            proto::decode_reply_header(&h).expect("simple reply")
+        else {
+            panic!("structured reply without negotiation");
+        };
+        let mut data = Vec::new();
+        if error == 0 {
+            data.resize(data_len(handle), 0);
+            self.s.read_exact(&mut data).expect("reply data");
+        }
+        (handle, error, data)
+    }
+}

@@ -1,0 +1,353 @@
+//! Raw NBD bytes against a real herd daemon: refusals, limits, pipelining,
+//! negotiation options, and malformed input that must close only the
+//! offending connection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+
+use common::{random_image, scratch, Herd, RawClient};
+use herd::nbd::proto;
+
+const MIB: usize = 1 << 20;
+
+fn root(name: &str, size: usize) -> (std::path::PathBuf, Vec<u8>, Herd) {
+    let dir = scratch(name);
+    let img = dir.join("golden.img");
+    let data = random_image(&img, size);
+    let h = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--export-name", "golden"],
+    );
+    (dir, data, h)
+}
+
+#[test]
+fn writes_are_refused_and_bad_ranges_keep_the_connection() {
+    let (_dir, data, h) = root("refusals", 4 * MIB);
+    let mut c = RawClient::connect(h.port, "golden");
+    assert_eq!(c.size, data.len() as u64);
+    c.send(proto::CMD_WRITE, 1, 0, 512, &[0xaa; 512]);
+    assert_eq!(c.reply(|_| 0).1, proto::EPERM);
+    c.send(proto::CMD_TRIM, 2, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EPERM);
+    c.send(proto::CMD_WRITE_ZEROES, 3, 0, 512, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EPERM);
+    c.send(proto::CMD_READ, 4, data.len() as u64 - 10, 11, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EINVAL, "read past the end");
+    c.send(proto::CMD_READ, 5, u64::MAX - 1, 4096, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EINVAL, "offset overflow");
+    c.send(proto::CMD_READ, 6, 0, proto::MAX_REQUEST + 1, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EINVAL, "oversized read");
+    c.send(proto::CMD_BLOCK_STATUS, 7, 0, 4096, &[]);
+    assert_eq!(
+        c.reply(|_| 0).1,
+        proto::EINVAL,
+        "no meta context negotiated"
+    );
+    c.send(99, 8, 0, 0, &[]);
+    assert_eq!(c.reply(|_| 0).1, proto::EINVAL, "unknown command");
+    c.send(proto::CMD_FLUSH, 9, 0, 0, &[]);
+    assert_eq!(c.reply(|_| 0), (9, 0, vec![]));
+    c.send(proto::CMD_CACHE, 10, MIB as u64, MIB as u32, &[]);
+    assert_eq!(c.reply(|_| 0), (10, 0, vec![]));
+    // Still in sync after all of that, and the image is unchanged.
+    c.send(proto::CMD_READ, 11, 0, 512, &[]);
+    let (hd, err, got) = c.reply(|_| 512);
+    assert_eq!((hd, err), (11, 0));
+    assert_eq!(got, data[..512]);
+    // The CACHE hint fetched chunk 1 without a read.
+    assert_eq!(h.metric("herd_cache_chunks_present"), 2.0);
+    c.send(proto::CMD_DISC, 12, 0, 0, &[]);
+    let mut rest = Vec::new();
+    let _ = c.s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "server closes after DISC");
+}
+
+#[test]
+fn pipelined_reads_are_all_answered_correctly() {
+    let (_dir, data, h) = root("pipeline", 16 * MIB);
+    let mut c = RawClient::connect(h.port, "");
+    // 64 reads in flight at once across all chunks, sizes varying.
+    let reqs: Vec<(u64, u64, u32)> = (0..64u64)
+        .map(|i| {
+            (
+                i,
+                (i * 997 * 4096 + i * 13) % (15 * MIB as u64),
+                4096 + (i as u32 % 7) * 65536,
+            )
+        })
+        .collect();
+    for &(hd, off, len) in &reqs {
+        c.send(proto::CMD_READ, hd, off, len, &[]);
+    }
+    let mut order = Vec::new();
+    for _ in 0..reqs.len() {
+        let (hd, err, got) = c.reply(|hd| reqs[hd as usize].2 as usize);
+        assert_eq!(err, 0);
+        let (_, off, len) = reqs[hd as usize];
+        let off = off as usize;
+        assert_eq!(got, data[off..off + len as usize], "handle {hd}");
+        order.push(hd);
+    }
+    order.sort_unstable();
+    assert_eq!(
+        order,
+        (0..64).collect::<Vec<_>>(),
+        "every handle answered once"
+    );
+}
+
+#[test]
+fn negotiation_options_follow_the_spec() {
+    let (_dir, data, h) = root("options", MIB);
+    let mut s = TcpStream::connect(("127.0.0.1", h.port)).expect("connect");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    assert_eq!(
+        proto::decode_greeting(&g),
+        Ok(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES)
+    );
+    s.write_all(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+        .expect("flags");
+    let opt = |s: &mut TcpStream, o: u32, payload: &[u8]| {
+        let mut out = Vec::new();
+        proto::encode_option(o, payload, &mut out);
+        s.write_all(&out).expect("send option");
+    };
+    let read_reply = |s: &mut TcpStream| {
+        let mut hd = [0u8; 20];
+        s.read_exact(&mut hd).expect("reply");
+        let r = proto::decode_option_reply_header(&hd).expect("header");
+        let mut p = vec![0u8; r.len as usize];
+        s.read_exact(&mut p).expect("payload");
+        (r, p)
+    };
+    // LIST: one SERVER entry, then ACK.
+    opt(&mut s, proto::OPT_LIST, &[]);
+    let (r, p) = read_reply(&mut s);
+    assert_eq!(r.reply, proto::REP_SERVER);
+    assert_eq!(&p[4..], b"golden");
+    assert_eq!(read_reply(&mut s).0.reply, proto::REP_ACK);
+    // Unknown option: ERR_UNSUP, negotiation continues.
+    opt(&mut s, 42, b"x");
+    assert_eq!(read_reply(&mut s).0.reply, proto::REP_ERR_UNSUP);
+    // INFO for a missing export: ERR_UNKNOWN.
+    let missing = proto::encode_info_request(&proto::InfoRequest {
+        name: "nope".into(),
+        infos: vec![],
+    });
+    opt(&mut s, proto::OPT_INFO, &missing);
+    assert_eq!(read_reply(&mut s).0.reply, proto::REP_ERR_UNKNOWN);
+    // INFO with BLOCK_SIZE: export info, block size, ACK.
+    let info = proto::encode_info_request(&proto::InfoRequest {
+        name: "golden".into(),
+        infos: vec![proto::INFO_BLOCK_SIZE],
+    });
+    opt(&mut s, proto::OPT_INFO, &info);
+    let mut saw_block = false;
+    let mut saw_size = false;
+    loop {
+        let (r, p) = read_reply(&mut s);
+        if r.reply == proto::REP_ACK {
+            break;
+        }
+        match proto::decode_info(&p).expect("info") {
+            proto::Info::Export { size, tflags } => {
+                saw_size = size == data.len() as u64;
+                assert!(tflags & proto::TFLAG_READ_ONLY != 0);
+            }
+            proto::Info::BlockSize {
+                min,
+                preferred,
+                max,
+            } => {
+                saw_block = (min, preferred, max) == (1, 4096, proto::MAX_REQUEST);
+            }
+            proto::Info::Other(_) => {}
+        }
+    }
+    assert!(saw_block && saw_size);
+    // STRUCTURED_REPLY, then EXPORT_NAME enters transmission.
+    opt(&mut s, proto::OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(read_reply(&mut s).0.reply, proto::REP_ACK);
+    opt(&mut s, proto::OPT_EXPORT_NAME, b"golden");
+    let mut er = [0u8; 134];
+    s.read_exact(&mut er).expect("export name reply");
+    assert_eq!(
+        u64::from_be_bytes(er[..8].try_into().expect("8")),
+        data.len() as u64
+    );
+    // A structured READ reply: OFFSET_DATA chunk with DONE.
+    let mut req = Vec::new();
+    proto::encode_request(
+        &proto::Request {
+            flags: 0,
+            command: proto::CMD_READ,
+            handle: 77,
+            offset: 100,
+            length: 50,
+        },
+        &mut req,
+    );
+    s.write_all(&req).expect("read");
+    let mut hd = [0u8; 20];
+    s.read_exact(&mut hd).expect("chunk header");
+    assert_eq!(
+        proto::decode_reply_header(&hd),
+        Ok(proto::ReplyHeader::Structured {
+            flags: proto::REPLY_FLAG_DONE,
+            kind: proto::REPLY_TYPE_OFFSET_DATA,
+            handle: 77,
+            len: 58
+        })
+    );
+    let mut body = [0u8; 58];
+    s.read_exact(&mut body).expect("chunk body");
+    assert_eq!(u64::from_be_bytes(body[..8].try_into().expect("8")), 100);
+    assert_eq!(&body[8..], &data[100..150]);
+}
+
+#[test]
+fn malformed_handshakes_close_only_their_connection() {
+    let (_dir, data, h) = root("malformed", MIB);
+    let garbage: [&[u8]; 4] = [
+        b"\x00\x00\x00\x01GARBAGEGARBAGEGARBAGE",
+        // Bad client flags.
+        &[0xff, 0xff, 0xff, 0xff],
+        // Option with a huge length.
+        &[
+            0, 0, 0, 1, b'I', b'H', b'A', b'V', b'E', b'O', b'P', b'T', 0, 0, 0, 7, 0xff, 0xff,
+            0xff, 0xff,
+        ],
+        // Valid GO, then a request with bad magic.
+        &[],
+    ];
+    for g in garbage {
+        if g.is_empty() {
+            let mut c = RawClient::connect(h.port, "golden");
+            c.s.write_all(&[0u8; 28]).expect("bad request");
+            let mut rest = Vec::new();
+            let _ = c.s.read_to_end(&mut rest);
+            assert!(rest.is_empty(), "bad magic closes the connection");
+            continue;
+        }
+        let mut s = TcpStream::connect(("127.0.0.1", h.port)).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(40)))
+            .expect("timeout");
+        let mut greet = [0u8; 18];
+        s.read_exact(&mut greet).expect("greeting");
+        let _ = s.write_all(g);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // The daemon is alive and serving.
+    let mut c = RawClient::connect(h.port, "golden");
+    c.send(proto::CMD_READ, 1, 0, 16, &[]);
+    let (_, err, got) = c.reply(|_| 16);
+    assert_eq!(err, 0);
+    assert_eq!(got, data[..16]);
+}
+
+fn herd_fails(args: &[&str]) -> String {
+    let out = Command::new(common::HERD)
+        .args(args)
+        .output()
+        .expect("run herd");
+    assert!(!out.status.success(), "herd {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let dir = scratch("badinput");
+    let cache = dir.join("c");
+    let c = cache.to_str().expect("utf8");
+    let e = herd_fails(&[
+        "serve",
+        "--upstream",
+        "http://x/y",
+        "--listen",
+        "127.0.0.1:1",
+        "--cache-dir",
+        c,
+    ]);
+    assert!(e.contains("scheme `http` is not supported"), "{e}");
+    let e = herd_fails(&[
+        "serve",
+        "--upstream",
+        "/nonexistent/img",
+        "--listen",
+        "127.0.0.1:1",
+        "--cache-dir",
+        c,
+    ]);
+    assert!(
+        e.contains("/nonexistent/img is unreadable") && e.contains("No such file"),
+        "{e}"
+    );
+    let port = common::free_port();
+    let e = herd_fails(&[
+        "serve",
+        "--upstream",
+        &format!("nbd://127.0.0.1:{port}/x"),
+        "--listen",
+        "127.0.0.1:1",
+        "--cache-dir",
+        c,
+    ]);
+    assert!(
+        e.contains("unreachable") && e.contains("Connection refused"),
+        "{e}"
+    );
+    let cfg = dir.join("herd.toml");
+    std::fs::write(&cfg, "upstream = \"/x\"\nlisten = \"127.0.0.1:1\"\n").expect("write");
+    let e = herd_fails(&["serve", "--config", cfg.to_str().expect("utf8")]);
+    assert!(e.contains("line 2") && e.contains("listen"), "{e}");
+    let e = herd_fails(&["serve", "--upstream", "/x", "--listen", "127.0.0.1:1"]);
+    assert!(e.contains("missing setting `cache_dir`"), "{e}");
+}
+
+#[test]
+fn config_file_serves_like_flags() {
+    let dir = scratch("config");
+    let img = dir.join("golden.img");
+    let data = random_image(&img, MIB);
+    let port = common::free_port();
+    let cfg = dir.join("herd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "upstream = \"file://{}\"\nlisten = [\"127.0.0.1:{port}\"]\ncache_dir = \"{}\"\nexport_name = \"cfg\"\nchunk_size = \"64KiB\"\n",
+            img.display(),
+            dir.join("cache").display()
+        ),
+    )
+    .expect("write");
+    let _p = common::Peer(
+        Command::new(common::HERD)
+            .args(["serve", "--config", cfg.to_str().expect("utf8")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    common::wait_port(port);
+    let mut c = RawClient::connect(port, "cfg");
+    c.send(proto::CMD_READ, 1, 70_000, 100, &[]);
+    let (_, err, got) = c.reply(|_| 100);
+    assert_eq!(err, 0);
+    assert_eq!(got, data[70_000..70_100]);
+    let bmp = std::fs::read(dir.join("cache/herd-cache.bitmap")).expect("bitmap");
+    let hdr = herd::cache::bitmap::decode_header(&bmp)
+        .expect("v1")
+        .expect("magic");
+    assert_eq!(
+        hdr.chunk_size,
+        64 << 10,
+        "chunk_size from the file took effect"
+    );
+}
