@@ -1,1 +1,54 @@
-fn main() {}
+//! herd's task runner: `cargo xtask <job>`.
+
+mod demo;
+mod deps;
+mod image;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "herd build, demo and test jobs")]
+struct Cli {
+    #[command(subcommand)]
+    job: Job,
+}
+
+#[derive(Subcommand)]
+enum Job {
+    /// Boot a real VM through a chain of herd proxies and report what moved.
+    Run(demo::Options),
+    /// Install what is missing and run every test (what CI runs).
+    Test(test::Options),
+    /// Install the Debian packages the jobs need.
+    Deps,
+    /// Build (or reuse) the demo boot disk.
+    Image {
+        #[arg(long, value_enum, default_value = "debian")]
+        kind: image::Kind,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().job {
+        Job::Run(o) => {
+            let r = demo::run_demo(&o)?;
+            println!("{r}");
+            Ok(())
+        }
+        Job::Test(o) => test::run(&o),
+        Job::Deps => deps::run_all(),
+        Job::Image { kind } => {
+            let d = image::ensure(kind)?;
+            println!(
+                "kernel {}\ninitrd {}\nroot   {}",
+                d.kernel.display(),
+                d.initrd.display(),
+                d.root.display()
+            );
+            Ok(())
+        }
+    }
+}
