@@ -13,7 +13,7 @@ use herd::io::Engine;
 use herd::net::Listener;
 use herd::upstream::file::FileUpstream;
 use herd::upstream::nbd::NbdUpstream;
-use herd::upstream::{Upstream, UpstreamUrl};
+use herd::upstream::{Upstream, UpstreamError, UpstreamUrl};
 
 #[derive(Parser)]
 #[command(
@@ -49,7 +49,7 @@ struct ServeArgs {
     /// Export name clients ask for ("" always works too).
     #[arg(long)]
     export_name: Option<String>,
-    /// Cache chunk size, a power of two from 4KiB to 32MiB (default 1MiB).
+    /// Cache chunk size, a power of two from 4KiB to 32MiB (default 64KiB).
     #[arg(long)]
     chunk_size: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
@@ -58,6 +58,9 @@ struct ServeArgs {
     /// NBD connections to the parent (default 4).
     #[arg(long)]
     connections: Option<usize>,
+    /// Seconds to keep retrying an unreachable parent at startup (default 30).
+    #[arg(long)]
+    parent_timeout: Option<u64>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -78,6 +81,7 @@ impl ServeArgs {
             metrics: self.metrics,
             connections: self.connections,
             direct_io: self.no_direct_io.then_some(false),
+            parent_timeout: self.parent_timeout,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -125,13 +129,35 @@ async fn open_upstream(cfg: &ServeConfig, engine: &Engine) -> Result<Arc<dyn Ups
             Arc::new(up)
         }
         url => {
-            let up = NbdUpstream::connect(url.clone(), cfg.connections)
+            let up = connect_parent(url, cfg)
                 .await
                 .with_context(|| format!("parent {url} is unreachable or refused the export"))?;
             tracing::info!(parent = %url, size = up.size(), "connected to parent");
             Arc::new(up)
         }
     })
+}
+
+/// Connects to the parent, retrying while it is unreachable (not when it
+/// answers wrongly) until `parent_timeout`.
+async fn connect_parent(
+    url: &UpstreamUrl,
+    cfg: &ServeConfig,
+) -> Result<NbdUpstream, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + cfg.parent_timeout;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match NbdUpstream::connect(url.clone(), cfg.connections).await {
+            Err(e @ UpstreamError::Connect { .. })
+                if tokio::time::Instant::now() + wait < deadline =>
+            {
+                tracing::warn!(error = %herd::error_chain(&e), retry_in = ?wait, "parent not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn serve_async(cfg: ServeConfig) -> Result<()> {
@@ -173,6 +199,9 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     });
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if !cache.settle(Duration::from_secs(10)).await {
+        tracing::warn!("chunks still being cached at exit will be fetched again");
+    }
     cache.sync().context("final bitmap sync failed")?;
     Ok(())
 }

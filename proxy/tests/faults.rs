@@ -172,3 +172,35 @@ fn parent_down_fails_only_uncached_reads_and_recovers() {
     assert_eq!(got, data[5 * MIB..5 * MIB + 4096]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn leaf_started_before_its_parent_waits_for_it() {
+    let dir = scratch("parentlate");
+    let img = dir.join("golden.img");
+    let data = random_image(&img, MIB);
+    let root_port = common::free_port();
+    let leaf_port = common::free_port();
+    let _leaf = common::Peer(
+        std::process::Command::new(common::HERD)
+            .args([
+                "serve",
+                "--upstream",
+                &format!("nbd://127.0.0.1:{root_port}/herd"),
+            ])
+            .args(["--listen", &format!("127.0.0.1:{leaf_port}")])
+            .arg("--cache-dir")
+            .arg(dir.join("leaf-cache"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn leaf"),
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    let _root = Herd::start_on(&dir, "root", img.to_str().expect("utf8"), root_port, &[]);
+    common::wait_port(leaf_port);
+    let mut c = RawClient::connect(leaf_port, "herd");
+    c.send(proto::CMD_READ, 1, 1000, 100, &[]);
+    let (_, err, got) = c.reply(|_| 100);
+    assert_eq!(err, 0);
+    assert_eq!(got, data[1000..1100]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

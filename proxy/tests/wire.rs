@@ -61,7 +61,7 @@ fn writes_are_refused_and_bad_ranges_keep_the_connection() {
     assert_eq!((hd, err), (11, 0));
     assert_eq!(got, data[..512]);
     // The CACHE hint fetched chunk 1 without a read.
-    assert_eq!(h.metric("herd_cache_chunks_present"), 2.0);
+    assert_eq!(h.metric_eventually("herd_cache_chunks_present", 2.0), 2.0);
     c.send(proto::CMD_DISC, 12, 0, 0, &[]);
     let mut rest = Vec::new();
     let _ = c.s.read_to_end(&mut rest);
@@ -299,6 +299,8 @@ fn bad_input_gives_clear_errors() {
         "127.0.0.1:1",
         "--cache-dir",
         c,
+        "--parent-timeout",
+        "0",
     ]);
     assert!(
         e.contains("unreachable") && e.contains("Connection refused"),

@@ -37,7 +37,7 @@ pub struct Options {
     #[arg(long, default_value_t = 3)]
     pub levels: usize,
     /// Chunk size of every proxy.
-    #[arg(long, default_value = "1MiB")]
+    #[arg(long, default_value = "64KiB")]
     pub chunk_size: String,
     /// Hardware acceleration for the guest.
     #[arg(long, value_enum, default_value = "auto")]

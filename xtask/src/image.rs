@@ -316,7 +316,7 @@ fn build_busybox_root(out: &Path) -> Result<()> {
 
 const MARKER_UNIT: &str = "[Unit]
 Description=herd demo: report boot complete and power off
-After=multi-user.target
+After=basic.target
 [Service]
 Type=oneshot
 ExecStart=/bin/sh -c 'echo HERD-BOOT-OK > /dev/ttyS0; systemctl --no-block poweroff'
@@ -341,6 +341,11 @@ fn build_debian_root(out: &Path) -> Result<()> {
         "/etc/systemd/system/herd-marker.service",
         wants.join("herd-marker.service"),
     )?;
+    // minbase has no udev, so device units such as dev-ttyS0.device never
+    // appear and the serial getty would hold the boot for 90 s: mask it.
+    for unit in ["serial-getty@.service", "getty@.service"] {
+        std::os::unix::fs::symlink("/dev/null", staging.join("etc/systemd/system").join(unit))?;
+    }
     fs::write(staging.join("etc/hostname"), "herd-demo\n")?;
     fs::write(
         staging.join("etc/fstab"),
@@ -348,6 +353,7 @@ fn build_debian_root(out: &Path) -> Result<()> {
     )?;
     // Caches apt left behind are not part of a golden image.
     let _ = fs::remove_dir_all(staging.join("var/cache/apt/archives"));
+    let _ = fs::remove_dir_all(staging.join("var/lib/apt/lists"));
     let used = output(Command::new("du").args(["-sm"]).arg(&staging))?;
     let used_mib: u64 = used
         .split_whitespace()

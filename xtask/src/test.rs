@@ -50,7 +50,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let o = demo::Options {
             image: kind,
             levels: 3,
-            chunk_size: "1MiB".into(),
+            chunk_size: "64KiB".into(),
             accel: Accel::Auto,
             compare_local: false,
         };

@@ -68,7 +68,7 @@ pub enum CacheError {
 
 pub type CacheResult<T> = Result<T, CacheError>;
 
-type FetchState = Option<Result<(), String>>;
+type FetchState = Option<Result<Arc<IoBuf>, String>>;
 
 /// Counters kept alongside the Prometheus metrics, for callers in-process.
 #[derive(Debug, Default)]
@@ -88,6 +88,11 @@ pub struct ChunkCache {
     size: u64,
     inflight: Mutex<HashMap<u64, watch::Receiver<FetchState>>>,
     stats: Stats,
+    /// Group commit: writes completed so far, and how many of those the
+    /// last finished fdatasync covered.
+    writes_done: AtomicU64,
+    writes_synced: AtomicU64,
+    sync_lock: tokio::sync::Mutex<()>,
 }
 
 impl ChunkCache {
@@ -131,6 +136,9 @@ impl ChunkCache {
             size,
             inflight: Mutex::new(HashMap::new()),
             stats: Stats::default(),
+            writes_done: AtomicU64::new(0),
+            writes_synced: AtomicU64::new(0),
+            sync_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -180,7 +188,33 @@ impl ChunkCache {
     /// # Errors
     /// `OutOfRange` for a range past the end; fetch or data-file errors.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<IoBuf> {
-        self.ensure(offset, len as u64).await?;
+        let parts = self.resolve(offset, len as u64).await?;
+        if parts.iter().all(|(_, p)| p.is_none()) {
+            // Hit path: every chunk is on disk, one pread.
+            return self.read_disk(offset, len).await;
+        }
+        let mut out = IoBuf::zeroed(len);
+        let end = offset + len as u64;
+        for (chunk, part) in parts {
+            let c0 = chunk * self.chunk_size;
+            let (from, to) = (offset.max(c0), end.min(c0 + self.chunk_size));
+            let dst = usize::try_from(from - offset).unwrap_or(0)
+                ..usize::try_from(to - offset).unwrap_or(0);
+            match part {
+                Some(mem) => {
+                    let src = usize::try_from(from - c0).unwrap_or(0);
+                    out[dst.clone()].copy_from_slice(&mem[src..src + dst.len()]);
+                }
+                None => {
+                    let piece = self.read_disk(from, dst.len()).await?;
+                    out[dst].copy_from_slice(&piece);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_disk(&self, offset: u64, len: usize) -> CacheResult<IoBuf> {
         let buf = self
             .engine
             .read_at(&self.data, offset, IoBuf::zeroed(len))
@@ -206,37 +240,51 @@ impl ChunkCache {
     /// # Errors
     /// As `read`.
     pub async fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<()> {
+        self.resolve(offset, len).await.map(drop)
+    }
+
+    /// For each chunk of the range: `None` if it is on disk, or the fetched
+    /// bytes of a chunk still being persisted.
+    async fn resolve(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> CacheResult<Vec<(u64, Option<Arc<IoBuf>>)>> {
         self.check_range(offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let first = offset / self.chunk_size;
         let last = (offset + len - 1) / self.chunk_size;
         // Start every missing chunk's fetch before waiting on any, so a
         // chunk-spanning read fetches its chunks in parallel.
-        let mut waits = Vec::new();
-        for chunk in first..=last {
-            if let Some(rx) = self.begin(chunk) {
-                waits.push((chunk, rx));
-            }
-        }
-        for (chunk, mut rx) in waits {
+        let started: Vec<_> = (first..=last).map(|c| (c, self.begin(c))).collect();
+        let mut parts = Vec::with_capacity(started.len());
+        for (chunk, rx) in started {
+            let Some(mut rx) = rx else {
+                parts.push((chunk, None));
+                continue;
+            };
             let state = rx
                 .wait_for(Option::is_some)
                 .await
                 .map_err(|_| CacheError::Abandoned { chunk })?;
-            if let Some(Err(message)) = state.as_ref() {
-                return Err(CacheError::Joined {
-                    chunk,
-                    message: message.clone(),
-                });
+            match state.as_ref() {
+                Some(Ok(buf)) => parts.push((chunk, Some(Arc::clone(buf)))),
+                Some(Err(message)) => {
+                    return Err(CacheError::Joined {
+                        chunk,
+                        message: message.clone(),
+                    })
+                }
+                None => return Err(CacheError::Abandoned { chunk }),
             }
         }
-        Ok(())
+        Ok(parts)
     }
 
-    /// Returns `None` for a present chunk, else a receiver that completes
-    /// when the (possibly newly started) fetch ends.
+    /// Returns `None` for a present chunk, else a receiver that yields the
+    /// chunk's bytes (or the error) of the possibly newly started fetch.
     fn begin(self: &Arc<Self>, chunk: u64) -> Option<watch::Receiver<FetchState>> {
         if self.bitmap.is_set(chunk) {
             self.hit();
@@ -264,17 +312,7 @@ impl ChunkCache {
         map.insert(chunk, rx.clone());
         drop(map);
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            let res = this.fetch(chunk).await;
-            if let Err(e) = &res {
-                tracing::warn!(chunk, error = %crate::error_chain(e), "chunk fetch failed");
-            }
-            this.inflight
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&chunk);
-            let _ = tx.send(Some(res.map_err(|e| crate::error_chain(&e))));
-        });
+        tokio::spawn(async move { this.fetch_and_persist(chunk, tx).await });
         Some(rx)
     }
 
@@ -283,30 +321,90 @@ impl ChunkCache {
         m::chunk_hit();
     }
 
-    async fn fetch(&self, chunk: u64) -> CacheResult<()> {
+    fn forget(&self, chunk: u64) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&chunk);
+    }
+
+    /// Fetches a chunk, hands the bytes to every waiter at once, then makes
+    /// it durable and only then marks it present. Until marked, the chunk
+    /// stays in the in-flight map so late readers are served from memory.
+    async fn fetch_and_persist(self: Arc<Self>, chunk: u64, tx: watch::Sender<FetchState>) {
         let offset = chunk * self.chunk_size;
         let len = usize::try_from(self.chunk_size.min(self.size - offset)).unwrap_or(usize::MAX);
-        let buf = self
-            .upstream
-            .read_at(offset, len)
-            .await
-            .map_err(|source| CacheError::Fetch { chunk, source })?;
+        let buf = match self.upstream.read_at(offset, len).await {
+            Ok(b) => Arc::new(b),
+            Err(source) => {
+                let e = CacheError::Fetch { chunk, source };
+                tracing::warn!(chunk, error = %crate::error_chain(&e), "chunk fetch failed");
+                self.forget(chunk);
+                let _ = tx.send(Some(Err(crate::error_chain(&e))));
+                return;
+            }
+        };
         self.stats
             .upstream_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         m::upstream_read(len as u64);
+        let _ = tx.send(Some(Ok(Arc::clone(&buf))));
+        if let Err(e) = self.persist(chunk, offset, &buf).await {
+            // Readers already have their bytes; the chunk is simply fetched
+            // again next time.
+            tracing::warn!(chunk, error = %crate::error_chain(&e), "caching chunk failed");
+        }
+        self.forget(chunk);
+    }
+
+    async fn persist(&self, chunk: u64, offset: u64, buf: &IoBuf) -> CacheResult<()> {
         let data_err = |op, source| CacheError::Data { op, offset, source };
         self.engine
-            .write_at(&self.data, offset, buf)
+            .write_at(&self.data, offset, IoBuf::from_slice(buf))
             .await
             .map_err(|e| data_err("write", e))?;
-        self.engine
-            .fdatasync(&self.data)
+        self.make_durable()
             .await
             .map_err(|e| data_err("fdatasync", e))?;
         self.bitmap.set(chunk)?;
         m::cache_chunks_present(self.bitmap.count());
         Ok(())
+    }
+
+    /// Returns once every data write completed before the call is durable.
+    /// Concurrent fetches share one fdatasync (group commit): whoever holds
+    /// the lock syncs for all writes done so far, and the others find their
+    /// write already covered.
+    async fn make_durable(&self) -> std::io::Result<()> {
+        let mine = self.writes_done.fetch_add(1, Ordering::AcqRel) + 1;
+        let _g = self.sync_lock.lock().await;
+        if self.writes_synced.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        let covered = self.writes_done.load(Ordering::Acquire);
+        self.engine.fdatasync(&self.data).await?;
+        self.writes_synced.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) until no chunk is being fetched or persisted;
+    /// returns whether that happened. Used before a graceful exit.
+    pub async fn settle(&self, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_empty();
+            if idle {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Flushes the bitmap; called periodically and at shutdown.

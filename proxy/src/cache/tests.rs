@@ -104,6 +104,7 @@ async fn reopen_keeps_chunks_and_failures_are_retried() {
     {
         let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine.clone()).expect("open");
         cache.read(0, 70_000).await.expect("read");
+        assert!(cache.settle(Duration::from_secs(10)).await);
         cache.sync().expect("sync");
     }
     assert_eq!(up.reads.load(Ordering::SeqCst), 2);
@@ -116,10 +117,12 @@ async fn reopen_keeps_chunks_and_failures_are_retried() {
     // after recovery fetches the chunk.
     up.fail.store(true, Ordering::SeqCst);
     assert!(cache.read(200_000, 10).await.is_err());
+    assert!(cache.settle(Duration::from_secs(10)).await);
     assert_eq!(cache.chunks_present(), 2);
     up.fail.store(false, Ordering::SeqCst);
     let got = cache.read(200_000, 10).await.expect("recovered");
     assert_eq!(&got[..], &up.data[200_000..200_010]);
+    assert!(cache.settle(Duration::from_secs(10)).await);
     assert_eq!(cache.chunks_present(), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,8 +87,15 @@ impl Herd {
             .append(true)
             .open(&log)
             .expect("log file");
+        // The tests count chunks: pin 1 MiB unless a test picks its own.
+        let chunk: &[&str] = if extra.contains(&"--chunk-size") {
+            &[]
+        } else {
+            &["--chunk-size", "1MiB"]
+        };
         let child = Command::new(HERD)
             .args(["serve", "--upstream", upstream])
+            .args(chunk)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args([
                 "--cache-dir",
@@ -116,6 +123,19 @@ impl Herd {
     /// Value of one Prometheus metric (0 if not yet recorded).
     pub fn metric(&self, name: &str) -> f64 {
         scrape(self.metrics, name)
+    }
+
+    /// Polls a metric until it equals `want` (the cache persists chunks
+    /// just after serving them); returns the last value seen.
+    pub fn metric_eventually(&self, name: &str, want: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(name);
+            if v == want || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn kill9(&mut self) {
