@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Seconds to keep retrying an unreachable parent at startup (default 30).
     #[arg(long)]
     parent_timeout: Option<u64>,
+    /// Async worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -96,7 +99,10 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Serve(args) => args.into_config().and_then(serve),
+        Command::Serve(args) => {
+            let workers = args.workers;
+            args.into_config().and_then(|c| serve(c, workers))
+        }
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -107,10 +113,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn serve(cfg: ServeConfig) -> Result<()> {
-    // Two cores here and on most hypervisor hosts' proxy budget: one worker
-    // per core, plus the io_uring thread for file I/O.
-    let workers = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+fn serve(cfg: ServeConfig, workers: Option<usize>) -> Result<()> {
+    // One worker per core by default, plus the io_uring thread for file
+    // I/O (DESIGN.md has the measurements behind this).
+    let workers = workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
+        .clamp(1, 256);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

@@ -28,6 +28,7 @@ pub const PACKAGES: &[&str] = &[
     "kmod",
     "xz-utils",
     "curl",
+    "iperf3",
 ];
 
 const SOURCES: &str = "Types: deb

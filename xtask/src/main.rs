@@ -1,5 +1,6 @@
 //! herd's task runner: `cargo xtask <job>`.
 
+mod bench;
 mod demo;
 mod deps;
 mod image;
@@ -22,6 +23,9 @@ enum Job {
     Run(demo::Options),
     /// Install what is missing and run every test (what CI runs).
     Test(test::Options),
+    /// Benchmarks: herd side by side with its peers.
+    #[command(subcommand)]
+    Bench(bench::Suite),
     /// Install the Debian packages the jobs need.
     Deps,
     /// Build (or reuse) the demo boot disk.
@@ -39,6 +43,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Job::Test(o) => test::run(&o),
+        Job::Bench(s) => bench::run(&s),
         Job::Deps => deps::run_all(),
         Job::Image { kind } => {
             let d = image::ensure(kind)?;

@@ -5,6 +5,7 @@
 
 use anyhow::{bail, Result};
 
+use crate::bench::dataplane;
 use crate::demo::{self, Accel};
 use crate::image::Kind;
 use crate::util::{cargo, root, run_visible, step};
@@ -66,10 +67,45 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    println!("vm boot tests: {passed} passed, {failed} failed");
+    // The benchmark harness must not rot: a --quick run must produce
+    // well-formed JSON with every server and pattern.
+    let name = "bench_dataplane_quick_produces_complete_json";
+    match bench_smoke() {
+        Ok(()) => {
+            passed += 1;
+            println!("test {name} ... ok");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("test {name} ... FAILED: {e:#}");
+        }
+    }
+    println!("xtask checks: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} VM boot test(s) failed");
     }
+    Ok(())
+}
+
+fn bench_smoke() -> Result<()> {
+    let out = crate::util::work_dir("bench-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = dataplane::Options {
+        quick: true,
+        size_mib: None,
+        runtime: None,
+        reps: None,
+        out: Some(out.clone()),
+    };
+    dataplane::run_bench(&o)?;
+    let text = std::fs::read_to_string(out.join("dataplane.json"))?;
+    let r: dataplane::Results = serde_json::from_str(&text)?;
+    dataplane::validate(&r)?;
+    let svg = std::fs::read_to_string(out.join("dataplane.svg"))?;
+    anyhow::ensure!(
+        svg.contains("<svg") && svg.contains("herd"),
+        "SVG lacks the chart"
+    );
     Ok(())
 }
 

@@ -214,6 +214,46 @@ impl ChunkCache {
         Ok(out)
     }
 
+    /// The hit path without a thread hop: if every chunk of the range is
+    /// present and its data is in the page cache, reads it right here with
+    /// `preadv2(RWF_NOWAIT)`. `None` means "take the async path" (a chunk is
+    /// missing, the data would need disk I/O, or the range is invalid).
+    #[must_use]
+    pub fn try_read_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
+        if len == 0 || self.check_range(offset, len as u64).is_err() {
+            return None;
+        }
+        let first = offset / self.chunk_size;
+        let last = (offset + len as u64 - 1) / self.chunk_size;
+        if !(first..=last).all(|c| self.bitmap.is_set(c)) {
+            return None;
+        }
+        let mut buf = IoBuf::zeroed(len);
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        };
+        let off = i64::try_from(offset).ok()?;
+        // SAFETY: iov points into `buf`, valid for `len` writable bytes for
+        // the duration of this synchronous call.
+        let n = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(&*self.data),
+                &raw const iov,
+                1,
+                off,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if usize::try_from(n).ok()? != len {
+            return None;
+        }
+        for _ in first..=last {
+            self.hit();
+        }
+        Some(buf)
+    }
+
     async fn read_disk(&self, offset: u64, len: usize) -> CacheResult<IoBuf> {
         let buf = self
             .engine

@@ -50,6 +50,11 @@ impl IoBuf {
         b
     }
 
+    /// Pointer for the kernel to fill (synchronous calls only).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// Shortens the visible length (e.g. after a short read at end of file).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

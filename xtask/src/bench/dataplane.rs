@@ -1,0 +1,593 @@
+//! `cargo xtask bench dataplane`: herd against nbdkit and qemu-nbd, side by
+//! side in one run, with fio's nbd engine.
+//!
+//! Two groups of servers, all on loopback, all serving the same file:
+//! - **hit path**: herd with a warm cache, nbdkit's file plugin, qemu-nbd
+//!   (`--cache=none --aio=io_uring`) and qemu-nbd with its defaults;
+//! - **relay (miss path)**: a cold child in front of a parent of its kind:
+//!   herd leaf → herd root, nbdkit nbd plugin + cache filter → nbdkit,
+//!   qemu-nbd serving a copy-on-read qcow2 overlay → qemu-nbd.
+//!
+//! Every (server, pattern) runs `reps` times, rounds interleaved so drift
+//! hits every server alike; medians and min/max are reported, with herd's
+//! ratio to the best peer and each figure as a fraction of the loopback
+//! TCP and memory-copy ceilings measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::demo::build_herd;
+use crate::util::{output, root, run, step};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// A ~1-minute smoke run: small image, 1 repetition, 1 s per job.
+    #[arg(long)]
+    pub quick: bool,
+    /// Image size in MiB.
+    #[arg(long)]
+    pub size_mib: Option<u64>,
+    /// Seconds per fio job (after a warm-up).
+    #[arg(long)]
+    pub runtime: Option<u64>,
+    /// Repetitions of every job.
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Where to write dataplane.json, dataplane.svg and README.md.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pattern {
+    pub name: &'static str,
+    pub rw: &'static str,
+    pub bs: &'static str,
+    pub iodepth: u32,
+    pub jobs: u32,
+    /// Report IOPS (small blocks) or MiB/s (large).
+    pub iops: bool,
+}
+
+pub const PATTERNS: &[Pattern] = &[
+    Pattern {
+        name: "4k-rand-qd1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        jobs: 1,
+        iops: true,
+    },
+    Pattern {
+        name: "4k-rand-qd32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 16,
+        jobs: 2,
+        iops: true,
+    },
+    Pattern {
+        name: "64k-rand-qd8",
+        rw: "randread",
+        bs: "64k",
+        iodepth: 8,
+        jobs: 1,
+        iops: false,
+    },
+    Pattern {
+        name: "1m-seq-qd1",
+        rw: "read",
+        bs: "1m",
+        iodepth: 1,
+        jobs: 1,
+        iops: false,
+    },
+    Pattern {
+        name: "1m-seq-qd8",
+        rw: "read",
+        bs: "1m",
+        iodepth: 4,
+        jobs: 2,
+        iops: false,
+    },
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cell {
+    pub server: String,
+    pub group: String,
+    pub pattern: String,
+    pub unit: String,
+    pub samples: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ceilings {
+    pub loopback_tcp_mib_s: f64,
+    pub memcpy_mib_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub version: u32,
+    pub image_mib: u64,
+    pub runtime_s: u64,
+    pub reps: usize,
+    pub cores: usize,
+    pub ceilings: Ceilings,
+    pub cells: Vec<Cell>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    Herd,
+    Nbdkit,
+    QemuNbdUring,
+    QemuNbd,
+    HerdRelay,
+    NbdkitRelay,
+    QemuNbdRelay,
+}
+
+impl Server {
+    const HIT: [Self; 4] = [Self::Herd, Self::Nbdkit, Self::QemuNbdUring, Self::QemuNbd];
+    const RELAY: [Self; 3] = [Self::HerdRelay, Self::NbdkitRelay, Self::QemuNbdRelay];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Herd => "herd (warm)",
+            Self::Nbdkit => "nbdkit file",
+            Self::QemuNbdUring => "qemu-nbd io_uring+nocache",
+            Self::QemuNbd => "qemu-nbd default",
+            Self::HerdRelay => "herd leaf->root",
+            Self::NbdkitRelay => "nbdkit cache->nbdkit",
+            Self::QemuNbdRelay => "qemu-nbd CoR->qemu-nbd",
+        }
+    }
+
+    fn group(self) -> &'static str {
+        if Self::HIT.contains(&self) {
+            "hit"
+        } else {
+            "relay"
+        }
+    }
+}
+
+/// Processes of one running server (child last); killed on drop.
+struct Running {
+    procs: Vec<Child>,
+    port: u16,
+    export: &'static str,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().rev() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after 30 s")
+}
+
+struct Env {
+    herd: PathBuf,
+    image: PathBuf,
+    scratch: PathBuf,
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))
+}
+
+fn herd_serve(env: &Env, name: &str, upstream: &str, port: u16) -> Result<Child> {
+    let cache = env.scratch.join(format!("{name}-cache"));
+    let _ = std::fs::remove_dir_all(&cache);
+    spawn(
+        Command::new(&env.herd)
+            .args([
+                "serve",
+                "--upstream",
+                upstream,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("--cache-dir")
+            .arg(&cache)
+            .env("NO_COLOR", "1"),
+        &env.scratch.join(format!("{name}.log")),
+    )
+}
+
+fn nbdkit(env: &Env, port: u16, args: &[&str], log: &str) -> Result<Child> {
+    spawn(
+        Command::new("nbdkit")
+            .args([
+                "-f",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--exportname",
+                "bench",
+            ])
+            .args(args),
+        &env.scratch.join(log),
+    )
+}
+
+fn qemu_nbd(env: &Env, port: u16, args: &[&str], file: &Path, log: &str) -> Result<Child> {
+    spawn(
+        Command::new("qemu-nbd")
+            .args([
+                "-t",
+                "-e",
+                "16",
+                "-x",
+                "bench",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(args)
+            .arg(file),
+        &env.scratch.join(log),
+    )
+}
+
+fn start(env: &Env, s: Server) -> Result<Running> {
+    let port = free_port()?;
+    let img = env.image.to_string_lossy().into_owned();
+    let mut procs = Vec::new();
+    let export = match s {
+        Server::Herd => {
+            procs.push(herd_serve(env, "herd", &img, port)?);
+            wait_port(port)?;
+            // Warm: the hit path is what this row measures.
+            run(Command::new("nbdcopy")
+                .arg(format!("nbd://127.0.0.1:{port}/herd"))
+                .arg("null:"))?;
+            "herd"
+        }
+        Server::Nbdkit => {
+            procs.push(nbdkit(env, port, &["file", &img], "nbdkit.log")?);
+            "bench"
+        }
+        Server::QemuNbdUring => {
+            procs.push(qemu_nbd(
+                env,
+                port,
+                &["-r", "-f", "raw", "--cache=none", "--aio=io_uring"],
+                &env.image,
+                "qnbd-u.log",
+            )?);
+            "bench"
+        }
+        Server::QemuNbd => {
+            procs.push(qemu_nbd(
+                env,
+                port,
+                &["-r", "-f", "raw"],
+                &env.image,
+                "qnbd.log",
+            )?);
+            "bench"
+        }
+        Server::HerdRelay => {
+            let pport = free_port()?;
+            procs.push(herd_serve(env, "herd-root", &img, pport)?);
+            wait_port(pport)?;
+            run(Command::new("nbdcopy")
+                .arg(format!("nbd://127.0.0.1:{pport}/herd"))
+                .arg("null:"))?;
+            procs.push(herd_serve(
+                env,
+                "herd-leaf",
+                &format!("nbd://127.0.0.1:{pport}/herd"),
+                port,
+            )?);
+            "herd"
+        }
+        Server::NbdkitRelay => {
+            let pport = free_port()?;
+            procs.push(nbdkit(env, pport, &["file", &img], "nbdkit-parent.log")?);
+            wait_port(pport)?;
+            let uri = format!("uri=nbd://127.0.0.1:{pport}/bench");
+            procs.push(nbdkit(
+                env,
+                port,
+                &["--filter=cache", "nbd", &uri, "cache-on-read=true"],
+                "nbdkit-relay.log",
+            )?);
+            "bench"
+        }
+        Server::QemuNbdRelay => {
+            let pport = free_port()?;
+            procs.push(qemu_nbd(
+                env,
+                pport,
+                &["-r", "-f", "raw"],
+                &env.image,
+                "qnbd-parent.log",
+            )?);
+            wait_port(pport)?;
+            let overlay = env.scratch.join("cor.qcow2");
+            let _ = std::fs::remove_file(&overlay);
+            let size = std::fs::metadata(&env.image)?.len();
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+                .arg(format!("nbd://127.0.0.1:{pport}/bench"))
+                .arg(&overlay)
+                .arg(size.to_string()))?;
+            let spec = format!(
+                "driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename={}",
+                overlay.display()
+            );
+            procs.push(spawn(
+                Command::new("qemu-nbd")
+                    .args([
+                        "-t",
+                        "-e",
+                        "16",
+                        "-x",
+                        "bench",
+                        "-b",
+                        "127.0.0.1",
+                        "-p",
+                        &port.to_string(),
+                    ])
+                    .args(["--image-opts", &spec]),
+                &env.scratch.join("qnbd-relay.log"),
+            )?);
+            "bench"
+        }
+    };
+    wait_port(port)?;
+    Ok(Running {
+        procs,
+        port,
+        export,
+    })
+}
+
+/// Runs one fio job and returns IOPS or MiB/s.
+fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64) -> Result<f64> {
+    let out = output(
+        Command::new("fio")
+            .args([
+                "--name=herd-bench",
+                "--ioengine=nbd",
+                "--output-format=json",
+                "--group_reporting",
+            ])
+            .arg(format!("--uri=nbd://127.0.0.1:{}/{}", r.port, r.export))
+            .arg(format!("--rw={}", p.rw))
+            .arg(format!("--bs={}", p.bs))
+            .arg(format!("--iodepth={}", p.iodepth))
+            .arg(format!("--numjobs={}", p.jobs))
+            .arg(format!("--size={size_mib}M"))
+            .args([
+                "--time_based",
+                &format!("--runtime={runtime}"),
+                "--ramp_time=1",
+            ])
+            .arg("--randrepeat=0"),
+    )?;
+    let json_start = out.find('{').context("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_str(&out[json_start..]).context("fio JSON")?;
+    let read = &v["jobs"][0]["read"];
+    let val = if p.iops {
+        read["iops"].as_f64()
+    } else {
+        read["bw_bytes"].as_f64().map(|b| b / f64::from(1 << 20))
+    };
+    val.context("fio JSON lacks read figures")
+}
+
+fn loopback_ceiling(env: &Env) -> Result<f64> {
+    let port = free_port()?;
+    let mut srv = spawn(
+        Command::new("iperf3").args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]),
+        &env.scratch.join("iperf3.log"),
+    )?;
+    // Not wait_port: iperf3 treats any connection as a test client.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = output(Command::new("iperf3").args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-t",
+        "3",
+        "-P",
+        "2",
+        "-J",
+    ]));
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_str(&out?)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 8.0 / f64::from(1 << 20))
+        .context("iperf3 JSON lacks a rate")
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn memcpy_ceiling() -> f64 {
+    let src = vec![1u8; 256 << 20];
+    let mut dst = vec![0u8; 256 << 20];
+    // First touch faults the pages in; measure copies after that.
+    dst.copy_from_slice(&src);
+    let start = Instant::now();
+    let mut copied = 0usize;
+    while start.elapsed() < Duration::from_millis(500) {
+        dst.copy_from_slice(&src);
+        copied += src.len();
+        std::hint::black_box(&dst);
+    }
+    copied as f64 / f64::from(1 << 20) / start.elapsed().as_secs_f64()
+}
+
+fn prepare_image(path: &Path, mib: u64) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == mib << 20) {
+        return Ok(());
+    }
+    step(&format!("writing a {mib} MiB random image"));
+    let tmp = path.with_extension("tmp");
+    run(Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "status=none"])
+        .arg(format!("of={}", tmp.display()))
+        .arg(format!("count={mib}")))?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return 0.0;
+    }
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+pub fn run_bench(opts: &Options) -> Result<Results> {
+    crate::deps::ensure(&["fio", "nbdkit", "libnbd-bin", "qemu-utils", "iperf3"])?;
+    let size_mib = opts.size_mib.unwrap_or(if opts.quick { 64 } else { 1024 });
+    let runtime = opts.runtime.unwrap_or(if opts.quick { 1 } else { 10 });
+    let reps = opts.reps.unwrap_or(if opts.quick { 1 } else { 3 });
+    let herd = build_herd()?;
+    let scratch = crate::util::work_dir("bench");
+    std::fs::create_dir_all(&scratch)?;
+    let env = Env {
+        herd,
+        image: scratch.join(format!("image-{size_mib}M.raw")),
+        scratch: scratch.clone(),
+    };
+    prepare_image(&env.image, size_mib)?;
+    step("measuring ceilings (iperf3 on loopback, memory copy)");
+    let ceilings = Ceilings {
+        loopback_tcp_mib_s: loopback_ceiling(&env)?,
+        memcpy_mib_s: memcpy_ceiling(),
+    };
+    let servers: Vec<Server> = Server::HIT.into_iter().chain(Server::RELAY).collect();
+    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
+    let total = reps * servers.len() * PATTERNS.len();
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    for round in 0..reps {
+        for (si, s) in servers.iter().enumerate() {
+            for (pi, p) in PATTERNS.iter().enumerate() {
+                pb.set_message(format!("round {} {} {}", round + 1, s.name(), p.name));
+                // Relays restart per job so every job starts from a cold
+                // cache; hit-path servers restart too, for symmetry.
+                let r = start(&env, *s).with_context(|| format!("starting {}", s.name()))?;
+                let v = fio(&r, p, runtime, size_mib)
+                    .with_context(|| format!("fio {} on {}", p.name, s.name()))?;
+                drop(r);
+                samples[si][pi].push(v);
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let mut cells = Vec::new();
+    for (si, s) in servers.iter().enumerate() {
+        for (pi, p) in PATTERNS.iter().enumerate() {
+            let v = &samples[si][pi];
+            cells.push(Cell {
+                server: s.name().into(),
+                group: s.group().into(),
+                pattern: p.name.into(),
+                unit: if p.iops { "IOPS" } else { "MiB/s" }.into(),
+                samples: v.clone(),
+                median: median(v),
+                min: v.iter().copied().fold(f64::INFINITY, f64::min),
+                max: v.iter().copied().fold(0.0, f64::max),
+            });
+        }
+    }
+    let results = Results {
+        version: 1,
+        image_mib: size_mib,
+        runtime_s: runtime,
+        reps,
+        cores: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        ceilings,
+        cells,
+    };
+    let out = opts.out.clone().unwrap_or_else(|| root().join("results"));
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("dataplane.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    super::plot::svg(&results, &out.join("dataplane.svg"))?;
+    let table = super::report::markdown(&results);
+    std::fs::write(out.join("README.md"), &table)?;
+    println!("{table}");
+    Ok(results)
+}
+
+/// Checks a results file has every server and pattern with positive medians.
+pub fn validate(r: &Results) -> Result<()> {
+    let servers: Vec<Server> = Server::HIT.into_iter().chain(Server::RELAY).collect();
+    for s in servers {
+        for p in PATTERNS {
+            let c = r
+                .cells
+                .iter()
+                .find(|c| c.server == s.name() && c.pattern == p.name)
+                .with_context(|| format!("no result for {} / {}", s.name(), p.name))?;
+            anyhow::ensure!(
+                c.median > 0.0 && c.median.is_finite(),
+                "{} / {}: median {}",
+                s.name(),
+                p.name,
+                c.median
+            );
+        }
+    }
+    anyhow::ensure!(
+        r.ceilings.loopback_tcp_mib_s > 0.0 && r.ceilings.memcpy_mib_s > 0.0,
+        "ceilings missing"
+    );
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! `cargo xtask bench <suite>`: benchmarks that compare herd with its peers
+//! side by side in one run. Never timed assertions in tests: these machines
+//! are noisy, so results are medians over interleaved rounds, as ratios.
+
+pub mod dataplane;
+mod plot;
+mod report;
+
+use anyhow::Result;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Suite {
+    /// herd vs nbdkit vs qemu-nbd with fio's nbd engine (hit path and relay).
+    Dataplane(dataplane::Options),
+}
+
+pub fn run(suite: &Suite) -> Result<()> {
+    match suite {
+        Suite::Dataplane(o) => dataplane::run_bench(o).map(drop),
+    }
+}

@@ -1,0 +1,105 @@
+//! The Markdown table of a dataplane run, with herd ÷ best peer ratios.
+
+use std::fmt::Write;
+
+use super::dataplane::{Results, PATTERNS};
+
+fn cell<'a>(r: &'a Results, server: &str, pattern: &str) -> Option<&'a super::dataplane::Cell> {
+    r.cells
+        .iter()
+        .find(|c| c.server == server && c.pattern == pattern)
+}
+
+fn servers(r: &Results, group: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for c in r.cells.iter().filter(|c| c.group == group) {
+        if !v.contains(&c.server) {
+            v.push(c.server.clone());
+        }
+    }
+    v
+}
+
+/// herd's median ÷ the best peer's median for one group and pattern.
+pub fn ratio(r: &Results, group: &str, pattern: &str) -> Option<f64> {
+    let names = servers(r, group);
+    let herd = names.iter().find(|n| n.starts_with("herd"))?;
+    let h = cell(r, herd, pattern)?.median;
+    let best = names
+        .iter()
+        .filter(|n| *n != herd)
+        .filter_map(|n| cell(r, n, pattern).map(|c| c.median))
+        .fold(0.0, f64::max);
+    (best > 0.0).then(|| h / best)
+}
+
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Dataplane benchmark\n");
+    let _ = writeln!(
+        s,
+        "`cargo xtask bench dataplane`: fio (nbd engine) on loopback, {} MiB image, {} s per job after 1 s warm-up, \
+         {} repetition(s) interleaved, medians (min–max). {} cores. Ceilings measured in the same run: \
+         loopback TCP (iperf3) {:.0} MiB/s, memory copy {:.0} MiB/s.\n",
+        r.image_mib, r.runtime_s, r.reps, r.cores, r.ceilings.loopback_tcp_mib_s, r.ceilings.memcpy_mib_s
+    );
+    let _ = writeln!(
+        s,
+        "Patterns: QD is the total queue depth (iodepth × fio jobs).\n"
+    );
+    for (group, title) in [
+        ("hit", "Serving a warm image (hit path)"),
+        ("relay", "Relaying from a parent, cold cache (miss path)"),
+    ] {
+        let names = servers(r, group);
+        let _ = writeln!(s, "## {title}\n");
+        let _ = write!(s, "| pattern |");
+        for n in &names {
+            let _ = write!(s, " {n} |");
+        }
+        let _ = writeln!(s, " herd ÷ best peer |");
+        let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+        for p in PATTERNS {
+            let _ = write!(
+                s,
+                "| {} ({}) |",
+                p.name,
+                if p.iops { "IOPS" } else { "MiB/s" }
+            );
+            for n in &names {
+                match cell(r, n, p.name) {
+                    Some(c) => {
+                        let _ = write!(s, " {:.0} ({:.0}–{:.0}) |", c.median, c.min, c.max);
+                    }
+                    None => s.push_str(" – |"),
+                }
+            }
+            match ratio(r, group, p.name) {
+                Some(x) => {
+                    let _ = writeln!(s, " **{x:.2}** |");
+                }
+                None => s.push_str(" – |\n"),
+            }
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "## Fraction of the loopback TCP ceiling (MiB/s patterns)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| server | 64k-rand-qd8 | 1m-seq-qd1 | 1m-seq-qd8 |\n|---|---|---|---|"
+    );
+    for group in ["hit", "relay"] {
+        for n in servers(r, group) {
+            let _ = write!(s, "| {n} |");
+            for p in ["64k-rand-qd8", "1m-seq-qd1", "1m-seq-qd8"] {
+                let f = cell(r, &n, p).map_or(0.0, |c| c.median / r.ceilings.loopback_tcp_mib_s);
+                let _ = write!(s, " {:.0} % |", f * 100.0);
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
