@@ -68,7 +68,18 @@ pub enum CacheError {
 
 pub type CacheResult<T> = Result<T, CacheError>;
 
-type FetchState = Option<Result<Arc<IoBuf>, String>>;
+/// One chunk's bytes inside a (possibly multi-chunk) fetched run.
+#[derive(Clone)]
+struct Piece {
+    run: Arc<IoBuf>,
+    at: usize,
+}
+
+type FetchState = Option<Result<Piece, String>>;
+
+/// Adjacent missing chunks are fetched with one upstream read of at most
+/// this many bytes.
+const MAX_RUN_BYTES: u64 = 1 << 20;
 
 /// Counters kept alongside the Prometheus metrics, for callers in-process.
 #[derive(Debug, Default)]
@@ -201,9 +212,9 @@ impl ChunkCache {
             let dst = usize::try_from(from - offset).unwrap_or(0)
                 ..usize::try_from(to - offset).unwrap_or(0);
             match part {
-                Some(mem) => {
-                    let src = usize::try_from(from - c0).unwrap_or(0);
-                    out[dst.clone()].copy_from_slice(&mem[src..src + dst.len()]);
+                Some(piece) => {
+                    let src = piece.at + usize::try_from(from - c0).unwrap_or(0);
+                    out[dst.clone()].copy_from_slice(&piece.run[src..src + dst.len()]);
                 }
                 None => {
                     let piece = self.read_disk(from, dst.len()).await?;
@@ -283,13 +294,26 @@ impl ChunkCache {
         self.resolve(offset, len).await.map(drop)
     }
 
+    /// Starts fetching (without waiting) the chunks of `len` bytes after
+    /// `offset` that are neither present nor in flight: read-ahead for a
+    /// sequential reader.
+    pub fn read_ahead(self: &Arc<Self>, offset: u64, len: u64) {
+        if offset >= self.size || len == 0 {
+            return;
+        }
+        let len = len.min(self.size - offset);
+        let first = offset / self.chunk_size;
+        let last = (offset + len - 1) / self.chunk_size;
+        drop(self.begin_range(first, last, false));
+    }
+
     /// For each chunk of the range: `None` if it is on disk, or the fetched
     /// bytes of a chunk still being persisted.
     async fn resolve(
         self: &Arc<Self>,
         offset: u64,
         len: u64,
-    ) -> CacheResult<Vec<(u64, Option<Arc<IoBuf>>)>> {
+    ) -> CacheResult<Vec<(u64, Option<Piece>)>> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -297,8 +321,9 @@ impl ChunkCache {
         let first = offset / self.chunk_size;
         let last = (offset + len - 1) / self.chunk_size;
         // Start every missing chunk's fetch before waiting on any, so a
-        // chunk-spanning read fetches its chunks in parallel.
-        let started: Vec<_> = (first..=last).map(|c| (c, self.begin(c))).collect();
+        // chunk-spanning read fetches its chunks in parallel (adjacent ones
+        // in one upstream read).
+        let started = self.begin_range(first, last, true);
         let mut parts = Vec::with_capacity(started.len());
         for (chunk, rx) in started {
             let Some(mut rx) = rx else {
@@ -310,7 +335,7 @@ impl ChunkCache {
                 .await
                 .map_err(|_| CacheError::Abandoned { chunk })?;
             match state.as_ref() {
-                Some(Ok(buf)) => parts.push((chunk, Some(Arc::clone(buf)))),
+                Some(Ok(piece)) => parts.push((chunk, Some(piece.clone()))),
                 Some(Err(message)) => {
                     return Err(CacheError::Joined {
                         chunk,
@@ -323,37 +348,61 @@ impl ChunkCache {
         Ok(parts)
     }
 
-    /// Returns `None` for a present chunk, else a receiver that yields the
-    /// chunk's bytes (or the error) of the possibly newly started fetch.
-    fn begin(self: &Arc<Self>, chunk: u64) -> Option<watch::Receiver<FetchState>> {
-        if self.bitmap.is_set(chunk) {
-            self.hit();
-            return None;
+    /// For each chunk of `first..=last`: `None` if present, else a receiver
+    /// for its fetch. Missing chunks that nobody fetches yet are claimed
+    /// under one lock and fetched in runs of adjacent chunks.
+    fn begin_range(
+        self: &Arc<Self>,
+        first: u64,
+        last: u64,
+        count: bool,
+    ) -> Vec<(u64, Option<watch::Receiver<FetchState>>)> {
+        let mut out = Vec::new();
+        let mut runs: Vec<(u64, Vec<watch::Sender<FetchState>>)> = Vec::new();
+        let per_run = (MAX_RUN_BYTES / self.chunk_size).max(1);
+        {
+            let mut map = self
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for chunk in first..=last {
+                // Checked under the lock: a fetch sets the bit before it
+                // leaves the map, so a reader never misses both.
+                if self.bitmap.is_set(chunk) {
+                    if count {
+                        self.hit();
+                    }
+                    out.push((chunk, None));
+                    continue;
+                }
+                if let Some(rx) = map.get(&chunk) {
+                    if count {
+                        self.stats.joins.fetch_add(1, Ordering::Relaxed);
+                        m::singleflight_join();
+                    }
+                    out.push((chunk, Some(rx.clone())));
+                    continue;
+                }
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                m::chunk_miss();
+                let (tx, rx) = watch::channel(None);
+                map.insert(chunk, rx.clone());
+                out.push((chunk, Some(rx)));
+                match runs.last_mut() {
+                    Some((start, txs))
+                        if *start + txs.len() as u64 == chunk && (txs.len() as u64) < per_run =>
+                    {
+                        txs.push(tx);
+                    }
+                    _ => runs.push((chunk, vec![tx])),
+                }
+            }
         }
-        let mut map = self
-            .inflight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Re-check under the lock: a fetch sets the bit before it leaves
-        // the map, so a reader never misses both.
-        if self.bitmap.is_set(chunk) {
-            drop(map);
-            self.hit();
-            return None;
+        for (start, txs) in runs {
+            let this = Arc::clone(self);
+            tokio::spawn(async move { this.fetch_and_persist(start, txs).await });
         }
-        if let Some(rx) = map.get(&chunk) {
-            self.stats.joins.fetch_add(1, Ordering::Relaxed);
-            m::singleflight_join();
-            return Some(rx.clone());
-        }
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        m::chunk_miss();
-        let (tx, rx) = watch::channel(None);
-        map.insert(chunk, rx.clone());
-        drop(map);
-        let this = Arc::clone(self);
-        tokio::spawn(async move { this.fetch_and_persist(chunk, tx).await });
-        Some(rx)
+        out
     }
 
     fn hit(&self) {
@@ -368,19 +417,28 @@ impl ChunkCache {
             .remove(&chunk);
     }
 
-    /// Fetches a chunk, hands the bytes to every waiter at once, then makes
-    /// it durable and only then marks it present. Until marked, the chunk
-    /// stays in the in-flight map so late readers are served from memory.
-    async fn fetch_and_persist(self: Arc<Self>, chunk: u64, tx: watch::Sender<FetchState>) {
-        let offset = chunk * self.chunk_size;
-        let len = usize::try_from(self.chunk_size.min(self.size - offset)).unwrap_or(usize::MAX);
-        let buf = match self.upstream.read_at(offset, len).await {
+    /// Fetches a run of adjacent chunks with one upstream read, hands each
+    /// chunk's bytes to its waiters at once, then makes the run durable and
+    /// only then marks its chunks present. Until marked, the chunks stay in
+    /// the in-flight map so late readers are served from memory.
+    async fn fetch_and_persist(self: Arc<Self>, start: u64, txs: Vec<watch::Sender<FetchState>>) {
+        let n = txs.len() as u64;
+        let offset = start * self.chunk_size;
+        let len =
+            usize::try_from((n * self.chunk_size).min(self.size - offset)).unwrap_or(usize::MAX);
+        let run = match self.upstream.read_at(offset, len).await {
             Ok(b) => Arc::new(b),
             Err(source) => {
-                let e = CacheError::Fetch { chunk, source };
-                tracing::warn!(chunk, error = %crate::error_chain(&e), "chunk fetch failed");
-                self.forget(chunk);
-                let _ = tx.send(Some(Err(crate::error_chain(&e))));
+                let e = CacheError::Fetch {
+                    chunk: start,
+                    source,
+                };
+                tracing::warn!(chunk = start, chunks = n, error = %crate::error_chain(&e), "chunk fetch failed");
+                let msg = crate::error_chain(&e);
+                for (i, tx) in txs.iter().enumerate() {
+                    self.forget(start + i as u64);
+                    let _ = tx.send(Some(Err(msg.clone())));
+                }
                 return;
             }
         };
@@ -388,16 +446,24 @@ impl ChunkCache {
             .upstream_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         m::upstream_read(len as u64);
-        let _ = tx.send(Some(Ok(Arc::clone(&buf))));
-        if let Err(e) = self.persist(chunk, offset, &buf).await {
-            // Readers already have their bytes; the chunk is simply fetched
-            // again next time.
-            tracing::warn!(chunk, error = %crate::error_chain(&e), "caching chunk failed");
+        let cs = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
+        for (i, tx) in txs.iter().enumerate() {
+            let _ = tx.send(Some(Ok(Piece {
+                run: Arc::clone(&run),
+                at: i * cs,
+            })));
         }
-        self.forget(chunk);
+        if let Err(e) = self.persist(start, n, offset, &run).await {
+            // Readers already have their bytes; the chunks are simply
+            // fetched again next time.
+            tracing::warn!(chunk = start, error = %crate::error_chain(&e), "caching chunks failed");
+        }
+        for i in 0..n {
+            self.forget(start + i);
+        }
     }
 
-    async fn persist(&self, chunk: u64, offset: u64, buf: &IoBuf) -> CacheResult<()> {
+    async fn persist(&self, start: u64, n: u64, offset: u64, buf: &IoBuf) -> CacheResult<()> {
         let data_err = |op, source| CacheError::Data { op, offset, source };
         self.engine
             .write_at(&self.data, offset, IoBuf::from_slice(buf))
@@ -406,7 +472,9 @@ impl ChunkCache {
         self.make_durable()
             .await
             .map_err(|e| data_err("fdatasync", e))?;
-        self.bitmap.set(chunk)?;
+        for chunk in start..start + n {
+            self.bitmap.set(chunk)?;
+        }
         m::cache_chunks_present(self.bitmap.count());
         Ok(())
     }

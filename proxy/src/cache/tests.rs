@@ -65,7 +65,13 @@ async fn concurrent_readers_fetch_each_chunk_once() {
         let got = t.await.expect("join").expect("read");
         assert_eq!(got.len(), 150_000);
     }
-    assert_eq!(up.reads.load(Ordering::SeqCst), 3, "one fetch per chunk");
+    // Each chunk crossed from upstream exactly once (adjacent misses may
+    // share one upstream read).
+    assert_eq!(
+        cache.stats().upstream_bytes.load(Ordering::SeqCst),
+        3 * (64 << 10)
+    );
+    assert!(up.reads.load(Ordering::SeqCst) <= 3);
     assert_eq!(cache.stats().misses.load(Ordering::SeqCst), 3);
     assert!(cache.stats().joins.load(Ordering::SeqCst) > 0);
     let _ = std::fs::remove_dir_all(&dir);
@@ -104,15 +110,23 @@ async fn reopen_keeps_chunks_and_failures_are_retried() {
     {
         let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine.clone()).expect("open");
         cache.read(0, 70_000).await.expect("read");
+        assert_eq!(
+            cache.stats().upstream_bytes.load(Ordering::SeqCst),
+            2 * (64 << 10)
+        );
         assert!(cache.settle(Duration::from_secs(10)).await);
         cache.sync().expect("sync");
     }
-    assert_eq!(up.reads.load(Ordering::SeqCst), 2);
+    let reads_before = up.reads.load(Ordering::SeqCst);
     let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine).expect("reopen");
     assert_eq!(cache.chunks_present(), 2);
     let got = cache.read(0, 70_000).await.expect("read again");
     assert_eq!(&got[..], &up.data[..70_000]);
-    assert_eq!(up.reads.load(Ordering::SeqCst), 2, "nothing refetched");
+    assert_eq!(
+        up.reads.load(Ordering::SeqCst),
+        reads_before,
+        "nothing refetched"
+    );
     // A failing upstream gives an error, marks nothing, and a later read
     // after recovery fetches the chunk.
     up.fail.store(true, Ordering::SeqCst);

@@ -21,6 +21,9 @@ use crate::net::BoxStream;
 /// `MAX_IN_FLIGHT * 32 MiB` in the worst case.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// How far ahead a sequential reader's misses are fetched.
+const READ_AHEAD: u64 = 1 << 20;
+
 enum Reply {
     Ok {
         handle: u64,
@@ -52,6 +55,9 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let size = export.cache.size();
     let mut hdr = [0u8; proto::REQUEST_LEN];
+    // End of this connection's previous READ: a READ starting there is
+    // sequential and earns read-ahead when it misses.
+    let mut last_end = u64::MAX;
     let result = loop {
         if let Err(e) = r.read_exact(&mut hdr).await {
             // A client that just closes without DISC is normal.
@@ -84,7 +90,9 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                     }
                     continue;
                 }
+                let sequential = req.offset == last_end;
                 if req.command == proto::CMD_READ {
+                    last_end = req.offset + u64::from(req.length);
                     if let Some(data) = export
                         .cache
                         .try_read_cached(req.offset, req.length as usize)
@@ -99,6 +107,9 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                         }
                         continue;
                     }
+                }
+                if sequential && req.command == proto::CMD_READ {
+                    export.cache.read_ahead(last_end, READ_AHEAD);
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break Ok(());
