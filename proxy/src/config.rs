@@ -11,6 +11,9 @@
 //! connections = 4
 //! direct_io = true
 //! parent_timeout = 30   # seconds to wait for the parent at startup
+//! iscsi_secret_file = "/etc/herd/chap.secret"   # for iscsi://USER@…
+//! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
+//! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -44,6 +47,9 @@ pub struct FileConfig {
     pub connections: Option<usize>,
     pub direct_io: Option<bool>,
     pub parent_timeout: Option<u64>,
+    pub iscsi_secret_file: Option<PathBuf>,
+    pub iscsi_initiator: Option<String>,
+    pub iscsi_recovery: Option<u64>,
 }
 
 /// Validated settings.
@@ -59,6 +65,37 @@ pub struct ServeConfig {
     pub direct_io: bool,
     /// How long to keep retrying an unreachable parent at startup.
     pub parent_timeout: std::time::Duration,
+    pub iscsi: IscsiSettings,
+}
+
+/// iSCSI initiator settings (used with an `iscsi://` upstream).
+#[derive(Debug, Clone)]
+pub struct IscsiSettings {
+    pub secret_file: Option<PathBuf>,
+    pub initiator: String,
+    /// How long reads wait for a lost target to come back.
+    pub recovery: std::time::Duration,
+}
+
+pub const DEFAULT_INITIATOR: &str = "iqn.2026-11.dev.herd:initiator";
+
+impl IscsiSettings {
+    /// The CHAP secret: the file's first line, else `HERD_ISCSI_SECRET`.
+    ///
+    /// # Errors
+    /// `Read` if the file cannot be read; `Missing` if neither is set.
+    pub fn secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(p) = &self.secret_file {
+            let s = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            return Ok(s.lines().next().unwrap_or_default().as_bytes().to_vec());
+        }
+        std::env::var("HERD_ISCSI_SECRET")
+            .map(String::into_bytes)
+            .map_err(|_| ConfigError::Missing("iscsi_secret_file"))
+    }
 }
 
 #[derive(Debug, Error)]
@@ -114,6 +151,9 @@ impl FileConfig {
             connections: other.connections.or(self.connections),
             direct_io: other.direct_io.or(self.direct_io),
             parent_timeout: other.parent_timeout.or(self.parent_timeout),
+            iscsi_secret_file: other.iscsi_secret_file.or(self.iscsi_secret_file),
+            iscsi_initiator: other.iscsi_initiator.or(self.iscsi_initiator),
+            iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
         }
     }
 
@@ -178,6 +218,13 @@ impl FileConfig {
             parent_timeout: std::time::Duration::from_secs(
                 self.parent_timeout.unwrap_or(DEFAULT_PARENT_TIMEOUT),
             ),
+            iscsi: IscsiSettings {
+                secret_file: self.iscsi_secret_file,
+                initiator: self
+                    .iscsi_initiator
+                    .unwrap_or_else(|| DEFAULT_INITIATOR.to_owned()),
+                recovery: std::time::Duration::from_secs(self.iscsi_recovery.unwrap_or(30)),
+            },
         })
     }
 }

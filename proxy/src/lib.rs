@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod export;
 pub mod io;
+pub mod iscsi;
 pub mod metrics;
 pub mod nbd;
 pub mod net;

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod iscsi_cli;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use herd::cache::ChunkCache;
@@ -12,6 +14,7 @@ use herd::export::nbd::{self as nbd_export, Export};
 use herd::io::Engine;
 use herd::net::Listener;
 use herd::upstream::file::FileUpstream;
+use herd::upstream::iscsi::{IscsiTarget, IscsiUpstream};
 use herd::upstream::nbd::NbdUpstream;
 use herd::upstream::{Upstream, UpstreamError, UpstreamUrl};
 
@@ -30,6 +33,26 @@ struct Cli {
 enum Command {
     /// Serve an image over NBD, fetching chunks from the upstream on demand.
     Serve(ServeArgs),
+    /// iSCSI tools.
+    #[command(subcommand)]
+    Iscsi(IscsiCmd),
+}
+
+#[derive(Subcommand)]
+enum IscsiCmd {
+    /// Show what a target offers: targets, LUNs, capacity, block size, vendor, limits.
+    Probe {
+        /// iscsi://[user@]host[:port][/<target-iqn>[/<lun>]]
+        url: String,
+        /// File holding the CHAP secret (else HERD_ISCSI_SECRET).
+        #[arg(long)]
+        iscsi_secret_file: Option<PathBuf>,
+        /// Our initiator IQN.
+        #[arg(long, default_value = herd::config::DEFAULT_INITIATOR)]
+        iscsi_initiator: String,
+    },
+    /// Measure the initiator alone: read a LUN for a while, print JSON.
+    Bench(iscsi_cli::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +87,12 @@ struct ServeArgs {
     /// Async worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// File holding the CHAP secret for iscsi://USER@… (else HERD_ISCSI_SECRET).
+    #[arg(long)]
+    iscsi_secret_file: Option<PathBuf>,
+    /// Our iSCSI initiator IQN.
+    #[arg(long)]
+    iscsi_initiator: Option<String>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -85,6 +114,9 @@ impl ServeArgs {
             connections: self.connections,
             direct_io: self.no_direct_io.then_some(false),
             parent_timeout: self.parent_timeout,
+            iscsi_secret_file: self.iscsi_secret_file,
+            iscsi_initiator: self.iscsi_initiator,
+            iscsi_recovery: None,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -103,6 +135,12 @@ fn main() -> std::process::ExitCode {
             let workers = args.workers;
             args.into_config().and_then(|c| serve(c, workers))
         }
+        Command::Iscsi(IscsiCmd::Probe {
+            url,
+            iscsi_secret_file,
+            iscsi_initiator,
+        }) => iscsi_cli::probe(&url, iscsi_secret_file, iscsi_initiator),
+        Command::Iscsi(IscsiCmd::Bench(b)) => iscsi_cli::bench(&b),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -136,6 +174,36 @@ async fn open_upstream(cfg: &ServeConfig, engine: &Engine) -> Result<Arc<dyn Ups
             let up = FileUpstream::open(p, engine.clone(), cfg.direct_io)
                 .with_context(|| format!("upstream file {} is unreadable", p.display()))?;
             tracing::info!(path = %p.display(), size = up.size(), direct = up.is_direct(), "serving from local file");
+            Arc::new(up)
+        }
+        UpstreamUrl::Iscsi {
+            host,
+            port,
+            target,
+            lun,
+            user,
+        } => {
+            let chap = match user {
+                Some(u) => Some(herd::iscsi::Chap {
+                    user: u.clone(),
+                    secret: cfg.iscsi.secret()?,
+                }),
+                None => None,
+            };
+            let t = IscsiTarget {
+                portal: herd::iscsi::Portal {
+                    host: host.clone(),
+                    port: *port,
+                },
+                target: target.clone(),
+                lun: *lun,
+                initiator: cfg.iscsi.initiator.clone(),
+                chap,
+                recovery: cfg.iscsi.recovery,
+            };
+            let up = IscsiUpstream::connect(t).await.with_context(|| {
+                format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")
+            })?;
             Arc::new(up)
         }
         url => {

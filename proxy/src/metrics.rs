@@ -105,3 +105,15 @@ pub fn cache_chunks_total(n: u64) {
 pub fn image_size(n: u64) {
     gauge!("herd_image_size_bytes").set(n as f64);
 }
+
+static ISCSI_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One SCSI command issued, with `in_flight` now outstanding.
+#[allow(clippy::cast_precision_loss)]
+pub fn iscsi_command(in_flight: usize) {
+    counter!("herd_iscsi_commands_total").increment(1);
+    let prev = ISCSI_MAX.fetch_max(in_flight, std::sync::atomic::Ordering::Relaxed);
+    if in_flight > prev {
+        gauge!("herd_iscsi_in_flight_max").set(in_flight as f64);
+    }
+}

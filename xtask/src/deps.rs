@@ -29,6 +29,8 @@ pub const PACKAGES: &[&str] = &[
     "xz-utils",
     "curl",
     "iperf3",
+    "tgt",
+    "libiscsi-bin",
 ];
 
 const SOURCES: &str = "Types: deb

@@ -3,6 +3,7 @@
 //! ```text
 //!            Upstream (size, read_at)
 //!            ├── FileUpstream   local file or block device, io_uring (the root)
+//!            ├── IscsiUpstream  iSCSI initiator to a LIO / tgt LUN (the root)
 //!            └── NbdUpstream    NBD client pool to a parent proxy / qemu-nbd / nbdkit
 //! ```
 //!
@@ -10,6 +11,7 @@
 //! large, aligned reads.
 
 pub mod file;
+pub mod iscsi;
 pub mod nbd;
 pub mod url;
 
@@ -52,6 +54,19 @@ pub enum UpstreamError {
     Remote { offset: u64, len: usize, errno: u32 },
     #[error("connection to parent {addr} lost")]
     ConnectionLost { addr: String },
+    #[error("iSCSI target {addr}")]
+    Iscsi {
+        addr: String,
+        #[source]
+        source: crate::iscsi::IscsiError,
+    },
+    #[error("{op} on {addr} failed")]
+    Scsi {
+        addr: String,
+        op: &'static str,
+        #[source]
+        source: iscsi::CommandError,
+    },
 }
 
 pub type UpstreamResult<T> = Result<T, UpstreamError>;

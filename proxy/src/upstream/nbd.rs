@@ -164,7 +164,9 @@ async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
             Ok(Box::new(s))
         }
         UpstreamUrl::NbdUnix { socket, .. } => Ok(Box::new(UnixStream::connect(socket).await?)),
-        UpstreamUrl::File(_) => Err(std::io::Error::other("not an NBD URL")),
+        UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. } => {
+            Err(std::io::Error::other("not an NBD URL"))
+        }
     }
 }
 
@@ -271,9 +273,9 @@ impl NbdUpstream {
             UpstreamUrl::NbdTcp { export, .. } | UpstreamUrl::NbdUnix { export, .. } => {
                 export.clone()
             }
-            UpstreamUrl::File(p) => {
+            other @ (UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. }) => {
                 return Err(UpstreamError::Open {
-                    path: p.display().to_string(),
+                    path: other.to_string(),
                     source: std::io::Error::other("not an NBD URL"),
                 })
             }

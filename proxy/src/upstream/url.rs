@@ -23,6 +23,14 @@ pub enum UpstreamUrl {
         socket: PathBuf,
         export: String,
     },
+    /// `iscsi://[user@]host[:port]/<target-iqn>/<lun>` (libiscsi / qemu syntax).
+    Iscsi {
+        host: String,
+        port: u16,
+        target: String,
+        lun: u16,
+        user: Option<String>,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -30,13 +38,17 @@ pub enum UrlError {
     #[error("upstream `{input}` is not a valid URL: {reason}")]
     Syntax { input: String, reason: String },
     #[error(
-        "upstream scheme `{scheme}` is not supported (use a path, file://, nbd:// or nbd+unix://)"
+        "upstream scheme `{scheme}` is not supported (use a path, file://, nbd://, nbd+unix:// or iscsi://)"
     )]
     Scheme { scheme: String },
     #[error("upstream `{input}` lacks a host")]
     NoHost { input: String },
     #[error("upstream `{input}` lacks ?socket=PATH")]
     NoSocket { input: String },
+    #[error("upstream `{input}` must look like iscsi://[user@]host[:port]/<target-iqn>/<lun>")]
+    IscsiPath { input: String },
+    #[error("upstream `{input}` carries a password; put the CHAP secret in --iscsi-secret-file or HERD_ISCSI_SECRET instead")]
+    SecretInUrl { input: String },
 }
 
 impl std::str::FromStr for UpstreamUrl {
@@ -87,6 +99,39 @@ impl std::str::FromStr for UpstreamUrl {
                     export: export(),
                 })
             }
+            "iscsi" => {
+                let host =
+                    u.host_str()
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| UrlError::NoHost {
+                            input: input.to_owned(),
+                        })?;
+                if u.password().is_some() {
+                    return Err(UrlError::SecretInUrl {
+                        input: "iscsi://…".to_owned(),
+                    });
+                }
+                let bad = || UrlError::IscsiPath {
+                    input: input.to_owned(),
+                };
+                let path = u.path().trim_start_matches('/');
+                let (target, lun) = path.rsplit_once('/').ok_or_else(bad)?;
+                let lun = lun.parse::<u16>().map_err(|_| bad())?;
+                if target.is_empty() {
+                    return Err(bad());
+                }
+                let user = (!u.username().is_empty()).then(|| percent_decode(u.username()));
+                Ok(Self::Iscsi {
+                    host: host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port: u.port().unwrap_or(crate::iscsi::ISCSI_PORT),
+                    target: percent_decode(target),
+                    lun,
+                    user,
+                })
+            }
             other => Err(UrlError::Scheme {
                 scheme: other.to_owned(),
             }),
@@ -120,6 +165,16 @@ impl std::fmt::Display for UpstreamUrl {
             Self::NbdTcp { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
             Self::NbdUnix { socket, export } => {
                 write!(f, "nbd+unix:///{export}?socket={}", socket.display())
+            }
+            Self::Iscsi {
+                host,
+                port,
+                target,
+                lun,
+                user,
+            } => {
+                let u = user.as_ref().map_or(String::new(), |u| format!("{u}@"));
+                write!(f, "iscsi://{u}{host}:{port}/{target}/{lun}")
             }
         }
     }
@@ -167,6 +222,33 @@ mod tests {
                 socket: "/run/herd.sock".into(),
                 export: "golden".into()
             })
+        );
+    }
+
+    #[test]
+    fn iscsi_urls() {
+        assert_eq!(
+            p("iscsi://herd@10.0.0.1/iqn.2026-11.dev.herd:golden/1"),
+            Ok(UpstreamUrl::Iscsi {
+                host: "10.0.0.1".into(),
+                port: 3260,
+                target: "iqn.2026-11.dev.herd:golden".into(),
+                lun: 1,
+                user: Some("herd".into())
+            })
+        );
+        assert!(matches!(
+            p("iscsi://h/iqn.x"),
+            Err(UrlError::IscsiPath { .. })
+        ));
+        assert!(matches!(
+            p("iscsi://h/iqn.x/lun"),
+            Err(UrlError::IscsiPath { .. })
+        ));
+        let e = p("iscsi://u:hunter2@h/iqn.x/1").expect_err("secret refused");
+        assert!(
+            !e.to_string().contains("hunter2"),
+            "the secret is never echoed"
         );
     }
 

@@ -276,3 +276,136 @@ impl RawClient {
         (handle, error, data)
     }
 }
+
+/// A userspace iSCSI target (tgtd) on a free loopback port with LUN 1
+/// backed by a file; stopped on drop.
+pub struct Tgtd {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub ctl: u16,
+    pub iqn: String,
+    pub backing: PathBuf,
+    pub chap: Option<(String, String)>,
+}
+
+impl Tgtd {
+    pub fn start(backing: &Path, chap: Option<(&str, &str)>) -> Self {
+        let port = free_port();
+        // tgtd's control channel is a small number (< 1000); derive a
+        // distinct one per test from the port.
+        let ctl = 100 + port % 800;
+        let mut t = Self {
+            child: None,
+            port,
+            ctl,
+            iqn: format!("iqn.2026-11.dev.herd:test{port}"),
+            backing: backing.to_owned(),
+            chap: chap.map(|(u, p)| (u.to_owned(), p.to_owned())),
+        };
+        t.launch();
+        t
+    }
+
+    fn adm(&self, args: &[&str]) {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.ctl.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .expect("tgtadm");
+        assert!(
+            out.status.success(),
+            "tgtadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// (Re)starts tgtd on the same port with the same target.
+    pub fn launch(&mut self) {
+        let child = Command::new("tgtd")
+            .args([
+                "-f",
+                "-C",
+                &self.ctl.to_string(),
+                "--iscsi",
+                &format!("portal=127.0.0.1:{}", self.port),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tgtd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = Command::new("tgtadm")
+                .args([
+                    "-C",
+                    &self.ctl.to_string(),
+                    "--lld",
+                    "iscsi",
+                    "--op",
+                    "show",
+                    "--mode",
+                    "system",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "tgtd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let iqn = self.iqn.clone();
+        let backing = self.backing.to_str().expect("utf8").to_owned();
+        self.adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", &iqn]);
+        self.adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            &backing,
+        ]);
+        self.adm(&[
+            "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+        ]);
+        if let Some((u, p)) = self.chap.clone() {
+            self.adm(&[
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                &u,
+                "--password",
+                &p,
+            ]);
+            self.adm(&[
+                "--op", "bind", "--mode", "account", "--tid", "1", "--user", &u,
+            ]);
+        }
+        wait_port(self.port);
+    }
+
+    pub fn url(&self, user: Option<&str>) -> String {
+        let u = user.map_or(String::new(), |u| format!("{u}@"));
+        format!("iscsi://{u}127.0.0.1:{}/{}/1", self.port, self.iqn)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -3,6 +3,7 @@
 //! are noisy, so results are medians over interleaved rounds, as ratios.
 
 pub mod dataplane;
+pub mod iscsi;
 mod plot;
 mod report;
 
@@ -12,10 +13,13 @@ use anyhow::Result;
 pub enum Suite {
     /// herd vs nbdkit vs qemu-nbd with fio's nbd engine (hit path and relay).
     Dataplane(dataplane::Options),
+    /// herd's iSCSI initiator vs iscsi-perf on one tgtd LUN.
+    Iscsi(iscsi::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
     match suite {
         Suite::Dataplane(o) => dataplane::run_bench(o).map(drop),
+        Suite::Iscsi(o) => iscsi::run_bench(o).map(drop),
     }
 }

@@ -1,0 +1,404 @@
+//! A logged-in iSCSI session (one connection, ErrorRecoveryLevel 0) in the
+//! full-feature phase.
+//!
+//! ```text
+//!  command() ─ CmdSN window (ExpCmdSN..=MaxCmdSN) ─ writer ──▶ target
+//!                                                   reader ◀── Data-In (by offset),
+//!                                                              SCSI Response, NOP-In,
+//!                                                              Async, Reject
+//! ```
+//!
+//! Many commands are in flight at once; each waits on a oneshot keyed by
+//! its Initiator Task Tag. When the connection drops, every pending command
+//! fails with `Fault::Lost` and the caller (the upstream) logs in again and
+//! reissues it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+use super::login::Params;
+use super::pdu::{self, ScsiCmd, Sn, TargetPdu};
+use super::scsi::{self, Sense};
+use crate::io::IoBuf;
+
+/// Result of one SCSI command.
+#[derive(Debug)]
+pub struct Completion {
+    pub status: u8,
+    pub sense: Option<Sense>,
+    pub data: IoBuf,
+    pub residual: u32,
+}
+
+/// Why a command did not complete.
+#[derive(Debug)]
+pub enum Fault {
+    /// The connection is gone; the command may be reissued elsewhere.
+    Lost,
+    /// The target rejected the PDU (reason code).
+    Rejected(u8),
+    /// The target answered with an iSCSI response code other than 0.
+    Response(u8),
+}
+
+struct Pending {
+    buf: IoBuf,
+    received: usize,
+    tx: oneshot::Sender<Result<Completion, Fault>>,
+}
+
+struct State {
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    max_cmd_sn: u32,
+    next_itt: u32,
+    pending: HashMap<u32, Pending>,
+}
+
+pub struct Session {
+    writer: tokio::sync::Mutex<WriteHalf<TcpStream>>,
+    state: Mutex<State>,
+    window: Notify,
+    dead: AtomicBool,
+    pub params: Params,
+    pub lun: u16,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.reader.lock() {
+            if let Some(h) = r.take() {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// Serial number arithmetic (RFC 1982, 32 bits): a <= b.
+fn sn_lte(a: u32, b: u32) -> bool {
+    a == b || (a < b && b - a < 1 << 31) || (a > b && a - b > 1 << 31)
+}
+
+impl Session {
+    /// Starts the full-feature phase on a logged-in connection.
+    #[must_use]
+    pub fn start(stream: TcpStream, params: Params, lun: u16) -> Arc<Self> {
+        let (r, w) = tokio::io::split(stream);
+        let s = Arc::new(Self {
+            writer: tokio::sync::Mutex::new(w),
+            state: Mutex::new(State {
+                cmd_sn: params.cmd_sn,
+                exp_stat_sn: params.exp_stat_sn,
+                max_cmd_sn: params.max_cmd_sn,
+                next_itt: 1,
+                pending: HashMap::new(),
+            }),
+            window: Notify::new(),
+            dead: AtomicBool::new(false),
+            params,
+            lun,
+            reader: Mutex::new(None),
+        });
+        let h = tokio::spawn(reader_loop(Arc::downgrade(&s), r));
+        if let Ok(mut g) = s.reader.lock() {
+            *g = Some(h);
+        }
+        s
+    }
+
+    #[must_use]
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fails everything pending; later commands fail at once.
+    pub fn kill(&self) {
+        let drained: Vec<Pending> = {
+            let mut st = self.lock();
+            self.dead.store(true, Ordering::SeqCst);
+            st.pending.drain().map(|(_, p)| p).collect()
+        };
+        for p in drained {
+            let _ = p.tx.send(Err(Fault::Lost));
+        }
+        self.window.notify_waiters();
+    }
+
+    /// Issues a command reading up to `read_len` bytes and waits for it.
+    pub async fn command(&self, cdb: [u8; 16], read_len: usize) -> Result<Completion, Fault> {
+        let (tx, rx) = oneshot::channel();
+        let mut tx = Some(tx);
+        let mut out = Vec::with_capacity(pdu::BHS_LEN);
+        loop {
+            let notified = self.window.notified();
+            // The writer lock orders PDUs on the wire by CmdSN.
+            let mut w = self.writer.lock().await;
+            let issued = self.try_issue(&cdb, read_len, &mut out, &mut tx)?;
+            if issued {
+                if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+                    drop(w);
+                    self.kill();
+                }
+                break;
+            }
+            drop(w);
+            // Window closed: wait for a response to open it.
+            notified.await;
+        }
+        rx.await.unwrap_or(Err(Fault::Lost))
+    }
+
+    /// Takes a CmdSN if the window is open and registers the command;
+    /// returns whether it did (the PDU is then in `out`).
+    fn try_issue(
+        &self,
+        cdb: &[u8; 16],
+        read_len: usize,
+        out: &mut Vec<u8>,
+        tx: &mut Option<oneshot::Sender<Result<Completion, Fault>>>,
+    ) -> Result<bool, Fault> {
+        let mut st = self.lock();
+        if self.is_dead() {
+            return Err(Fault::Lost);
+        }
+        if !sn_lte(st.cmd_sn, st.max_cmd_sn) {
+            return Ok(false);
+        }
+        let Some(tx) = tx.take() else {
+            return Err(Fault::Lost);
+        };
+        let itt = st.next_itt;
+        st.next_itt = st.next_itt.wrapping_add(1).max(1) % pdu::RESERVED_TAG;
+        let cmd = ScsiCmd {
+            lun: self.lun,
+            itt,
+            read: read_len > 0,
+            expected_len: u32::try_from(read_len).unwrap_or(u32::MAX),
+            cmd_sn: st.cmd_sn,
+            exp_stat_sn: st.exp_stat_sn,
+            cdb: *cdb,
+        };
+        st.cmd_sn = st.cmd_sn.wrapping_add(1);
+        pdu::encode_scsi_cmd(&cmd, out);
+        st.pending.insert(
+            itt,
+            Pending {
+                buf: IoBuf::zeroed(read_len),
+                received: 0,
+                tx,
+            },
+        );
+        crate::metrics::iscsi_command(st.pending.len());
+        Ok(true)
+    }
+
+    /// Sends a NOP-Out answering a target ping.
+    async fn pong(&self, ttt: u32) {
+        let mut out = Vec::new();
+        {
+            let st = self.lock();
+            pdu::encode_nop_out(pdu::RESERVED_TAG, ttt, st.cmd_sn, st.exp_stat_sn, &mut out);
+        }
+        let mut w = self.writer.lock().await;
+        if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+            drop(w);
+            self.kill();
+        }
+    }
+
+    /// Logs out politely (best effort).
+    pub async fn logout(&self) {
+        let mut out = Vec::new();
+        {
+            let mut st = self.lock();
+            let itt = st.next_itt;
+            st.next_itt = st.next_itt.wrapping_add(1).max(1);
+            pdu::encode_logout(itt, 0, st.cmd_sn, st.exp_stat_sn, &mut out);
+        }
+        let mut w = self.writer.lock().await;
+        let _ = w.write_all(&out).await;
+        let _ = w.flush().await;
+    }
+
+    fn update_sn(&self, sn: Sn, has_stat: bool) {
+        let mut st = self.lock();
+        if has_stat && sn_lte(st.exp_stat_sn, sn.stat_sn) {
+            st.exp_stat_sn = sn.stat_sn.wrapping_add(1);
+        }
+        // MaxCmdSN only moves forward, and only when the pair is sane.
+        if sn_lte(sn.exp_cmd_sn, sn.max_cmd_sn.wrapping_add(1))
+            && sn_lte(st.max_cmd_sn, sn.max_cmd_sn)
+        {
+            st.max_cmd_sn = sn.max_cmd_sn;
+        }
+        drop(st);
+        self.window.notify_waiters();
+    }
+
+    fn complete(&self, itt: u32, f: impl FnOnce(IoBuf, usize) -> Result<Completion, Fault>) {
+        let p = self.lock().pending.remove(&itt);
+        if let Some(Pending { buf, received, tx }) = p {
+            let _ = tx.send(f(buf, received));
+        }
+    }
+}
+
+fn finish(
+    mut data: IoBuf,
+    received: usize,
+    status: u8,
+    sense: Option<Sense>,
+    residual: u32,
+) -> Result<Completion, Fault> {
+    data.truncate(received);
+    Ok(Completion {
+        status,
+        sense,
+        data,
+        residual,
+    })
+}
+
+async fn reader_loop(session: std::sync::Weak<Session>, mut r: ReadHalf<TcpStream>) {
+    let mut bhs = [0u8; pdu::BHS_LEN];
+    let mut data = Vec::new();
+    loop {
+        if r.read_exact(&mut bhs).await.is_err() {
+            break;
+        }
+        let h = match pdu::decode(&bhs) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "iSCSI target sent a malformed PDU; dropping the connection");
+                break;
+            }
+        };
+        if h.data_len > 16 << 20 {
+            tracing::warn!(
+                len = h.data_len,
+                "iSCSI data segment too large; dropping the connection"
+            );
+            break;
+        }
+        data.resize(h.ahs_len + pdu::padded(h.data_len), 0);
+        if r.read_exact(&mut data).await.is_err() {
+            break;
+        }
+        let payload = &data[h.ahs_len..h.ahs_len + h.data_len];
+        let Some(s) = session.upgrade() else { return };
+        match h.pdu {
+            TargetPdu::DataIn {
+                has_status,
+                status,
+                itt,
+                sn,
+                offset,
+                residual,
+                ..
+            } => {
+                {
+                    let mut st = s.lock();
+                    if let Some(p) = st.pending.get_mut(&itt) {
+                        let at = offset as usize;
+                        let end = at + payload.len();
+                        if end <= p.buf.len() {
+                            p.buf[at..end].copy_from_slice(payload);
+                            p.received = p.received.max(end);
+                        }
+                    }
+                }
+                if has_status {
+                    s.update_sn(sn, true);
+                    s.complete(itt, |b, n| finish(b, n, status, None, residual));
+                } else {
+                    s.update_sn(sn, false);
+                }
+            }
+            TargetPdu::ScsiResp {
+                response,
+                status,
+                itt,
+                sn,
+                residual,
+                ..
+            } => {
+                s.update_sn(sn, true);
+                let sense = (payload.len() > 2)
+                    .then(|| scsi::parse_sense(&payload[2..]))
+                    .flatten();
+                if response == 0 {
+                    s.complete(itt, |b, n| finish(b, n, status, sense, residual));
+                } else {
+                    s.complete(itt, |_, _| Err(Fault::Response(response)));
+                }
+            }
+            TargetPdu::NopIn { ttt, sn, .. } => {
+                s.update_sn(sn, true);
+                if ttt != pdu::RESERVED_TAG {
+                    s.pong(ttt).await;
+                }
+            }
+            TargetPdu::Async { event, sn, param3 } => {
+                s.update_sn(sn, true);
+                match event {
+                    // The target asks us to log out within param3 seconds:
+                    // stop issuing here; callers log in anew.
+                    1 => {
+                        tracing::info!(
+                            within_s = param3,
+                            "iSCSI target requests logout; reconnecting"
+                        );
+                        s.logout().await;
+                        s.kill();
+                    }
+                    2 | 3 => {
+                        tracing::info!(event, "iSCSI target drops the connection");
+                        break;
+                    }
+                    _ => tracing::debug!(event, "iSCSI async event ignored"),
+                }
+            }
+            TargetPdu::Reject { reason, sn } => {
+                s.update_sn(sn, true);
+                tracing::warn!(reason, "iSCSI target rejected a PDU");
+                if let Some(itt) = pdu::rejected_itt(payload) {
+                    s.complete(itt, |_, _| Err(Fault::Rejected(reason)));
+                }
+            }
+            TargetPdu::LogoutResp { .. } => break,
+            other => {
+                tracing::warn!(pdu = ?other, "unexpected iSCSI PDU in full-feature phase; dropping the connection");
+                break;
+            }
+        }
+    }
+    if let Some(s) = session.upgrade() {
+        s.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sn_lte;
+
+    #[test]
+    fn serial_number_arithmetic_wraps() {
+        assert!(sn_lte(1, 1));
+        assert!(sn_lte(1, 2));
+        assert!(!sn_lte(2, 1));
+        assert!(sn_lte(u32::MAX, 0), "0 follows u32::MAX");
+        assert!(!sn_lte(0, u32::MAX));
+    }
+}

@@ -1,0 +1,347 @@
+//! iSCSI upstream: the root reads the golden image from a LIO/tgt LUN.
+//!
+//! Reads are split by the negotiated MaxBurstLength and the LUN's block
+//! limits (VPD 0xB0), issued concurrently on one session, and reissued on a
+//! fresh session if the connection drops, for up to `recovery` before the
+//! reader sees an error. UNIT ATTENTION is retried at once; NOT READY after
+//! a second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult};
+use crate::io::IoBuf;
+use crate::iscsi::scsi::{self, Capacity, Sense};
+use crate::iscsi::session::{Completion, Fault};
+use crate::iscsi::{self as is, Chap, IscsiError, LoginSpec, Portal, Session};
+
+/// How to reach one LUN.
+#[derive(Debug, Clone)]
+pub struct IscsiTarget {
+    pub portal: Portal,
+    pub target: String,
+    pub lun: u16,
+    pub initiator: String,
+    pub chap: Option<Chap>,
+    /// How long reads wait for a lost target to come back.
+    pub recovery: Duration,
+}
+
+impl IscsiTarget {
+    fn spec(&self) -> LoginSpec {
+        LoginSpec {
+            initiator: self.initiator.clone(),
+            target: Some(self.target.clone()),
+            chap: self.chap.clone(),
+            isid: is::isid(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("iscsi://{}/{}/{}", self.portal, self.target, self.lun)
+    }
+}
+
+/// A failed command, for errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("SCSI status {status:#04x} with sense {sense}")]
+    Check { status: u8, sense: Sense },
+    #[error("SCSI status {0:#04x}")]
+    Status(u8),
+    #[error("target rejected the command (reason {0:#04x})")]
+    Rejected(u8),
+    #[error("iSCSI response {0:#04x}")]
+    Response(u8),
+    #[error("short transfer: {got} of {want} bytes")]
+    Short { got: usize, want: usize },
+}
+
+pub struct IscsiUpstream {
+    t: IscsiTarget,
+    session: Mutex<Option<Arc<Session>>>,
+    cap: Capacity,
+    max_xfer: usize,
+}
+
+fn iscsi_err(t: &IscsiTarget, source: IscsiError) -> UpstreamError {
+    UpstreamError::Iscsi {
+        addr: t.url(),
+        source,
+    }
+}
+
+impl IscsiUpstream {
+    /// Logs in, waits out UNIT ATTENTION, reads capacity and block limits.
+    ///
+    /// # Errors
+    /// Login failures (bad IQN, authentication, unreachable) or a LUN that
+    /// cannot report its capacity.
+    pub async fn connect(t: IscsiTarget) -> UpstreamResult<Self> {
+        let session = is::connect(&t.portal, &t.spec(), t.lun)
+            .await
+            .map_err(|e| iscsi_err(&t, e))?;
+        let mut up = Self {
+            t,
+            session: Mutex::new(Some(Arc::clone(&session))),
+            cap: Capacity {
+                blocks: 0,
+                block_size: 512,
+            },
+            max_xfer: 0,
+        };
+        up.simple(scsi::test_unit_ready(), 0).await?;
+        let cap = match up.simple(scsi::read_capacity16(), 32).await {
+            Ok(c) => scsi::parse_capacity16(&c.data),
+            Err(_) => None,
+        };
+        let cap = match cap {
+            Some(c) => c,
+            None => {
+                let c = up.simple(scsi::read_capacity10(), 8).await?;
+                scsi::parse_capacity10(&c.data).ok_or_else(|| {
+                    up.scsi_err(
+                        "READ CAPACITY",
+                        CommandError::Short {
+                            got: c.data.len(),
+                            want: 8,
+                        },
+                    )
+                })?
+            }
+        };
+        up.cap = cap;
+        let limit_blocks = match up.simple(scsi::inquiry(Some(0xb0), 64), 64).await {
+            Ok(c) => scsi::parse_block_limits(&c.data).map_or(0, |(max, _)| max),
+            Err(_) => 0,
+        };
+        let bs = cap.block_size as usize;
+        let mut max = (session.params.max_burst as usize).max(bs) / bs * bs;
+        if limit_blocks > 0 {
+            max = max.min(limit_blocks as usize * bs);
+        }
+        up.max_xfer = max.clamp(bs, 16 << 20);
+        tracing::info!(
+            target = %up.t.target,
+            lun = up.t.lun,
+            bytes = cap.bytes(),
+            block_size = cap.block_size,
+            max_transfer = up.max_xfer,
+            "iSCSI LUN ready"
+        );
+        Ok(up)
+    }
+
+    #[must_use]
+    pub fn capacity(&self) -> Capacity {
+        self.cap
+    }
+
+    #[must_use]
+    pub fn max_transfer(&self) -> usize {
+        self.max_xfer
+    }
+
+    fn scsi_err(&self, op: &'static str, source: CommandError) -> UpstreamError {
+        UpstreamError::Scsi {
+            addr: self.t.url(),
+            op,
+            source,
+        }
+    }
+
+    async fn session(&self) -> UpstreamResult<Arc<Session>> {
+        let mut g = self.session.lock().await;
+        if let Some(s) = g.as_ref() {
+            if !s.is_dead() {
+                return Ok(Arc::clone(s));
+            }
+        }
+        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun)
+            .await
+            .map_err(|e| iscsi_err(&self.t, e))?;
+        tracing::info!(target = %self.t.target, "iSCSI session (re)established");
+        *g = Some(Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// Runs one command with retries: UNIT ATTENTION and BUSY at once (a few
+    /// times), NOT READY after a pause, a lost connection by logging in
+    /// again until `recovery` runs out.
+    async fn command(
+        &self,
+        op: &'static str,
+        cdb: [u8; 16],
+        len: usize,
+    ) -> UpstreamResult<Completion> {
+        let deadline = tokio::time::Instant::now() + self.t.recovery;
+        let mut quick_retries = 0;
+        loop {
+            let s = match self.session().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Authentication and bad-IQN failures will not heal.
+                    if matches!(
+                        &e,
+                        UpstreamError::Iscsi {
+                            source: IscsiError::LoginRejected { class: 2, .. }
+                                | IscsiError::AuthRequired,
+                            ..
+                        }
+                    ) || tokio::time::Instant::now() >= deadline
+                    {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            match s.command(cdb, len).await {
+                Ok(c) if c.status == scsi::GOOD => return Ok(c),
+                Ok(c) => {
+                    let retry_now = matches!(
+                        c.sense,
+                        Some(Sense {
+                            key: scsi::UNIT_ATTENTION,
+                            ..
+                        })
+                    ) || c.status == scsi::BUSY
+                        || c.status == scsi::TASK_SET_FULL;
+                    let not_ready = matches!(
+                        c.sense,
+                        Some(Sense {
+                            key: scsi::NOT_READY,
+                            ..
+                        })
+                    );
+                    if retry_now && quick_retries < 8 {
+                        quick_retries += 1;
+                        continue;
+                    }
+                    if not_ready && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    let err = match c.sense {
+                        Some(sense) => CommandError::Check {
+                            status: c.status,
+                            sense,
+                        },
+                        None => CommandError::Status(c.status),
+                    };
+                    return Err(self.scsi_err(op, err));
+                }
+                Err(Fault::Lost) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(UpstreamError::ConnectionLost { addr: self.t.url() });
+                    }
+                    tracing::warn!(target = %self.t.target, "iSCSI connection lost; reissuing");
+                }
+                Err(Fault::Rejected(r)) => return Err(self.scsi_err(op, CommandError::Rejected(r))),
+                Err(Fault::Response(r)) => return Err(self.scsi_err(op, CommandError::Response(r))),
+            }
+        }
+    }
+
+    async fn simple(&self, cdb: [u8; 16], len: usize) -> UpstreamResult<Completion> {
+        self.command("command", cdb, len).await
+    }
+
+    async fn read_blocks(&self, lba: u64, bytes: usize) -> UpstreamResult<IoBuf> {
+        let blocks = u32::try_from(bytes / self.cap.block_size as usize).unwrap_or(u32::MAX);
+        let c = self
+            .command("READ(16)", scsi::read16(lba, blocks), bytes)
+            .await?;
+        if c.data.len() != bytes {
+            return Err(self.scsi_err(
+                "READ(16)",
+                CommandError::Short {
+                    got: c.data.len(),
+                    want: bytes,
+                },
+            ));
+        }
+        Ok(c.data)
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> UpstreamResult<IoBuf> {
+        let size = self.cap.bytes();
+        let end = offset.saturating_add(len as u64);
+        if end > size {
+            return Err(UpstreamError::OutOfRange { offset, len, size });
+        }
+        let bs = u64::from(self.cap.block_size);
+        let start = offset / bs * bs;
+        let stop = end.next_multiple_of(bs).min(size);
+        let span = usize::try_from(stop - start).unwrap_or(usize::MAX);
+        // Issue every piece before awaiting any: they pipeline on the session.
+        let mut pieces = Vec::new();
+        let mut at = 0usize;
+        while at < span {
+            let n = (span - at).min(self.max_xfer);
+            pieces.push((at, self.read_blocks((start + at as u64) / bs, n)));
+            at += n;
+        }
+        let results = futures_join(pieces).await;
+        let mut out = IoBuf::zeroed(len);
+        let skip = usize::try_from(offset - start).unwrap_or(0);
+        for (at, piece) in results {
+            let piece = piece?;
+            // Copy the overlap of [at, at+piece) with [skip, skip+len).
+            let from = at.max(skip);
+            let to = (at + piece.len()).min(skip + len);
+            if from < to {
+                out[from - skip..to - skip].copy_from_slice(&piece[from - at..to - at]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Polls all futures concurrently (they share one session, so starting them
+/// together is what fills the CmdSN window).
+async fn futures_join<F, T>(items: Vec<(usize, F)>) -> Vec<(usize, T)>
+where
+    F: std::future::Future<Output = T>,
+{
+    let mut futs: Vec<(usize, std::pin::Pin<Box<F>>, Option<T>)> = items
+        .into_iter()
+        .map(|(a, f)| (a, Box::pin(f), None))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (_, f, out) in &mut futs {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    futs.into_iter()
+        .filter_map(|(a, _, o)| o.map(|v| (a, v)))
+        .collect()
+}
+
+impl Upstream for IscsiUpstream {
+    fn size(&self) -> u64 {
+        self.cap.bytes()
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> ReadFuture<'_> {
+        Box::pin(self.read(offset, len))
+    }
+
+    fn describe(&self) -> String {
+        self.t.url()
+    }
+}

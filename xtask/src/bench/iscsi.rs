@@ -1,0 +1,279 @@
+//! `cargo xtask bench iscsi`: herd's iSCSI initiator against libiscsi's
+//! `iscsi-perf`, on the same tgtd LUN, side by side in one run.
+//!
+//! herd is measured with `herd iscsi bench` (the initiator alone: no cache,
+//! no NBD). Rounds are interleaved; medians of `reps`; IOPS are converted
+//! to MiB/s with the block size for both tools.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::demo::build_herd;
+use crate::util::{output, root, run, step, work_dir};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Options {
+    /// A short smoke run: 64 MiB LUN, 1 repetition, 1 s per job.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where to write iscsi.json and iscsi.md.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pattern {
+    name: &'static str,
+    bs: usize,
+    qd: usize,
+    random: bool,
+}
+
+const PATTERNS: &[Pattern] = &[
+    Pattern {
+        name: "64k-seq-qd16",
+        bs: 64 << 10,
+        qd: 16,
+        random: false,
+    },
+    Pattern {
+        name: "1m-seq-qd8",
+        bs: 1 << 20,
+        qd: 8,
+        random: false,
+    },
+    Pattern {
+        name: "4k-rand-qd1",
+        bs: 4096,
+        qd: 1,
+        random: true,
+    },
+    Pattern {
+        name: "4k-rand-qd32",
+        bs: 4096,
+        qd: 32,
+        random: true,
+    },
+];
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Row {
+    pub pattern: String,
+    pub herd_iops: Vec<f64>,
+    pub iscsi_perf_iops: Vec<f64>,
+    pub herd_median_iops: f64,
+    pub iscsi_perf_median_iops: f64,
+    pub herd_mib_s: f64,
+    pub iscsi_perf_mib_s: f64,
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub version: u32,
+    pub lun_mib: u64,
+    pub seconds: u64,
+    pub reps: usize,
+    pub rows: Vec<Row>,
+}
+
+struct Tgtd {
+    child: Child,
+    port: u16,
+    ctl: u16,
+    iqn: String,
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_tgtd(backing: &Path) -> Result<Tgtd> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let ctl = 100 + port % 800;
+    let child = Command::new("tgtd")
+        .args([
+            "-f",
+            "-C",
+            &ctl.to_string(),
+            "--iscsi",
+            &format!("portal=127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start tgtd")?;
+    let t = Tgtd {
+        child,
+        port,
+        ctl,
+        iqn: "iqn.2026-11.dev.herd:bench".into(),
+    };
+    let adm = |args: &[&str]| {
+        run(Command::new("tgtadm")
+            .args(["-C", &t.ctl.to_string(), "--lld", "iscsi"])
+            .args(args))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while adm(&["--op", "show", "--mode", "system"]).is_err() {
+        if Instant::now() > deadline {
+            bail!("tgtd did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    adm(&[
+        "--op", "new", "--mode", "target", "--tid", "1", "-T", &t.iqn,
+    ])?;
+    adm(&[
+        "--op",
+        "new",
+        "--mode",
+        "logicalunit",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+        "-b",
+        &backing.to_string_lossy(),
+    ])?;
+    adm(&[
+        "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+    ])?;
+    Ok(t)
+}
+
+fn herd_run(herd: &Path, url: &str, p: &Pattern, secs: u64) -> Result<f64> {
+    let mut cmd = Command::new(herd);
+    cmd.args(["iscsi", "bench", url])
+        .args([
+            "--block-size",
+            &p.bs.to_string(),
+            "--qd",
+            &p.qd.to_string(),
+            "--seconds",
+            &secs.to_string(),
+        ])
+        .env("RUST_LOG", "warn");
+    if p.random {
+        cmd.arg("--random");
+    }
+    let out = output(&mut cmd)?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).context("herd iscsi bench JSON")?;
+    v["iops"].as_f64().context("no iops")
+}
+
+fn perf_run(url: &str, p: &Pattern, secs: u64) -> Result<f64> {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-s", "INT", &secs.to_string(), "iscsi-perf"])
+        .args(["-m", &p.qd.to_string(), "-b", &(p.bs / 512).to_string()]);
+    if p.random {
+        cmd.arg("-r");
+    }
+    let out = cmd
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run iscsi-perf")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Lines are "... iops average N (M MB/s) ..."; take the last one.
+    text.rsplit("iops average ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| {
+            format!(
+                "iscsi-perf printed no rate: {}",
+                text.chars().take(300).collect::<String>()
+            )
+        })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn run_bench(opts: &Options) -> Result<Results> {
+    crate::deps::ensure(&["tgt", "libiscsi-bin"])?;
+    let herd = build_herd()?;
+    let (mib, secs, reps) = if opts.quick { (64, 1, 1) } else { (1024, 5, 3) };
+    let dir = work_dir("bench-iscsi");
+    std::fs::create_dir_all(&dir)?;
+    let lun = dir.join(format!("lun-{mib}M.raw"));
+    if !std::fs::metadata(&lun).is_ok_and(|m| m.len() == mib << 20) {
+        run(Command::new("dd")
+            .args(["if=/dev/urandom", "bs=1M", "status=none"])
+            .arg(format!("of={}", lun.display()))
+            .arg(format!("count={mib}")))?;
+    }
+    let t = start_tgtd(&lun)?;
+    let url = format!("iscsi://127.0.0.1:{}/{}/1", t.port, t.iqn);
+    let mut herd_s = vec![Vec::new(); PATTERNS.len()];
+    let mut perf_s = vec![Vec::new(); PATTERNS.len()];
+    for round in 0..reps {
+        for (i, p) in PATTERNS.iter().enumerate() {
+            step(&format!("round {}/{reps}: {}", round + 1, p.name));
+            herd_s[i].push(herd_run(&herd, &url, p, secs)?);
+            perf_s[i].push(perf_run(&url, p, secs)?);
+        }
+    }
+    drop(t);
+    #[allow(clippy::cast_precision_loss)]
+    let rows: Vec<Row> = PATTERNS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (h, q) = (median(&herd_s[i]), median(&perf_s[i]));
+            let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
+            Row {
+                pattern: p.name.into(),
+                herd_iops: herd_s[i].clone(),
+                iscsi_perf_iops: perf_s[i].clone(),
+                herd_median_iops: h,
+                iscsi_perf_median_iops: q,
+                herd_mib_s: to_mib(h),
+                iscsi_perf_mib_s: to_mib(q),
+                ratio: if q > 0.0 { h / q } else { 0.0 },
+            }
+        })
+        .collect();
+    let r = Results {
+        version: 1,
+        lun_mib: mib,
+        seconds: secs,
+        reps,
+        rows,
+    };
+    let out = opts.out.clone().unwrap_or_else(|| root().join("results"));
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("iscsi.json"), serde_json::to_string_pretty(&r)?)?;
+    let mut md = format!(
+        "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
+         libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s), medians.\n\n\
+         | pattern | herd IOPS | herd MiB/s | iscsi-perf IOPS | iscsi-perf MiB/s | herd ÷ iscsi-perf |\n|---|---|---|---|---|---|\n"
+    );
+    for row in &r.rows {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** |\n",
+            row.pattern,
+            row.herd_median_iops,
+            row.herd_mib_s,
+            row.iscsi_perf_median_iops,
+            row.iscsi_perf_mib_s,
+            row.ratio
+        ));
+    }
+    std::fs::write(out.join("iscsi.md"), &md)?;
+    println!("{md}");
+    Ok(r)
+}
