@@ -14,6 +14,7 @@
 //! iscsi_secret_file = "/etc/herd/chap.secret"   # for iscsi://USER@…
 //! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
+//! iscsi_digests = false  # offer CRC32C header/data digests
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,7 @@ pub struct FileConfig {
     pub iscsi_secret_file: Option<PathBuf>,
     pub iscsi_initiator: Option<String>,
     pub iscsi_recovery: Option<u64>,
+    pub iscsi_digests: Option<bool>,
 }
 
 /// Validated settings.
@@ -75,6 +77,8 @@ pub struct IscsiSettings {
     pub initiator: String,
     /// How long reads wait for a lost target to come back.
     pub recovery: std::time::Duration,
+    /// Offer CRC32C header and data digests.
+    pub digests: bool,
 }
 
 pub const DEFAULT_INITIATOR: &str = "iqn.2026-11.dev.herd:initiator";
@@ -154,6 +158,7 @@ impl FileConfig {
             iscsi_secret_file: other.iscsi_secret_file.or(self.iscsi_secret_file),
             iscsi_initiator: other.iscsi_initiator.or(self.iscsi_initiator),
             iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
+            iscsi_digests: other.iscsi_digests.or(self.iscsi_digests),
         }
     }
 
@@ -224,6 +229,7 @@ impl FileConfig {
                     .iscsi_initiator
                     .unwrap_or_else(|| DEFAULT_INITIATOR.to_owned()),
                 recovery: std::time::Duration::from_secs(self.iscsi_recovery.unwrap_or(30)),
+                digests: self.iscsi_digests.unwrap_or(false),
             },
         })
     }

@@ -40,6 +40,7 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
                 secret_file,
                 initiator: initiator.clone(),
                 recovery: std::time::Duration::from_secs(0),
+                digests: false,
             };
             Some(Chap {
                 user: u,
@@ -70,8 +71,10 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             target: Some(target.clone()),
             chap,
             isid: iscsi::isid(),
+            digests: false,
         };
-        let s = iscsi::connect(&portal, &spec, 0)
+        let engine = herd::io::Engine::start(64, false)?;
+        let s = iscsi::connect(&portal, &spec, 0, &engine)
             .await
             .with_context(|| format!("login to {target} failed"))?;
         println!(
@@ -87,7 +90,7 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             if lun.is_some_and(|want| want != l) {
                 continue;
             }
-            let s = iscsi::connect(&portal, &spec, l).await?;
+            let s = iscsi::connect(&portal, &spec, l, &engine).await?;
             let inq = cmd(&s, scsi::inquiry(None, 96), 96)
                 .await
                 .and_then(|d| scsi::parse_inquiry(&d));
@@ -169,6 +172,9 @@ pub struct BenchArgs {
     /// Random offsets instead of sequential.
     #[arg(long)]
     random: bool,
+    /// Offer CRC32C header and data digests.
+    #[arg(long)]
+    digests: bool,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -199,6 +205,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             initiator: herd::config::DEFAULT_INITIATOR.to_owned(),
             chap: None,
             recovery: std::time::Duration::from_secs(10),
+            engine: herd::io::Engine::start(256, false)?,
+            digests: a.digests,
         };
         let up = Arc::new(IscsiUpstream::connect(t).await?);
         let bs = a.block_size as u64;

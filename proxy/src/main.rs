@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Our iSCSI initiator IQN.
     #[arg(long)]
     iscsi_initiator: Option<String>,
+    /// Offer CRC32C header and data digests to the iSCSI target.
+    #[arg(long)]
+    iscsi_digests: bool,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -117,6 +120,7 @@ impl ServeArgs {
             iscsi_secret_file: self.iscsi_secret_file,
             iscsi_initiator: self.iscsi_initiator,
             iscsi_recovery: None,
+            iscsi_digests: self.iscsi_digests.then_some(true),
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -128,6 +132,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let res = match cli.command {
@@ -200,6 +206,8 @@ async fn open_upstream(cfg: &ServeConfig, engine: &Engine) -> Result<Arc<dyn Ups
                 initiator: cfg.iscsi.initiator.clone(),
                 chap,
                 recovery: cfg.iscsi.recovery,
+                engine: engine.clone(),
+                digests: cfg.iscsi.digests,
             };
             let up = IscsiUpstream::connect(t).await.with_context(|| {
                 format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")

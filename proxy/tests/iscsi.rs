@@ -174,3 +174,26 @@ fn thirty_two_concurrent_readers_get_correct_data() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn crc32c_digests_are_negotiated_and_verified() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-digest");
+    let img = dir.join("lun.img");
+    let data = random_image(&img, 16 * MIB);
+    let t = Tgtd::start(&img, None);
+    t.want_digests();
+    let h = Herd::start(&dir, "root", &t.url(None), &["--iscsi-digests"]);
+    let out = dir.join("out.raw");
+    nbdcopy(&h.url(), &out);
+    assert_same_file(&out, &data);
+    let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+    assert!(
+        log.contains("header_digest=true") && log.contains("data_digest=true"),
+        "digests were not negotiated: {log}"
+    );
+    assert!(!log.contains("digest mismatch"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -35,6 +35,11 @@ enum Kind {
     Read,
     Write,
     Fdatasync,
+    /// Stream socket receive / send (no offset).
+    Recv,
+    /// One receive of whatever has arrived (at least one byte, or EOF).
+    RecvSome,
+    Send,
 }
 
 struct Op {
@@ -49,7 +54,7 @@ struct Op {
 impl Op {
     fn finish(mut self, res: io::Result<()>) {
         let out = res.map(|()| {
-            if self.kind == Kind::Read {
+            if matches!(self.kind, Kind::Read | Kind::Recv | Kind::RecvSome) {
                 self.buf.truncate(self.done);
             }
             self.buf
@@ -192,6 +197,32 @@ impl Engine {
         self.submit(Kind::Write, file, offset, buf).await
     }
 
+    /// Receives exactly `buf.len()` bytes from a connected stream socket;
+    /// the returned buffer is shorter only if the peer closed.
+    ///
+    /// # Errors
+    /// The OS error of the failed recv.
+    pub async fn recv(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
+        self.submit(Kind::Recv, sock, 0, buf).await
+    }
+
+    /// Receives what has arrived on a stream socket, up to `buf.len()`
+    /// bytes (waiting for at least one); empty means the peer closed.
+    ///
+    /// # Errors
+    /// The OS error of the failed recv.
+    pub async fn recv_some(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
+        self.submit(Kind::RecvSome, sock, 0, buf).await
+    }
+
+    /// Sends all of `buf` on a connected stream socket.
+    ///
+    /// # Errors
+    /// The OS error of the failed send.
+    pub async fn send(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
+        self.submit(Kind::Send, sock, 0, buf).await
+    }
+
     /// Makes written data durable.
     ///
     /// # Errors
@@ -210,7 +241,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     if n == 0 {
-        if op.kind == Kind::Read {
+        if matches!(op.kind, Kind::Read | Kind::Recv | Kind::RecvSome) {
             op.finish(Ok(())); // end of file
         } else {
             op.finish(Err(io::ErrorKind::WriteZero.into()));
@@ -218,7 +249,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     op.done += n;
-    if op.done >= op.buf.len() {
+    if op.done >= op.buf.len() || op.kind == Kind::RecvSome {
         op.finish(Ok(()));
         None
     } else {
@@ -237,6 +268,11 @@ fn sync_loop(rx: &mpsc::Receiver<Op>) {
                 }
                 Kind::Write => op.file.write_at(&op.buf[op.done..], off),
                 Kind::Fdatasync => op.file.sync_data().map(|()| 0),
+                Kind::Recv | Kind::RecvSome => {
+                    let done = op.done;
+                    std::io::Read::read(&mut &*op.file, &mut op.buf[done..])
+                }
+                Kind::Send => std::io::Write::write(&mut &*op.file, &op.buf[op.done..]),
             };
             match res {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -271,6 +307,13 @@ fn sqe_for(op: &mut Op, key: u64) -> io_uring::squeue::Entry {
             .build(),
         Kind::Fdatasync => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
+            .build(),
+        Kind::Recv | Kind::RecvSome => {
+            let done = op.done;
+            opcode::Recv::new(fd, op.buf[done..].as_mut_ptr(), remaining).build()
+        }
+        Kind::Send => opcode::Send::new(fd, op.buf[op.done..].as_ptr(), remaining)
+            .flags(libc::MSG_NOSIGNAL)
             .build(),
     };
     entry.user_data(key)

@@ -34,6 +34,8 @@ pub struct LoginSpec {
     pub target: Option<String>,
     pub chap: Option<Chap>,
     pub isid: [u8; 6],
+    /// Offer CRC32C header and data digests (else None only).
+    pub digests: bool,
 }
 
 /// Negotiated session parameters.
@@ -48,6 +50,9 @@ pub struct Params {
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub max_cmd_sn: u32,
+    /// CRC32C digests negotiated for the full-feature phase.
+    pub header_digest: bool,
+    pub data_digest: bool,
 }
 
 /// Outcome of a login attempt.
@@ -289,9 +294,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     // --- operational stage
+    let digest_offer = if spec.digests { "CRC32C,None" } else { "None" };
     let mut op: Vec<(&str, String)> = vec![
-        ("HeaderDigest", "None".into()),
-        ("DataDigest", "None".into()),
+        ("HeaderDigest", digest_offer.into()),
+        ("DataDigest", digest_offer.into()),
         ("MaxRecvDataSegmentLength", OUR_MAX_RECV_DSL.to_string()),
         ("DefaultTime2Wait", "2".into()),
         ("DefaultTime2Retain", "0".into()),
@@ -317,6 +323,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         cmd_sn: ex.cmd_sn,
         exp_stat_sn: 0,
         max_cmd_sn: 0,
+        header_digest: false,
+        data_digest: false,
     };
     for _ in 0..8 {
         let (t, nsg, keys) = round(
@@ -339,10 +347,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             params.first_burst = v;
         }
         for (k, v) in &keys {
-            if (k == "HeaderDigest" || k == "DataDigest") && v != "None" {
-                return Err(LoginReply::Err(IscsiError::Protocol(format!(
-                    "target insists on {k}={v}"
-                ))));
+            let on = match v.as_str() {
+                "None" => false,
+                "CRC32C" if spec.digests => true,
+                _ if k == "HeaderDigest" || k == "DataDigest" => {
+                    return Err(LoginReply::Err(IscsiError::Protocol(format!(
+                        "target insists on {k}={v} (enable iscsi_digests for CRC32C)"
+                    ))))
+                }
+                _ => continue,
+            };
+            match k.as_str() {
+                "HeaderDigest" => params.header_digest = on,
+                "DataDigest" => params.data_digest = on,
+                _ => {}
             }
         }
         if t && nsg == pdu::STAGE_FULL_FEATURE {

@@ -138,9 +138,10 @@ pub async fn connect(
     portal: &Portal,
     spec: &LoginSpec,
     lun: u16,
+    engine: &crate::io::Engine,
 ) -> Result<Arc<Session>, IscsiError> {
     let (s, params) = open(portal, spec).await?;
-    Ok(Session::start(s, params, lun))
+    Ok(Session::start(s, params, lun, engine.clone())?)
 }
 
 /// A SendTargets result: target name and its portals.
@@ -164,6 +165,7 @@ pub async fn discover(
         target: None,
         chap,
         isid: isid(),
+        digests: false,
     };
     let (mut s, params) = open(portal, &spec).await?;
     let mut out = Vec::new();

@@ -59,6 +59,27 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
+/// CRC32C digest as iSCSI sends it: the 32-bit value in little-endian byte
+/// order (RFC 7143 §13.1; what Linux and libiscsi put on the wire).
+#[must_use]
+pub fn digest(bytes: &[u8]) -> [u8; 4] {
+    crc32c::crc32c(bytes).to_le_bytes()
+}
+
+/// Inserts digests into an encoded PDU (BHS, data, padding): a header
+/// digest after the BHS and, when there is data, a data digest at the end.
+pub fn add_digests(pdu: &mut Vec<u8>, header: bool, data: bool) {
+    let has_data = pdu.len() > BHS_LEN;
+    if data && has_data {
+        let d = digest(&pdu[BHS_LEN..]);
+        pdu.extend_from_slice(&d);
+    }
+    if header {
+        let h = digest(&pdu[..BHS_LEN]);
+        pdu.splice(BHS_LEN..BHS_LEN, h);
+    }
+}
+
 /// Bytes of data (plus padding) that follow a BHS with this length field.
 #[must_use]
 pub fn padded(len: usize) -> usize {
@@ -430,6 +451,18 @@ mod tests {
         assert_eq!(&out[8..16], &[0, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&out[20..24], &65536u32.to_be_bytes());
         assert_eq!(out[32], 0x88);
+    }
+
+    #[test]
+    fn crc32c_digest_known_value() {
+        // RFC 3720 appendix B.4: 32 bytes of zeroes -> CRC32C 0x8a9136aa.
+        assert_eq!(digest(&[0u8; 32]), 0x8a91_36aau32.to_le_bytes());
+        let mut p = vec![0u8; 48];
+        p.extend_from_slice(&[1, 2, 3, 4]);
+        add_digests(&mut p, true, true);
+        assert_eq!(p.len(), 48 + 4 + 4 + 4);
+        assert_eq!(&p[48..52], &digest(&[0u8; 48]));
+        assert_eq!(&p[56..60], &digest(&[1, 2, 3, 4]));
     }
 
     #[test]

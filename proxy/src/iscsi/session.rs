@@ -8,8 +8,10 @@
 //!                                                              Async, Reject
 //! ```
 //!
-//! Many commands are in flight at once; each waits on a oneshot keyed by
-//! its Initiator Task Tag. When the connection drops, every pending command
+//! The socket is driven by io_uring (the process's `io::Engine`: recv and
+//! send ops on a blocking socket; login ran before on tokio). Many commands
+//! are in flight at once; each waits on a oneshot keyed by its Initiator
+//! Task Tag. When the connection drops, every pending command
 //! fails with `Fault::Lost` and the caller (the upstream) logs in again and
 //! reissues it.
 
@@ -17,9 +19,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
+
+use crate::io::Engine;
 
 use super::login::Params;
 use super::pdu::{self, ScsiCmd, Sn, TargetPdu};
@@ -46,6 +52,9 @@ pub enum Fault {
     Response(u8),
 }
 
+/// Bytes asked of each receive.
+const RECV_SIZE: usize = 512 * 1024;
+
 struct Pending {
     buf: IoBuf,
     received: usize,
@@ -61,7 +70,10 @@ struct State {
 }
 
 pub struct Session {
-    writer: tokio::sync::Mutex<WriteHalf<TcpStream>>,
+    sock: Arc<File>,
+    engine: Engine,
+    /// Held while sending, so PDUs leave in CmdSN order.
+    writer: tokio::sync::Mutex<()>,
     state: Mutex<State>,
     window: Notify,
     dead: AtomicBool,
@@ -72,6 +84,7 @@ pub struct Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.shutdown();
         if let Ok(mut r) = self.reader.lock() {
             if let Some(h) = r.take() {
                 h.abort();
@@ -87,11 +100,23 @@ fn sn_lte(a: u32, b: u32) -> bool {
 
 impl Session {
     /// Starts the full-feature phase on a logged-in connection.
-    #[must_use]
-    pub fn start(stream: TcpStream, params: Params, lun: u16) -> Arc<Self> {
-        let (r, w) = tokio::io::split(stream);
+    ///
+    /// # Errors
+    /// If the socket cannot be handed over to blocking mode.
+    pub fn start(
+        stream: TcpStream,
+        params: Params,
+        lun: u16,
+        engine: Engine,
+    ) -> std::io::Result<Arc<Self>> {
+        let std = stream.into_std()?;
+        // io_uring waits on a blocking socket without spinning on EAGAIN.
+        std.set_nonblocking(false)?;
+        let sock = Arc::new(File::from(std::os::fd::OwnedFd::from(std)));
         let s = Arc::new(Self {
-            writer: tokio::sync::Mutex::new(w),
+            sock: Arc::clone(&sock),
+            engine: engine.clone(),
+            writer: tokio::sync::Mutex::new(()),
             state: Mutex::new(State {
                 cmd_sn: params.cmd_sn,
                 exp_stat_sn: params.exp_stat_sn,
@@ -105,11 +130,32 @@ impl Session {
             lun,
             reader: Mutex::new(None),
         });
-        let h = tokio::spawn(reader_loop(Arc::downgrade(&s), r));
+        let h = tokio::spawn(reader_loop(
+            Arc::downgrade(&s),
+            sock,
+            engine,
+            params.header_digest,
+            params.data_digest,
+        ));
         if let Ok(mut g) = s.reader.lock() {
             *g = Some(h);
         }
-        s
+        Ok(s)
+    }
+
+    /// Wakes a receive blocked in the kernel so the reader can end.
+    fn shutdown(&self) {
+        // SAFETY: shutdown(2) on a socket fd this session owns.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    async fn send(&self, out: &[u8]) -> bool {
+        let mut pdu = out.to_vec();
+        pdu::add_digests(&mut pdu, self.params.header_digest, self.params.data_digest);
+        self.engine
+            .send(&self.sock, crate::io::IoBuf::from_slice(&pdu))
+            .await
+            .is_ok()
     }
 
     #[must_use]
@@ -130,6 +176,7 @@ impl Session {
             self.dead.store(true, Ordering::SeqCst);
             st.pending.drain().map(|(_, p)| p).collect()
         };
+        self.shutdown();
         for p in drained {
             let _ = p.tx.send(Err(Fault::Lost));
         }
@@ -144,10 +191,10 @@ impl Session {
         loop {
             let notified = self.window.notified();
             // The writer lock orders PDUs on the wire by CmdSN.
-            let mut w = self.writer.lock().await;
+            let w = self.writer.lock().await;
             let issued = self.try_issue(&cdb, read_len, &mut out, &mut tx)?;
             if issued {
-                if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+                if !self.send(&out).await {
                     drop(w);
                     self.kill();
                 }
@@ -211,8 +258,8 @@ impl Session {
             let st = self.lock();
             pdu::encode_nop_out(pdu::RESERVED_TAG, ttt, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
-        let mut w = self.writer.lock().await;
-        if w.write_all(&out).await.is_err() || w.flush().await.is_err() {
+        let w = self.writer.lock().await;
+        if !self.send(&out).await {
             drop(w);
             self.kill();
         }
@@ -227,9 +274,8 @@ impl Session {
             st.next_itt = st.next_itt.wrapping_add(1).max(1);
             pdu::encode_logout(itt, 0, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
-        let mut w = self.writer.lock().await;
-        let _ = w.write_all(&out).await;
-        let _ = w.flush().await;
+        let _w = self.writer.lock().await;
+        let _ = self.send(&out).await;
     }
 
     fn update_sn(&self, sn: Sn, has_stat: bool) {
@@ -271,122 +317,164 @@ fn finish(
     })
 }
 
-async fn reader_loop(session: std::sync::Weak<Session>, mut r: ReadHalf<TcpStream>) {
-    let mut bhs = [0u8; pdu::BHS_LEN];
-    let mut data = Vec::new();
-    loop {
-        if r.read_exact(&mut bhs).await.is_err() {
-            break;
-        }
-        let h = match pdu::decode(&bhs) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "iSCSI target sent a malformed PDU; dropping the connection");
-                break;
-            }
-        };
-        if h.data_len > 16 << 20 {
-            tracing::warn!(
-                len = h.data_len,
-                "iSCSI data segment too large; dropping the connection"
-            );
-            break;
-        }
-        data.resize(h.ahs_len + pdu::padded(h.data_len), 0);
-        if r.read_exact(&mut data).await.is_err() {
-            break;
-        }
-        let payload = &data[h.ahs_len..h.ahs_len + h.data_len];
-        let Some(s) = session.upgrade() else { return };
-        match h.pdu {
-            TargetPdu::DataIn {
-                has_status,
-                status,
-                itt,
-                sn,
-                offset,
-                residual,
-                ..
-            } => {
-                {
-                    let mut st = s.lock();
-                    if let Some(p) = st.pending.get_mut(&itt) {
-                        let at = offset as usize;
-                        let end = at + payload.len();
-                        if end <= p.buf.len() {
-                            p.buf[at..end].copy_from_slice(payload);
-                            p.received = p.received.max(end);
-                        }
+async fn reader_loop(
+    session: std::sync::Weak<Session>,
+    sock: Arc<File>,
+    engine: Engine,
+    header_digest: bool,
+    data_digest: bool,
+) {
+    // Receive whatever has arrived (one io_uring op may bring many PDUs)
+    // and parse every complete PDU in it.
+    let mut acc: Vec<u8> = Vec::with_capacity(RECV_SIZE);
+    let mut pos = 0usize;
+    'outer: loop {
+        loop {
+            let avail = &acc[pos..];
+            if avail.len() >= pdu::BHS_LEN {
+                let h = match pdu::decode(&avail[..pdu::BHS_LEN]) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "iSCSI target sent a malformed PDU; dropping the connection");
+                        break 'outer;
                     }
+                };
+                if h.data_len > 16 << 20 {
+                    tracing::warn!(
+                        len = h.data_len,
+                        "iSCSI data segment too large; dropping the connection"
+                    );
+                    break 'outer;
                 }
-                if has_status {
-                    s.update_sn(sn, true);
-                    s.complete(itt, |b, n| finish(b, n, status, None, residual));
-                } else {
-                    s.update_sn(sn, false);
-                }
-            }
-            TargetPdu::ScsiResp {
-                response,
-                status,
-                itt,
-                sn,
-                residual,
-                ..
-            } => {
-                s.update_sn(sn, true);
-                let sense = (payload.len() > 2)
-                    .then(|| scsi::parse_sense(&payload[2..]))
-                    .flatten();
-                if response == 0 {
-                    s.complete(itt, |b, n| finish(b, n, status, sense, residual));
-                } else {
-                    s.complete(itt, |_, _| Err(Fault::Response(response)));
-                }
-            }
-            TargetPdu::NopIn { ttt, sn, .. } => {
-                s.update_sn(sn, true);
-                if ttt != pdu::RESERVED_TAG {
-                    s.pong(ttt).await;
-                }
-            }
-            TargetPdu::Async { event, sn, param3 } => {
-                s.update_sn(sn, true);
-                match event {
-                    // The target asks us to log out within param3 seconds:
-                    // stop issuing here; callers log in anew.
-                    1 => {
-                        tracing::info!(
-                            within_s = param3,
-                            "iSCSI target requests logout; reconnecting"
+                let hd = if header_digest { 4 } else { 0 };
+                let dd = if data_digest && h.data_len > 0 { 4 } else { 0 };
+                let total = pdu::BHS_LEN + h.ahs_len + hd + pdu::padded(h.data_len) + dd;
+                if avail.len() >= total {
+                    let at = pdu::BHS_LEN + h.ahs_len + hd;
+                    let hdr_ok = hd == 0 || avail[at - 4..at] == pdu::digest(&avail[..at - 4]);
+                    let data_end = at + pdu::padded(h.data_len);
+                    let data_ok = dd == 0
+                        || avail[data_end..data_end + 4] == pdu::digest(&avail[at..data_end]);
+                    if !(hdr_ok && data_ok) {
+                        // ERL 0: a digest error ends the connection; the
+                        // commands are reissued on a new one.
+                        tracing::warn!(
+                            header = hdr_ok,
+                            data = data_ok,
+                            "iSCSI digest mismatch; dropping the connection"
                         );
-                        s.logout().await;
-                        s.kill();
+                        break 'outer;
                     }
-                    2 | 3 => {
-                        tracing::info!(event, "iSCSI target drops the connection");
-                        break;
+                    let Some(s) = session.upgrade() else { return };
+                    if !handle(&s, h.pdu, &avail[at..at + h.data_len]).await {
+                        break 'outer;
                     }
-                    _ => tracing::debug!(event, "iSCSI async event ignored"),
+                    pos += total;
+                    continue;
                 }
             }
-            TargetPdu::Reject { reason, sn } => {
-                s.update_sn(sn, true);
-                tracing::warn!(reason, "iSCSI target rejected a PDU");
-                if let Some(itt) = pdu::rejected_itt(payload) {
-                    s.complete(itt, |_, _| Err(Fault::Rejected(reason)));
-                }
-            }
-            TargetPdu::LogoutResp { .. } => break,
-            other => {
-                tracing::warn!(pdu = ?other, "unexpected iSCSI PDU in full-feature phase; dropping the connection");
-                break;
-            }
+            break;
+        }
+        acc.drain(..pos);
+        pos = 0;
+        match engine.recv_some(&sock, IoBuf::zeroed(RECV_SIZE)).await {
+            Ok(b) if !b.is_empty() => acc.extend_from_slice(&b),
+            _ => break,
         }
     }
     if let Some(s) = session.upgrade() {
         s.kill();
     }
+}
+
+/// Acts on one target PDU; `false` ends the connection.
+async fn handle(s: &Session, pdu: TargetPdu, payload: &[u8]) -> bool {
+    match pdu {
+        TargetPdu::DataIn {
+            has_status,
+            status,
+            itt,
+            sn,
+            offset,
+            residual,
+            ..
+        } => {
+            {
+                let mut st = s.lock();
+                if let Some(p) = st.pending.get_mut(&itt) {
+                    let at = offset as usize;
+                    let end = at + payload.len();
+                    if end <= p.buf.len() {
+                        p.buf[at..end].copy_from_slice(payload);
+                        p.received = p.received.max(end);
+                    }
+                }
+            }
+            if has_status {
+                s.update_sn(sn, true);
+                s.complete(itt, |b, n| finish(b, n, status, None, residual));
+            } else {
+                s.update_sn(sn, false);
+            }
+        }
+        TargetPdu::ScsiResp {
+            response,
+            status,
+            itt,
+            sn,
+            residual,
+            ..
+        } => {
+            s.update_sn(sn, true);
+            let sense = (payload.len() > 2)
+                .then(|| scsi::parse_sense(&payload[2..]))
+                .flatten();
+            if response == 0 {
+                s.complete(itt, |b, n| finish(b, n, status, sense, residual));
+            } else {
+                s.complete(itt, |_, _| Err(Fault::Response(response)));
+            }
+        }
+        TargetPdu::NopIn { ttt, sn, .. } => {
+            s.update_sn(sn, true);
+            if ttt != pdu::RESERVED_TAG {
+                s.pong(ttt).await;
+            }
+        }
+        TargetPdu::Async { event, sn, param3 } => {
+            s.update_sn(sn, true);
+            match event {
+                // The target asks us to log out within param3 seconds:
+                // stop issuing here; callers log in anew.
+                1 => {
+                    tracing::info!(
+                        within_s = param3,
+                        "iSCSI target requests logout; reconnecting"
+                    );
+                    s.logout().await;
+                    s.kill();
+                }
+                2 | 3 => {
+                    tracing::info!(event, "iSCSI target drops the connection");
+                    return false;
+                }
+                _ => tracing::debug!(event, "iSCSI async event ignored"),
+            }
+        }
+        TargetPdu::Reject { reason, sn } => {
+            s.update_sn(sn, true);
+            tracing::warn!(reason, "iSCSI target rejected a PDU");
+            if let Some(itt) = pdu::rejected_itt(payload) {
+                s.complete(itt, |_, _| Err(Fault::Rejected(reason)));
+            }
+        }
+        TargetPdu::LogoutResp { .. } => return false,
+        other => {
+            tracing::warn!(pdu = ?other, "unexpected iSCSI PDU in full-feature phase; dropping the connection");
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::iscsi::session::{Completion, Fault};
 use crate::iscsi::{self as is, Chap, IscsiError, LoginSpec, Portal, Session};
 
 /// How to reach one LUN.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IscsiTarget {
     pub portal: Portal,
     pub target: String,
@@ -27,6 +27,10 @@ pub struct IscsiTarget {
     pub chap: Option<Chap>,
     /// How long reads wait for a lost target to come back.
     pub recovery: Duration,
+    /// Drives the session's socket (io_uring).
+    pub engine: crate::io::Engine,
+    /// Offer CRC32C header and data digests.
+    pub digests: bool,
 }
 
 impl IscsiTarget {
@@ -36,6 +40,7 @@ impl IscsiTarget {
             target: Some(self.target.clone()),
             chap: self.chap.clone(),
             isid: is::isid(),
+            digests: self.digests,
         }
     }
 
@@ -80,7 +85,7 @@ impl IscsiUpstream {
     /// Login failures (bad IQN, authentication, unreachable) or a LUN that
     /// cannot report its capacity.
     pub async fn connect(t: IscsiTarget) -> UpstreamResult<Self> {
-        let session = is::connect(&t.portal, &t.spec(), t.lun)
+        let session = is::connect(&t.portal, &t.spec(), t.lun, &t.engine)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
         let mut up = Self {
@@ -129,6 +134,8 @@ impl IscsiUpstream {
             bytes = cap.bytes(),
             block_size = cap.block_size,
             max_transfer = up.max_xfer,
+            header_digest = session.params.header_digest,
+            data_digest = session.params.data_digest,
             "iSCSI LUN ready"
         );
         Ok(up)
@@ -159,7 +166,7 @@ impl IscsiUpstream {
                 return Ok(Arc::clone(s));
             }
         }
-        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun)
+        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, &self.t.engine)
             .await
             .map_err(|e| iscsi_err(&self.t, e))?;
         tracing::info!(target = %self.t.target, "iSCSI session (re)established");
@@ -182,18 +189,14 @@ impl IscsiUpstream {
             let s = match self.session().await {
                 Ok(s) => s,
                 Err(e) => {
-                    // Authentication and bad-IQN failures will not heal.
-                    if matches!(
-                        &e,
-                        UpstreamError::Iscsi {
-                            source: IscsiError::LoginRejected { class: 2, .. }
-                                | IscsiError::AuthRequired,
-                            ..
-                        }
-                    ) || tokio::time::Instant::now() >= deadline
-                    {
+                    // The session worked before (connect() fails fast at
+                    // startup), so any login failure now may be a target
+                    // that is restarting and not configured yet ("target
+                    // not found"): retry at a calm pace until `recovery`.
+                    if tokio::time::Instant::now() >= deadline {
                         return Err(e);
                     }
+                    tracing::debug!(error = %crate::error_chain(&e), "iSCSI login failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }

@@ -391,6 +391,16 @@ impl Tgtd {
         wait_port(self.port);
     }
 
+    /// Makes the target prefer CRC32C header and data digests.
+    pub fn want_digests(&self) {
+        for name in ["HeaderDigest", "DataDigest"] {
+            self.adm(&[
+                "--op", "update", "--mode", "target", "--tid", "1", "--name", name, "--value",
+                "CRC32C",
+            ]);
+        }
+    }
+
     pub fn url(&self, user: Option<&str>) -> String {
         let u = user.map_or(String::new(), |u| format!("{u}@"));
         format!("iscsi://{u}127.0.0.1:{}/{}/1", self.port, self.iqn)
