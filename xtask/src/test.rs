@@ -80,6 +80,17 @@ pub fn run(opts: &Options) -> Result<()> {
             println!("test {name} ... FAILED: {e:#}");
         }
     }
+    let name = "bench_iscsi_quick_produces_complete_json";
+    match iscsi_smoke() {
+        Ok(()) => {
+            passed += 1;
+            println!("test {name} ... ok");
+        }
+        Err(e) => {
+            failed += 1;
+            println!("test {name} ... FAILED: {e:#}");
+        }
+    }
     println!("xtask checks: {passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} VM boot test(s) failed");
@@ -106,6 +117,29 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+fn iscsi_smoke() -> Result<()> {
+    let out = crate::util::work_dir("bench-iscsi-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    let r = crate::bench::iscsi::run_bench(&crate::bench::iscsi::Options {
+        quick: true,
+        out: Some(out.clone()),
+    })?;
+    let text = std::fs::read_to_string(out.join("iscsi.json"))?;
+    let back: crate::bench::iscsi::Results = serde_json::from_str(&text)?;
+    anyhow::ensure!(
+        back.rows.len() == r.rows.len() && !back.rows.is_empty(),
+        "rows missing"
+    );
+    for row in &back.rows {
+        anyhow::ensure!(
+            row.herd_median_iops > 0.0 && row.iscsi_perf_median_iops > 0.0,
+            "{}: no rate measured",
+            row.pattern
+        );
+    }
     Ok(())
 }
 

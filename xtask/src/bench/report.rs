@@ -45,7 +45,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Patterns: QD is the total queue depth (iodepth × fio jobs).\n"
+        "Patterns: QD is the total queue depth (iodepth × fio jobs). Chart: `dataplane.svg`; raw numbers: `dataplane.json`; the iSCSI initiator benchmark: `iscsi.md`.\n"
     );
     for (group, title) in [
         ("hit", "Serving a warm image (hit path)"),
