@@ -17,6 +17,9 @@ pub struct Options {
     pub quick: bool,
 }
 
+/// A self-contained check run after the cargo tests.
+type Smoke = fn() -> Result<()>;
+
 pub fn run(opts: &Options) -> Result<()> {
     crate::deps::ensure(crate::deps::PACKAGES)?;
     step("cargo fmt --check");
@@ -67,28 +70,22 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    // The benchmark harness must not rot: a --quick run must produce
-    // well-formed JSON with every server and pattern.
-    let name = "bench_dataplane_quick_produces_complete_json";
-    match bench_smoke() {
-        Ok(()) => {
-            passed += 1;
-            println!("test {name} ... ok");
-        }
-        Err(e) => {
-            failed += 1;
-            println!("test {name} ... FAILED: {e:#}");
-        }
-    }
-    let name = "bench_iscsi_quick_produces_complete_json";
-    match iscsi_smoke() {
-        Ok(()) => {
-            passed += 1;
-            println!("test {name} ... ok");
-        }
-        Err(e) => {
-            failed += 1;
-            println!("test {name} ... FAILED: {e:#}");
+    // The benchmark harnesses must not rot: --quick runs must produce
+    // well-formed, complete JSON.
+    let smokes: [(&str, Smoke); 2] = [
+        ("bench_dataplane_quick_produces_complete_json", bench_smoke),
+        ("bench_iscsi_quick_produces_complete_json", iscsi_smoke),
+    ];
+    for (name, smoke) in smokes {
+        match smoke() {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e:#}");
+            }
         }
     }
     println!("xtask checks: {passed} passed, {failed} failed");

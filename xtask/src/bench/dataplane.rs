@@ -244,7 +244,9 @@ fn nbdkit(env: &Env, port: u16, args: &[&str], log: &str) -> Result<Child> {
     )
 }
 
-fn qemu_nbd(env: &Env, port: u16, args: &[&str], file: &Path, log: &str) -> Result<Child> {
+/// qemu-nbd on loopback with 16 clients allowed; `args` end with what to
+/// serve (a file, or `--image-opts SPEC`).
+fn qemu_nbd(env: &Env, port: u16, args: &[&str], log: &str) -> Result<Child> {
     spawn(
         Command::new("qemu-nbd")
             .args([
@@ -258,8 +260,7 @@ fn qemu_nbd(env: &Env, port: u16, args: &[&str], file: &Path, log: &str) -> Resu
                 "-p",
                 &port.to_string(),
             ])
-            .args(args)
-            .arg(file),
+            .args(args),
         &env.scratch.join(log),
     )
 }
@@ -286,20 +287,13 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             procs.push(qemu_nbd(
                 env,
                 port,
-                &["-r", "-f", "raw", "--cache=none", "--aio=io_uring"],
-                &env.image,
+                &["-r", "-f", "raw", "--cache=none", "--aio=io_uring", &img],
                 "qnbd-u.log",
             )?);
             "bench"
         }
         Server::QemuNbd => {
-            procs.push(qemu_nbd(
-                env,
-                port,
-                &["-r", "-f", "raw"],
-                &env.image,
-                "qnbd.log",
-            )?);
+            procs.push(qemu_nbd(env, port, &["-r", "-f", "raw", &img], "qnbd.log")?);
             "bench"
         }
         Server::HerdRelay => {
@@ -335,8 +329,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             procs.push(qemu_nbd(
                 env,
                 pport,
-                &["-r", "-f", "raw"],
-                &env.image,
+                &["-r", "-f", "raw", &img],
                 "qnbd-parent.log",
             )?);
             wait_port(pport)?;
@@ -352,21 +345,11 @@ fn start(env: &Env, s: Server) -> Result<Running> {
                 "driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename={}",
                 overlay.display()
             );
-            procs.push(spawn(
-                Command::new("qemu-nbd")
-                    .args([
-                        "-t",
-                        "-e",
-                        "16",
-                        "-x",
-                        "bench",
-                        "-b",
-                        "127.0.0.1",
-                        "-p",
-                        &port.to_string(),
-                    ])
-                    .args(["--image-opts", &spec]),
-                &env.scratch.join("qnbd-relay.log"),
+            procs.push(qemu_nbd(
+                env,
+                port,
+                &["--image-opts", &spec],
+                "qnbd-relay.log",
             )?);
             "bench"
         }
