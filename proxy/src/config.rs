@@ -15,6 +15,7 @@
 //! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! iscsi_digests = false  # offer CRC32C header/data digests
+//! iscsi_socket = "epoll" # or "uring": what drives the session socket
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,7 @@ pub struct FileConfig {
     pub iscsi_initiator: Option<String>,
     pub iscsi_recovery: Option<u64>,
     pub iscsi_digests: Option<bool>,
+    pub iscsi_socket: Option<String>,
 }
 
 /// Validated settings.
@@ -79,6 +81,8 @@ pub struct IscsiSettings {
     pub recovery: std::time::Duration,
     /// Offer CRC32C header and data digests.
     pub digests: bool,
+    /// Drive the session socket with io_uring instead of epoll.
+    pub uring_socket: bool,
 }
 
 pub const DEFAULT_INITIATOR: &str = "iqn.2026-11.dev.herd:initiator";
@@ -159,6 +163,7 @@ impl FileConfig {
             iscsi_initiator: other.iscsi_initiator.or(self.iscsi_initiator),
             iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
             iscsi_digests: other.iscsi_digests.or(self.iscsi_digests),
+            iscsi_socket: other.iscsi_socket.or(self.iscsi_socket),
         }
     }
 
@@ -230,6 +235,16 @@ impl FileConfig {
                     .unwrap_or_else(|| DEFAULT_INITIATOR.to_owned()),
                 recovery: std::time::Duration::from_secs(self.iscsi_recovery.unwrap_or(30)),
                 digests: self.iscsi_digests.unwrap_or(false),
+                uring_socket: match self.iscsi_socket.as_deref() {
+                    None | Some("epoll") => false,
+                    Some("uring") => true,
+                    Some(other) => {
+                        return Err(inv(
+                            "iscsi_socket",
+                            format!("`{other}` is neither epoll nor uring"),
+                        ))
+                    }
+                },
             },
         })
     }

@@ -41,6 +41,7 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
                 initiator: initiator.clone(),
                 recovery: std::time::Duration::from_secs(0),
                 digests: false,
+                uring_socket: false,
             };
             Some(Chap {
                 user: u,
@@ -73,8 +74,8 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             isid: iscsi::isid(),
             digests: false,
         };
-        let engine = herd::io::Engine::start(64, false)?;
-        let s = iscsi::connect(&portal, &spec, 0, &engine)
+        let mode = iscsi::SocketMode::Epoll;
+        let s = iscsi::connect(&portal, &spec, 0, &mode)
             .await
             .with_context(|| format!("login to {target} failed"))?;
         println!(
@@ -90,7 +91,7 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             if lun.is_some_and(|want| want != l) {
                 continue;
             }
-            let s = iscsi::connect(&portal, &spec, l, &engine).await?;
+            let s = iscsi::connect(&portal, &spec, l, &mode).await?;
             let inq = cmd(&s, scsi::inquiry(None, 96), 96)
                 .await
                 .and_then(|d| scsi::parse_inquiry(&d));
@@ -175,6 +176,9 @@ pub struct BenchArgs {
     /// Offer CRC32C header and data digests.
     #[arg(long)]
     digests: bool,
+    /// Drive the session socket with io_uring instead of epoll.
+    #[arg(long)]
+    uring: bool,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -205,7 +209,11 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             initiator: herd::config::DEFAULT_INITIATOR.to_owned(),
             chap: None,
             recovery: std::time::Duration::from_secs(10),
-            engine: herd::io::Engine::start(256, false)?,
+            socket: if a.uring {
+                iscsi::SocketMode::Uring(herd::io::Engine::start(256, false)?)
+            } else {
+                iscsi::SocketMode::Epoll
+            },
             digests: a.digests,
         };
         let up = Arc::new(IscsiUpstream::connect(t).await?);

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve an image over NBD, fetching chunks from the upstream on demand.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// iSCSI tools.
     #[command(subcommand)]
     Iscsi(IscsiCmd),
@@ -96,6 +96,9 @@ struct ServeArgs {
     /// Offer CRC32C header and data digests to the iSCSI target.
     #[arg(long)]
     iscsi_digests: bool,
+    /// What drives the iSCSI session socket: epoll (default) or uring.
+    #[arg(long)]
+    iscsi_socket: Option<String>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -121,6 +124,7 @@ impl ServeArgs {
             iscsi_initiator: self.iscsi_initiator,
             iscsi_recovery: None,
             iscsi_digests: self.iscsi_digests.then_some(true),
+            iscsi_socket: self.iscsi_socket,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -139,7 +143,7 @@ fn main() -> std::process::ExitCode {
     let res = match cli.command {
         Command::Serve(args) => {
             let workers = args.workers;
-            args.into_config().and_then(|c| serve(c, workers))
+            (*args).into_config().and_then(|c| serve(c, workers))
         }
         Command::Iscsi(IscsiCmd::Probe {
             url,
@@ -206,7 +210,11 @@ async fn open_upstream(cfg: &ServeConfig, engine: &Engine) -> Result<Arc<dyn Ups
                 initiator: cfg.iscsi.initiator.clone(),
                 chap,
                 recovery: cfg.iscsi.recovery,
-                engine: engine.clone(),
+                socket: if cfg.iscsi.uring_socket {
+                    herd::iscsi::SocketMode::Uring(engine.clone())
+                } else {
+                    herd::iscsi::SocketMode::Epoll
+                },
                 digests: cfg.iscsi.digests,
             };
             let up = IscsiUpstream::connect(t).await.with_context(|| {

@@ -197,3 +197,36 @@ fn crc32c_digests_are_negotiated_and_verified() {
     assert!(!log.contains("digest mismatch"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn io_uring_socket_mode_reads_byte_identical_across_a_restart() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-uring");
+    let img = dir.join("lun.img");
+    let data = random_image(&img, 64 * MIB);
+    let mut t = Tgtd::start(&img, None);
+    let h = Herd::start(&dir, "root", &t.url(None), &["--iscsi-socket", "uring"]);
+    let out = dir.join("out.raw");
+    let mut reader = Command::new("nbdcopy")
+        .arg(h.url())
+        .arg(&out)
+        .spawn()
+        .expect("nbdcopy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.metric("herd_upstream_read_bytes_total") < 4.0 * MIB as f64
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    t.launch();
+    assert!(
+        reader.wait().expect("wait").success(),
+        "the read failed across the restart"
+    );
+    assert_same_file(&out, &data);
+    let _ = std::fs::remove_dir_all(&dir);
+}

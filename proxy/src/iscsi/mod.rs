@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use login::{Chap, LoginSpec};
-pub use session::Session;
+pub use session::{Session, SocketMode};
 
 /// Default iSCSI port.
 pub const ISCSI_PORT: u16 = 3260;
@@ -138,10 +138,10 @@ pub async fn connect(
     portal: &Portal,
     spec: &LoginSpec,
     lun: u16,
-    engine: &crate::io::Engine,
+    mode: &session::SocketMode,
 ) -> Result<Arc<Session>, IscsiError> {
     let (s, params) = open(portal, spec).await?;
-    Ok(Session::start(s, params, lun, engine.clone())?)
+    Ok(Session::start(s, params, lun, mode)?)
 }
 
 /// A SendTargets result: target name and its portals.

@@ -27,8 +27,8 @@ pub struct IscsiTarget {
     pub chap: Option<Chap>,
     /// How long reads wait for a lost target to come back.
     pub recovery: Duration,
-    /// Drives the session's socket (io_uring).
-    pub engine: crate::io::Engine,
+    /// What drives the session's socket.
+    pub socket: crate::iscsi::SocketMode,
     /// Offer CRC32C header and data digests.
     pub digests: bool,
 }
@@ -85,7 +85,7 @@ impl IscsiUpstream {
     /// Login failures (bad IQN, authentication, unreachable) or a LUN that
     /// cannot report its capacity.
     pub async fn connect(t: IscsiTarget) -> UpstreamResult<Self> {
-        let session = is::connect(&t.portal, &t.spec(), t.lun, &t.engine)
+        let session = is::connect(&t.portal, &t.spec(), t.lun, &t.socket)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
         let mut up = Self {
@@ -166,7 +166,7 @@ impl IscsiUpstream {
                 return Ok(Arc::clone(s));
             }
         }
-        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, &self.t.engine)
+        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, &self.t.socket)
             .await
             .map_err(|e| iscsi_err(&self.t, e))?;
         tracing::info!(target = %self.t.target, "iSCSI session (re)established");
