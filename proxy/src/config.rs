@@ -11,6 +11,7 @@
 //! connections = 4
 //! direct_io = true
 //! parent_timeout = 30   # seconds to wait for the parent at startup
+//! read_ahead = "256KiB" # fetched ahead of a sequential reader that misses
 //! iscsi_secret_file = "/etc/herd/chap.secret"   # for iscsi://USER@…
 //! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
@@ -32,6 +33,9 @@ use crate::upstream::UpstreamUrl;
 pub const DEFAULT_CHUNK: u32 = 64 << 10;
 pub const DEFAULT_EXPORT: &str = "herd";
 pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Read-ahead for sequential misses: small, because every level of a tree
+/// reads ahead and a boot should move only what it reads (DESIGN.md).
+pub const DEFAULT_READ_AHEAD: u64 = 256 << 10;
 /// Seconds to wait for a parent at startup: proxies of a tree start in any
 /// order, so a child outlives a parent that comes up a little later.
 pub const DEFAULT_PARENT_TIMEOUT: u64 = 30;
@@ -49,6 +53,7 @@ pub struct FileConfig {
     pub connections: Option<usize>,
     pub direct_io: Option<bool>,
     pub parent_timeout: Option<u64>,
+    pub read_ahead: Option<String>,
     pub iscsi_secret_file: Option<PathBuf>,
     pub iscsi_initiator: Option<String>,
     pub iscsi_recovery: Option<u64>,
@@ -69,6 +74,8 @@ pub struct ServeConfig {
     pub direct_io: bool,
     /// How long to keep retrying an unreachable parent at startup.
     pub parent_timeout: std::time::Duration,
+    /// Bytes fetched ahead of a sequential reader that misses (0: off).
+    pub read_ahead: u64,
     pub iscsi: IscsiSettings,
 }
 
@@ -159,6 +166,7 @@ impl FileConfig {
             connections: other.connections.or(self.connections),
             direct_io: other.direct_io.or(self.direct_io),
             parent_timeout: other.parent_timeout.or(self.parent_timeout),
+            read_ahead: other.read_ahead.or(self.read_ahead),
             iscsi_secret_file: other.iscsi_secret_file.or(self.iscsi_secret_file),
             iscsi_initiator: other.iscsi_initiator.or(self.iscsi_initiator),
             iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
@@ -228,6 +236,12 @@ impl FileConfig {
             parent_timeout: std::time::Duration::from_secs(
                 self.parent_timeout.unwrap_or(DEFAULT_PARENT_TIMEOUT),
             ),
+            read_ahead: match self.read_ahead {
+                None => DEFAULT_READ_AHEAD,
+                Some(s) => parse_size(&s)
+                    .map_err(|e| inv("read_ahead", e.to_string()))?
+                    .min(32 << 20),
+            },
             iscsi: IscsiSettings {
                 secret_file: self.iscsi_secret_file,
                 initiator: self

@@ -84,6 +84,10 @@ struct ServeArgs {
     /// Seconds to keep retrying an unreachable parent at startup (default 30).
     #[arg(long)]
     parent_timeout: Option<u64>,
+    /// Bytes to fetch ahead of a sequential reader that misses (0: off;
+    /// default 256KiB).
+    #[arg(long)]
+    read_ahead: Option<String>,
     /// Async worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -120,6 +124,7 @@ impl ServeArgs {
             connections: self.connections,
             direct_io: self.no_direct_io.then_some(false),
             parent_timeout: self.parent_timeout,
+            read_ahead: self.read_ahead,
             iscsi_secret_file: self.iscsi_secret_file,
             iscsi_initiator: self.iscsi_initiator,
             iscsi_recovery: None,
@@ -275,6 +280,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         name: cfg.export_name.clone(),
         description: format!("herd proxy of {}", cache.upstream().describe()),
         cache: Arc::clone(&cache),
+        read_ahead: cfg.read_ahead,
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;

@@ -39,6 +39,9 @@ pub struct Options {
     /// Chunk size of every proxy.
     #[arg(long, default_value = "64KiB")]
     pub chunk_size: String,
+    /// Read-ahead of every proxy for sequential misses (0 disables).
+    #[arg(long, default_value = "256KiB")]
+    pub read_ahead: String,
     /// Hardware acceleration for the guest.
     #[arg(long, value_enum, default_value = "auto")]
     pub accel: Accel,
@@ -164,11 +167,26 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    pub fn start(bin: &Path, dir: &Path, name: &str, upstream: &str, chunk: &str) -> Result<Self> {
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        upstream: &str,
+        chunk: &str,
+        read_ahead: &str,
+    ) -> Result<Self> {
         let (port, metrics) = (free_port()?, free_port()?);
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(bin)
-            .args(["serve", "--upstream", upstream, "--chunk-size", chunk])
+            .args([
+                "serve",
+                "--upstream",
+                upstream,
+                "--chunk-size",
+                chunk,
+                "--read-ahead",
+                read_ahead,
+            ])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics", &format!("127.0.0.1:{metrics}")])
             .arg("--cache-dir")
@@ -383,7 +401,14 @@ fn chain_boot(
             format!("relay{level}")
         };
         let up = chain.last().map_or_else(|| upstream.clone(), Proxy::url);
-        chain.push(Proxy::start(bin, dir, &name, &up, &opts.chunk_size)?);
+        chain.push(Proxy::start(
+            bin,
+            dir,
+            &name,
+            &up,
+            &opts.chunk_size,
+            &opts.read_ahead,
+        )?);
     }
     step(&format!(
         "chain up: {} -> {}",

@@ -55,13 +55,17 @@ pub fn run(opts: &Options) -> Result<()> {
             image: kind,
             levels: 3,
             chunk_size: "64KiB".into(),
+            read_ahead: "256KiB".into(),
             accel: Accel::Auto,
             compare_local: false,
         };
-        match demo::run_demo(&o).and_then(|r| check(&r).map(|()| r)) {
-            Ok(r) => {
+        let outcome = demo::run_demo(&o).and_then(|r| {
+            println!("{r}");
+            check(&r)
+        });
+        match outcome {
+            Ok(()) => {
                 passed += 1;
-                println!("{r}");
                 println!("test {name} ... ok");
             }
             Err(e) => {
@@ -152,9 +156,13 @@ fn check(r: &demo::Report) -> Result<()> {
         r.root_served_bytes,
         r.image_size
     );
+    // Each chunk is read off the root's disk at most once (read-ahead may
+    // read chunks the relay never asks for, so served and read can differ).
     anyhow::ensure!(
-        r.root_file_bytes == r.root_served_bytes,
-        "root read its file more than once per chunk"
+        r.root_file_bytes <= r.image_size,
+        "root read {} bytes of a {}-byte image",
+        r.root_file_bytes,
+        r.image_size
     );
     Ok(())
 }

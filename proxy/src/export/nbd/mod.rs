@@ -20,6 +20,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub cache: Arc<ChunkCache>,
+    /// Bytes fetched ahead when a connection's sequential READ misses (0: off).
+    pub read_ahead: u64,
 }
 
 impl Export {

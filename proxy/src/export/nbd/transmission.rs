@@ -21,9 +21,6 @@ use crate::net::BoxStream;
 /// `MAX_IN_FLIGHT * 32 MiB` in the worst case.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// How far ahead a sequential reader's misses are fetched.
-const READ_AHEAD: u64 = 1 << 20;
-
 enum Reply {
     Ok {
         handle: u64,
@@ -108,8 +105,8 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                         continue;
                     }
                 }
-                if sequential && req.command == proto::CMD_READ {
-                    export.cache.read_ahead(last_end, READ_AHEAD);
+                if sequential && req.command == proto::CMD_READ && export.read_ahead > 0 {
+                    export.cache.read_ahead(last_end, export.read_ahead);
                 }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break Ok(());
