@@ -36,7 +36,6 @@ enum Kind {
     Write,
     Fdatasync,
     /// Stream socket receive / send (no offset).
-    Recv,
     /// One receive of whatever has arrived (at least one byte, or EOF).
     RecvSome,
     Send,
@@ -54,7 +53,7 @@ struct Op {
 impl Op {
     fn finish(mut self, res: io::Result<()>) {
         let out = res.map(|()| {
-            if matches!(self.kind, Kind::Read | Kind::Recv | Kind::RecvSome) {
+            if matches!(self.kind, Kind::Read | Kind::RecvSome) {
                 self.buf.truncate(self.done);
             }
             self.buf
@@ -197,15 +196,6 @@ impl Engine {
         self.submit(Kind::Write, file, offset, buf).await
     }
 
-    /// Receives exactly `buf.len()` bytes from a connected stream socket;
-    /// the returned buffer is shorter only if the peer closed.
-    ///
-    /// # Errors
-    /// The OS error of the failed recv.
-    pub async fn recv(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::Recv, sock, 0, buf).await
-    }
-
     /// Receives what has arrived on a stream socket, up to `buf.len()`
     /// bytes (waiting for at least one); empty means the peer closed.
     ///
@@ -241,7 +231,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     if n == 0 {
-        if matches!(op.kind, Kind::Read | Kind::Recv | Kind::RecvSome) {
+        if matches!(op.kind, Kind::Read | Kind::RecvSome) {
             op.finish(Ok(())); // end of file
         } else {
             op.finish(Err(io::ErrorKind::WriteZero.into()));
@@ -268,7 +258,7 @@ fn sync_loop(rx: &mpsc::Receiver<Op>) {
                 }
                 Kind::Write => op.file.write_at(&op.buf[op.done..], off),
                 Kind::Fdatasync => op.file.sync_data().map(|()| 0),
-                Kind::Recv | Kind::RecvSome => {
+                Kind::RecvSome => {
                     let done = op.done;
                     std::io::Read::read(&mut &*op.file, &mut op.buf[done..])
                 }
@@ -308,7 +298,7 @@ fn sqe_for(op: &mut Op, key: u64) -> io_uring::squeue::Entry {
         Kind::Fdatasync => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
-        Kind::Recv | Kind::RecvSome => {
+        Kind::RecvSome => {
             let done = op.done;
             opcode::Recv::new(fd, op.buf[done..].as_mut_ptr(), remaining).build()
         }
