@@ -35,9 +35,10 @@ enum Kind {
     Read,
     Write,
     Fdatasync,
-    /// Stream socket receive / send (no offset).
-    /// One receive of whatever has arrived (at least one byte, or EOF).
+    /// One stream-socket receive of whatever has arrived (at least one
+    /// byte, or EOF); no offset.
     RecvSome,
+    /// Stream-socket send of the whole buffer; no offset.
     Send,
 }
 

@@ -67,25 +67,22 @@ impl std::str::FromStr for UpstreamUrl {
             let p = p.strip_prefix('/').unwrap_or(p);
             percent_decode(p)
         };
+        // The host without IPv6 brackets; required for TCP schemes.
+        let host = || {
+            u.host_str()
+                .filter(|h| !h.is_empty())
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .ok_or_else(|| UrlError::NoHost {
+                    input: input.to_owned(),
+                })
+        };
         match u.scheme() {
             "file" => Ok(Self::File(PathBuf::from(percent_decode(u.path())))),
-            "nbd" => {
-                let host =
-                    u.host_str()
-                        .filter(|h| !h.is_empty())
-                        .ok_or_else(|| UrlError::NoHost {
-                            input: input.to_owned(),
-                        })?;
-                let host = host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned();
-                Ok(Self::NbdTcp {
-                    host,
-                    port: u.port().unwrap_or(NBD_PORT),
-                    export: export(),
-                })
-            }
+            "nbd" => Ok(Self::NbdTcp {
+                host: host()?,
+                port: u.port().unwrap_or(NBD_PORT),
+                export: export(),
+            }),
             "nbd+unix" => {
                 let socket = u
                     .query_pairs()
@@ -100,12 +97,7 @@ impl std::str::FromStr for UpstreamUrl {
                 })
             }
             "iscsi" => {
-                let host =
-                    u.host_str()
-                        .filter(|h| !h.is_empty())
-                        .ok_or_else(|| UrlError::NoHost {
-                            input: input.to_owned(),
-                        })?;
+                let host = host()?;
                 if u.password().is_some() {
                     return Err(UrlError::SecretInUrl {
                         input: "iscsi://…".to_owned(),
@@ -122,10 +114,7 @@ impl std::str::FromStr for UpstreamUrl {
                 }
                 let user = (!u.username().is_empty()).then(|| percent_decode(u.username()));
                 Ok(Self::Iscsi {
-                    host: host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_owned(),
+                    host,
                     port: u.port().unwrap_or(crate::iscsi::ISCSI_PORT),
                     target: percent_decode(target),
                     lun,
