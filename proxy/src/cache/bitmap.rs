@@ -110,6 +110,8 @@ pub struct Bitmap {
     file: File,
     words: Vec<AtomicU64>,
     chunks: u64,
+    /// Bits set, kept alongside the words so `count` is O(1).
+    present: AtomicU64,
     write_lock: Mutex<()>,
     dirty: AtomicBool,
 }
@@ -199,11 +201,16 @@ impl Bitmap {
                 words.push(AtomicU64::new(v));
             }
         }
+        let present = words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum();
         Ok(Self {
             path: path.to_owned(),
             file,
             words,
             chunks,
+            present: AtomicU64::new(present),
             write_lock: Mutex::new(()),
             dirty: AtomicBool::new(false),
         })
@@ -229,23 +236,44 @@ impl Bitmap {
     /// # Errors
     /// `Io` if the word cannot be written; the bit stays set in memory.
     pub fn set(&self, chunk: u64) -> Result<(), BitmapError> {
-        let Some(word) = usize::try_from(chunk / 64)
-            .ok()
-            .and_then(|w| self.words.get(w))
-        else {
+        self.set_range(chunk..chunk + 1)
+    }
+
+    /// Marks a run of chunks present, writing each touched word once.
+    /// Call only after the chunks' data is durable.
+    ///
+    /// # Errors
+    /// `Io` if the words cannot be written; the bits stay set in memory.
+    pub fn set_range(&self, chunks: std::ops::Range<u64>) -> Result<(), BitmapError> {
+        let chunks = chunks.start..chunks.end.min(self.chunks);
+        if chunks.is_empty() {
             return Ok(());
-        };
-        // Serialise load+write so a slower writer never puts back a stale
+        }
+        // Serialise update+write so a slower writer never puts back a stale
         // word that lacks a bit another writer just set.
         let _g = self
             .write_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let v = word.fetch_or(1 << (chunk % 64), Ordering::AcqRel) | (1 << (chunk % 64));
-        let at = u64::from(HEADER_LEN) + chunk / 64 * 8;
+        let mut added = 0;
+        for c in chunks.clone() {
+            let bit = 1u64 << (c % 64);
+            let Some(word) = usize::try_from(c / 64).ok().and_then(|w| self.words.get(w)) else {
+                continue;
+            };
+            if word.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
+                added += 1;
+            }
+        }
+        self.present.fetch_add(added, Ordering::Relaxed);
+        let (first, last) = (chunks.start / 64, (chunks.end - 1) / 64);
+        let bytes: Vec<u8> = (first..=last)
+            .filter_map(|w| usize::try_from(w).ok().and_then(|w| self.words.get(w)))
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
         self.dirty.store(true, Ordering::Release);
         self.file
-            .write_all_at(&v.to_le_bytes(), at)
+            .write_all_at(&bytes, u64::from(HEADER_LEN) + first * 8)
             .map_err(|source| BitmapError::Io {
                 op: "write",
                 path: self.path.clone(),
@@ -256,10 +284,7 @@ impl Bitmap {
     /// Number of chunks present.
     #[must_use]
     pub fn count(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
+        self.present.load(Ordering::Relaxed)
     }
 
     /// Flushes written words to disk if any changed since the last sync.
@@ -320,6 +345,14 @@ mod tests {
         assert!(b.is_set(0) && b.is_set(64) && b.is_set(130));
         assert!(!b.is_set(1) && !b.is_set(131));
         assert_eq!(b.count(), 3);
+        // A run across a word boundary, overlapping a set bit, counted once.
+        b.set_range(60..70).expect("set range");
+        assert_eq!(b.count(), 3 + 9);
+        b.sync().expect("sync");
+        drop(b);
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("reopen");
+        assert!((60..70).all(|c| b.is_set(c)) && !b.is_set(59) && !b.is_set(70));
+        assert_eq!(b.count(), 12);
         drop(b);
         // A different image or chunk size is refused, not silently reused.
         assert!(matches!(

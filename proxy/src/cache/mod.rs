@@ -472,9 +472,7 @@ impl ChunkCache {
         self.make_durable()
             .await
             .map_err(|e| data_err("fdatasync", e))?;
-        for chunk in start..start + n {
-            self.bitmap.set(chunk)?;
-        }
+        self.bitmap.set_range(start..start + n)?;
         m::cache_chunks_present(self.bitmap.count());
         Ok(())
     }
