@@ -109,10 +109,7 @@ fn kill9_mid_read_leaves_no_torn_chunk() {
         .spawn()
         .expect("nbdcopy");
     // Kill once the leaf is part-way through.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while leaf.metric("herd_cache_chunks_present") < 8.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    leaf.wait_metric_at_least("herd_cache_chunks_present", 8.0, Duration::from_secs(30));
     leaf.kill9();
     let _ = reader.wait();
     let cache = dir.join("leaf-cache");

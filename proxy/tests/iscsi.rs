@@ -101,30 +101,34 @@ fn chap_right_works_and_wrong_fails_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn target_restart_mid_read_is_invisible_to_the_reader() {
-    if !have("tgtd") || !have("nbdcopy") {
-        return;
-    }
-    let dir = scratch("iscsi-restart");
+/// Reads a LUN through herd with nbdcopy while tgtd is killed (once herd
+/// has fetched `kill_after_mib`) and restarted `pause` later; the read must
+/// succeed with identical bytes. Returns herd's log.
+fn read_across_target_restart(
+    name: &str,
+    size_mib: usize,
+    herd_args: &[&str],
+    kill_after_mib: usize,
+    pause: Duration,
+) -> String {
+    let dir = scratch(name);
     let img = dir.join("lun.img");
-    let data = random_image(&img, 128 * MIB);
+    let data = random_image(&img, size_mib * MIB);
     let mut t = Tgtd::start(&img, None);
-    let h = Herd::start(&dir, "root", &t.url(None), &[]);
+    let h = Herd::start(&dir, "root", &t.url(None), herd_args);
     let out = dir.join("out.raw");
     let mut reader = Command::new("nbdcopy")
         .arg(h.url())
         .arg(&out)
         .spawn()
         .expect("nbdcopy");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while h.metric("herd_upstream_read_bytes_total") < 8.0 * MIB as f64
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    h.wait_metric_at_least(
+        "herd_upstream_read_bytes_total",
+        (kill_after_mib * MIB) as f64,
+        Duration::from_secs(30),
+    );
     t.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(pause);
     t.launch();
     assert!(
         reader.wait().expect("wait").success(),
@@ -132,8 +136,17 @@ fn target_restart_mid_read_is_invisible_to_the_reader() {
     );
     assert_same_file(&out, &data);
     let log = std::fs::read_to_string(&h.log).unwrap_or_default();
-    assert!(log.contains("(re)established"), "herd logged in again");
     let _ = std::fs::remove_dir_all(&dir);
+    log
+}
+
+#[test]
+fn target_restart_mid_read_is_invisible_to_the_reader() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let log = read_across_target_restart("iscsi-restart", 128, &[], 8, Duration::from_millis(1500));
+    assert!(log.contains("(re)established"), "herd logged in again");
 }
 
 #[test]
@@ -203,30 +216,11 @@ fn io_uring_socket_mode_reads_byte_identical_across_a_restart() {
     if !have("tgtd") || !have("nbdcopy") {
         return;
     }
-    let dir = scratch("iscsi-uring");
-    let img = dir.join("lun.img");
-    let data = random_image(&img, 64 * MIB);
-    let mut t = Tgtd::start(&img, None);
-    let h = Herd::start(&dir, "root", &t.url(None), &["--iscsi-socket", "uring"]);
-    let out = dir.join("out.raw");
-    let mut reader = Command::new("nbdcopy")
-        .arg(h.url())
-        .arg(&out)
-        .spawn()
-        .expect("nbdcopy");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while h.metric("herd_upstream_read_bytes_total") < 4.0 * MIB as f64
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    t.kill9();
-    std::thread::sleep(Duration::from_millis(500));
-    t.launch();
-    assert!(
-        reader.wait().expect("wait").success(),
-        "the read failed across the restart"
+    read_across_target_restart(
+        "iscsi-uring",
+        64,
+        &["--iscsi-socket", "uring"],
+        4,
+        Duration::from_millis(500),
     );
-    assert_same_file(&out, &data);
-    let _ = std::fs::remove_dir_all(&dir);
 }

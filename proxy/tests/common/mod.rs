@@ -138,6 +138,15 @@ impl Herd {
         }
     }
 
+    /// Polls a metric until it reaches `at_least` or `limit` passes (the
+    /// caller asserts on what happened next).
+    pub fn wait_metric_at_least(&self, name: &str, at_least: f64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.metric(name) < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
