@@ -95,22 +95,30 @@ pub struct IscsiSettings {
 pub const DEFAULT_INITIATOR: &str = "iqn.2026-11.dev.herd:initiator";
 
 impl IscsiSettings {
-    /// The CHAP secret: the file's first line, else `HERD_ISCSI_SECRET`.
+    /// The CHAP secret (see [`chap_secret`]).
     ///
     /// # Errors
-    /// `Read` if the file cannot be read; `Missing` if neither is set.
+    /// As [`chap_secret`].
     pub fn secret(&self) -> Result<Vec<u8>, ConfigError> {
-        if let Some(p) = &self.secret_file {
-            let s = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                path: p.clone(),
-                source,
-            })?;
-            return Ok(s.lines().next().unwrap_or_default().as_bytes().to_vec());
-        }
-        std::env::var("HERD_ISCSI_SECRET")
-            .map(String::into_bytes)
-            .map_err(|_| ConfigError::Missing("iscsi_secret_file"))
+        chap_secret(self.secret_file.as_deref())
     }
+}
+
+/// The CHAP secret: the first line of `file`, else `HERD_ISCSI_SECRET`.
+///
+/// # Errors
+/// `Read` if the file cannot be read; `Missing` if neither is set.
+pub fn chap_secret(file: Option<&Path>) -> Result<Vec<u8>, ConfigError> {
+    if let Some(p) = file {
+        let s = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.to_owned(),
+            source,
+        })?;
+        return Ok(s.lines().next().unwrap_or_default().as_bytes().to_vec());
+    }
+    std::env::var("HERD_ISCSI_SECRET")
+        .map(String::into_bytes)
+        .map_err(|_| ConfigError::Missing("iscsi_secret_file"))
 }
 
 #[derive(Debug, Error)]

@@ -35,19 +35,10 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
         }
     };
     let chap = match user {
-        Some(u) => {
-            let settings = herd::config::IscsiSettings {
-                secret_file,
-                initiator: initiator.clone(),
-                recovery: std::time::Duration::from_secs(0),
-                digests: false,
-                uring_socket: false,
-            };
-            Some(Chap {
-                user: u,
-                secret: settings.secret()?,
-            })
-        }
+        Some(u) => Some(Chap {
+            user: u,
+            secret: herd::config::chap_secret(secret_file.as_deref())?,
+        }),
         None => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -226,11 +217,12 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         let start = std::time::Instant::now();
         let mut tasks = Vec::new();
         for w in 0..a.qd {
-            let (up, next, done, random) = (
+            let (up, next, done, random, len) = (
                 Arc::clone(&up),
                 Arc::clone(&next),
                 Arc::clone(&done),
                 a.random,
+                a.block_size,
             );
             tasks.push(tokio::spawn(async move {
                 let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (w as u64 + 1);
@@ -243,7 +235,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
                     } else {
                         next.fetch_add(1, Ordering::Relaxed) % slots
                     };
-                    up.read_at(slot * bs, a_len(bs)).await?;
+                    up.read_at(slot * bs, len).await?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
@@ -260,8 +252,4 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         println!("{{\"iops\": {:.1}, \"mib_s\": {:.1}}}", ops / secs, mib);
         Ok(())
     })
-}
-
-fn a_len(bs: u64) -> usize {
-    usize::try_from(bs).unwrap_or(usize::MAX)
 }
