@@ -9,7 +9,7 @@
 //! fraction of the image that crossed the tree.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Disk, Kind, MARKER};
-use crate::util::{cargo, root, run, run_visible, spinner, step, work_dir};
+use crate::util::{cargo, free_port, root, run, run_visible, spinner, step, work_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -107,10 +107,6 @@ impl std::fmt::Display for Report {
             100.0 * self.root_served_bytes as f64 / self.image_size.max(1) as f64
         )
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn wait_port(port: u16, child: &mut Child, log: &Path) -> Result<()> {

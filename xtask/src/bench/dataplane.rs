@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
-use crate::util::{output, root, run, step};
+use crate::util::{free_port, median, output, root, run, step};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -175,12 +175,6 @@ impl Drop for Running {
             let _ = p.wait();
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -452,20 +446,6 @@ fn prepare_image(path: &Path, mib: u64) -> Result<()> {
         .arg(format!("count={mib}")))?;
     std::fs::rename(tmp, path)?;
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    if s.is_empty() {
-        return 0.0;
-    }
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 pub fn run_bench(opts: &Options) -> Result<Results> {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
-use crate::util::{output, root, run, step, work_dir};
+use crate::util::{free_port, median, output, root, run, step, work_dir};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -96,9 +96,7 @@ impl Drop for Tgtd {
 }
 
 fn start_tgtd(backing: &Path) -> Result<Tgtd> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = free_port()?;
     let ctl = 100 + port % 800;
     let child = Command::new("tgtd")
         .args([
@@ -195,12 +193,6 @@ fn perf_run(url: &str, p: &Pattern, secs: u64) -> Result<f64> {
                 text.chars().take(300).collect::<String>()
             )
         })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(0.0)
 }
 
 pub fn run_bench(opts: &Options) -> Result<Results> {
