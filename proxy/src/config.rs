@@ -17,6 +17,11 @@
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! iscsi_digests = false  # offer CRC32C header/data digests
 //! iscsi_socket = "epoll" # or "uring": what drives the session socket
+//! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
+//! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
+//! prefetch = "profile"   # "none", "profile" (default) or "full" (profile, then all)
+//! prefetch_concurrency = 2  # upstream reads prefetch keeps in flight
+//! prefetch_rate = "50MiB"   # optional cap, bytes per second
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -59,6 +64,11 @@ pub struct FileConfig {
     pub iscsi_recovery: Option<u64>,
     pub iscsi_digests: Option<bool>,
     pub iscsi_socket: Option<String>,
+    pub profile: Option<PathBuf>,
+    pub record_profile: Option<PathBuf>,
+    pub prefetch: Option<String>,
+    pub prefetch_concurrency: Option<usize>,
+    pub prefetch_rate: Option<String>,
 }
 
 /// Validated settings.
@@ -77,7 +87,34 @@ pub struct ServeConfig {
     /// Bytes fetched ahead of a sequential reader that misses (0: off).
     pub read_ahead: u64,
     pub iscsi: IscsiSettings,
+    /// Boot profile to prefetch and hand to children (root).
+    pub profile: Option<PathBuf>,
+    /// Where the daemon-side recorder writes what clients read.
+    pub record_profile: Option<PathBuf>,
+    pub prefetch: PrefetchSettings,
 }
+
+/// What a proxy fetches ahead of demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchMode {
+    None,
+    /// The boot profile's chunks, in first-access order.
+    Profile,
+    /// The profile, then every other chunk.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PrefetchSettings {
+    pub mode: PrefetchMode,
+    /// Upstream reads prefetch keeps in flight (each up to 128 KiB): this
+    /// bounds how long a demand read can wait behind prefetch on a slow link.
+    pub concurrency: usize,
+    /// Bytes per second, if capped.
+    pub rate: Option<u64>,
+}
+
+pub const DEFAULT_PREFETCH_CONCURRENCY: usize = 2;
 
 /// iSCSI initiator settings (used with an `iscsi://` upstream).
 #[derive(Debug, Clone)]
@@ -180,6 +217,11 @@ impl FileConfig {
             iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
             iscsi_digests: other.iscsi_digests.or(self.iscsi_digests),
             iscsi_socket: other.iscsi_socket.or(self.iscsi_socket),
+            profile: other.profile.or(self.profile),
+            record_profile: other.record_profile.or(self.record_profile),
+            prefetch: other.prefetch.or(self.prefetch),
+            prefetch_concurrency: other.prefetch_concurrency.or(self.prefetch_concurrency),
+            prefetch_rate: other.prefetch_rate.or(self.prefetch_rate),
         }
     }
 
@@ -230,7 +272,39 @@ impl FileConfig {
                 return Err(inv("metrics", format!("`{m}` is not ip:port")));
             }
         }
+        let prefetch = PrefetchSettings {
+            mode: match self.prefetch.as_deref() {
+                None | Some("profile") => PrefetchMode::Profile,
+                Some("full") => PrefetchMode::Full,
+                Some("none") => PrefetchMode::None,
+                Some(other) => {
+                    return Err(inv(
+                        "prefetch",
+                        format!("`{other}` is not one of none, profile, full"),
+                    ))
+                }
+            },
+            concurrency: self
+                .prefetch_concurrency
+                .unwrap_or(DEFAULT_PREFETCH_CONCURRENCY),
+            rate: match self.prefetch_rate {
+                None => None,
+                Some(s) => match parse_size(&s).map_err(|e| inv("prefetch_rate", e.to_string()))? {
+                    0 => return Err(inv("prefetch_rate", "must be above 0".into())),
+                    n => Some(n),
+                },
+            },
+        };
+        if !(1..=64).contains(&prefetch.concurrency) {
+            return Err(inv(
+                "prefetch_concurrency",
+                format!("{} is outside 1..=64", prefetch.concurrency),
+            ));
+        }
         Ok(ServeConfig {
+            profile: self.profile,
+            record_profile: self.record_profile,
+            prefetch,
             upstream,
             listen,
             cache_dir,

@@ -3,9 +3,14 @@
 //! proxy elsewhere) and caching them on local disk.
 //!
 //! ```text
-//!   upstream::{file, nbd}  ──▶  cache (chunks + bitmap, single-flight)  ──▶  export::nbd
-//!        (io_uring / NBD client)                                            (NBD server)
+//!   upstream::{file, nbd, iscsi} ──▶ cache (chunks + bitmap, single-flight) ──▶ export::nbd
+//!                                        ▲                                  │ (+ herd-profile)
+//!                prefetch (profile order, demand first)          record::daemon
 //! ```
+//!
+//! `profile` is the boot-profile format; `record` the eBPF recorder that
+//! produces one from a real boot; `prefetch` moves a profile's chunks down
+//! the tree ahead of demand.
 
 pub mod cache;
 pub mod config;
@@ -15,6 +20,9 @@ pub mod iscsi;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
+pub mod prefetch;
+pub mod profile;
+pub mod record;
 pub mod size;
 pub mod upstream;
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod iscsi_cli;
+mod profile_cli;
+mod record_cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -13,6 +15,9 @@ use herd::config::{FileConfig, ServeConfig};
 use herd::export::nbd::{self as nbd_export, Export};
 use herd::io::Engine;
 use herd::net::Listener;
+use herd::prefetch::propagate;
+use herd::profile::{identity_of_upstream, Profile};
+use herd::record::daemon::ClientRecorder;
 use herd::upstream::file::FileUpstream;
 use herd::upstream::iscsi::{IscsiTarget, IscsiUpstream};
 use herd::upstream::nbd::NbdUpstream;
@@ -36,6 +41,11 @@ enum Command {
     /// iSCSI tools.
     #[command(subcommand)]
     Iscsi(IscsiCmd),
+    /// Record which bytes of an image a boot reads (eBPF; needs root).
+    Record(record_cli::RecordArgs),
+    /// Inspect, merge and compare boot profiles.
+    #[command(subcommand)]
+    Profile(profile_cli::ProfileCmd),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +116,22 @@ struct ServeArgs {
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
+    /// Boot profile to prefetch and pass down the tree (children learn it
+    /// from their parent).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Record what this proxy's clients read into a profile.
+    #[arg(long)]
+    record_profile: Option<PathBuf>,
+    /// What to fetch ahead of demand: none, profile (default), full.
+    #[arg(long)]
+    prefetch: Option<String>,
+    /// Upstream reads prefetch keeps in flight (default 2).
+    #[arg(long)]
+    prefetch_concurrency: Option<usize>,
+    /// Cap prefetch at this many bytes per second (e.g. 50MiB).
+    #[arg(long)]
+    prefetch_rate: Option<String>,
 }
 
 impl ServeArgs {
@@ -130,6 +156,11 @@ impl ServeArgs {
             iscsi_recovery: None,
             iscsi_digests: self.iscsi_digests.then_some(true),
             iscsi_socket: self.iscsi_socket,
+            profile: self.profile,
+            record_profile: self.record_profile,
+            prefetch: self.prefetch,
+            prefetch_concurrency: self.prefetch_concurrency,
+            prefetch_rate: self.prefetch_rate,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -156,6 +187,8 @@ fn main() -> std::process::ExitCode {
             iscsi_initiator,
         }) => iscsi_cli::probe(&url, iscsi_secret_file, iscsi_initiator),
         Command::Iscsi(IscsiCmd::Bench(b)) => iscsi_cli::bench(&b),
+        Command::Record(r) => record_cli::record(&r),
+        Command::Profile(p) => profile_cli::run(p),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -276,11 +309,50 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         total = cache.chunks_total(),
         "cache ready"
     );
+    let (profile_tx, profile_rx) = tokio::sync::watch::channel(None);
+    if let Some(path) = &cfg.profile {
+        let bytes = load_profile(path, cache.upstream()).await?;
+        let _ = profile_tx.send(Some(Arc::new(bytes)));
+    } else if let Some(url) = propagate::profile_url(&cfg.upstream) {
+        tokio::spawn(propagate::poll_parent(url, cache.size(), profile_tx));
+    }
+    tokio::spawn(propagate::follow(
+        Arc::clone(&cache),
+        profile_rx.clone(),
+        cfg.prefetch,
+    ));
+    let recorder = match &cfg.record_profile {
+        Some(path) => {
+            let id = identity_of_upstream(cache.upstream())
+                .await
+                .context("cannot read the image's identity samples")?;
+            tracing::info!(path = %path.display(), "recording what clients read");
+            Some(Arc::new(ClientRecorder::new(
+                path.clone(),
+                cache.size(),
+                id,
+            )))
+        }
+        None => None,
+    };
+    if let Some(rec) = recorder.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                if let Err(e) = rec.save() {
+                    tracing::warn!(error = %e, "cannot write the recorded profile");
+                }
+            }
+        });
+    }
     let export = Arc::new(Export {
         name: cfg.export_name.clone(),
         description: format!("herd proxy of {}", cache.upstream().describe()),
         cache: Arc::clone(&cache),
         read_ahead: cfg.read_ahead,
+        profile: profile_rx,
+        recorder: recorder.clone(),
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;
@@ -303,7 +375,31 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         tracing::warn!("chunks still being cached at exit will be fetched again");
     }
     cache.sync().context("final bitmap sync failed")?;
+    if let Some(rec) = recorder {
+        rec.save().context("cannot write the recorded profile")?;
+        let p = rec.profile();
+        tracing::info!(
+            extents = p.extents.len(),
+            bytes = p.bytes(),
+            "recorded profile written"
+        );
+    }
     Ok(())
+}
+
+/// Reads the root's profile and refuses one recorded on another image.
+async fn load_profile(path: &std::path::Path, upstream: &dyn Upstream) -> Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
+    let p = Profile::decode(&bytes)
+        .with_context(|| format!("{} is not a usable profile", path.display()))?;
+    let id = identity_of_upstream(upstream)
+        .await
+        .context("cannot read the image's identity samples")?;
+    p.check_image(upstream.size(), &id)
+        .with_context(|| format!("profile {} does not fit this image", path.display()))?;
+    tracing::info!(path = %path.display(), extents = p.extents.len(), bytes = p.bytes(), "boot profile loaded");
+    Ok(bytes)
 }
 
 async fn shutdown_signal() {

@@ -66,6 +66,23 @@ fn describe() {
     describe_gauge!("herd_cache_chunks_present", "chunks held in the cache");
     describe_gauge!("herd_cache_chunks_total", "chunks in the image");
     describe_gauge!(
+        "herd_prefetch_chunks_total",
+        "chunks the current prefetch plan covers"
+    );
+    describe_gauge!(
+        "herd_prefetch_chunks_done",
+        "chunks of the prefetch plan present in the cache"
+    );
+    describe_counter!(
+        "herd_prefetch_bytes_total",
+        Unit::Bytes,
+        "bytes fetched from the upstream by prefetch"
+    );
+    describe_gauge!(
+        "herd_profile_extents",
+        "extents in the boot profile this proxy prefetches and serves"
+    );
+    describe_gauge!(
         "herd_image_size_bytes",
         Unit::Bytes,
         "size of the served image"
@@ -104,6 +121,19 @@ pub fn cache_chunks_total(n: u64) {
 #[allow(clippy::cast_precision_loss)]
 pub fn image_size(n: u64) {
     gauge!("herd_image_size_bytes").set(n as f64);
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub fn prefetch_progress(done: u64, total: u64) {
+    gauge!("herd_prefetch_chunks_done").set(done as f64);
+    gauge!("herd_prefetch_chunks_total").set(total as f64);
+}
+pub fn prefetch_bytes(bytes: u64) {
+    counter!("herd_prefetch_bytes_total").increment(bytes);
+}
+#[allow(clippy::cast_precision_loss)]
+pub fn profile_extents(n: usize) {
+    gauge!("herd_profile_extents").set(n as f64);
 }
 
 static ISCSI_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -5,6 +5,7 @@
 use herd::cache::bitmap;
 use herd::iscsi::{pdu, scsi, text};
 use herd::nbd::proto;
+use herd::profile::{self, Extent, ImageId, Profile};
 use rand::{Rng, RngCore, SeedableRng};
 
 fn all_decoders(d: &[u8]) {
@@ -31,6 +32,13 @@ fn all_decoders(d: &[u8]) {
     let _ = scsi::parse_designator(d);
     let _ = scsi::parse_block_limits(d);
     let _ = scsi::parse_report_luns(d);
+    let _ = Profile::decode(d);
+    // Past the checksum too: the extent checks must hold on their own.
+    let mut sealed = d.to_vec();
+    profile::reseal(&mut sealed);
+    if let Ok(p) = Profile::decode(&sealed) {
+        assert_eq!(Profile::decode(&p.encode()).ok(), Some(p));
+    }
 }
 
 #[test]
@@ -80,6 +88,27 @@ fn random_and_mutated_inputs_never_panic() {
     login[0] = pdu::OP_LOGIN_RESP;
     seeds.push(login);
     seeds.push(b"TargetName=iqn.x\0CHAP_C=0x0102ff\0".to_vec());
+    seeds.push(
+        Profile {
+            granule: 4096,
+            image_size: 1 << 20,
+            identity: ImageId([9; 32]),
+            recorded_at: 1,
+            extents: vec![
+                Extent {
+                    offset: 0,
+                    len: 4096,
+                    at_us: 0,
+                },
+                Extent {
+                    offset: 8192,
+                    len: 8192,
+                    at_us: 7,
+                },
+            ],
+        }
+        .encode(),
+    );
     for _ in 0..100_000 {
         let mut d = if rng.gen_bool(0.5) {
             let mut d = vec![0u8; rng.gen_range(0..160)];

@@ -171,6 +171,19 @@ impl Proxy {
         chunk: &str,
         read_ahead: &str,
     ) -> Result<Self> {
+        Self::start_with(bin, dir, name, upstream, chunk, read_ahead, &[])
+    }
+
+    /// As [`Proxy::start`], with more `herd serve` flags.
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        upstream: &str,
+        chunk: &str,
+        read_ahead: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
         let (port, metrics) = (free_port()?, free_port()?);
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(bin)
@@ -187,6 +200,7 @@ impl Proxy {
             .args(["--metrics", &format!("127.0.0.1:{metrics}")])
             .arg("--cache-dir")
             .arg(dir.join(format!("{name}-cache")))
+            .args(extra)
             .env("NO_COLOR", "1")
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -203,6 +217,20 @@ impl Proxy {
     pub fn url(&self) -> String {
         format!("nbd://127.0.0.1:{}/herd", self.port)
     }
+
+    /// SIGTERM and a graceful exit (the daemon flushes what it records).
+    pub fn stop(mut self) -> Result<()> {
+        run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait()? {
+                anyhow::ensure!(s.success(), "herd exited with {s} on SIGTERM");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("herd did not exit within 15 s of SIGTERM")
+    }
 }
 
 /// Builds the release herd binary and returns its path.
@@ -216,6 +244,15 @@ pub fn build_herd() -> Result<PathBuf> {
         "herd",
     ]))?;
     Ok(root().join("target/release/herd"))
+}
+
+/// "kvm" if KVM boots guests here, else "tcg".
+pub fn auto_accel(disk: &Disk) -> &'static str {
+    if kvm_works(disk) {
+        "kvm"
+    } else {
+        "tcg"
+    }
 }
 
 fn kvm_works(disk: &Disk) -> bool {
@@ -251,7 +288,7 @@ fn kvm_works(disk: &Disk) -> bool {
 }
 
 /// Boots `drive` and waits for the marker; returns seconds to marker.
-fn boot(
+pub fn boot(
     disk: &Disk,
     drive: &Path,
     format: &str,
@@ -259,8 +296,29 @@ fn boot(
     timeout: Duration,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<f64> {
+    boot_wrapped(disk, drive, format, accel, timeout, progress, &[])
+}
+
+/// As [`boot`], with qemu started by `wrap` (e.g. `herd record … --`),
+/// which must exit when qemu does.
+pub fn boot_wrapped(
+    disk: &Disk,
+    drive: &Path,
+    format: &str,
+    accel: &str,
+    timeout: Duration,
+    progress: Option<&indicatif::ProgressBar>,
+    wrap: &[String],
+) -> Result<f64> {
     let mem = "512";
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = match wrap.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg("qemu-system-x86_64");
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
     cmd.args(["-M", "pc", "-accel", accel, "-m", mem, "-smp", "1"])
         .args([
             "-display",
@@ -348,8 +406,15 @@ fn boot(
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
-    let _ = child.wait();
-    result
+    let status = child.wait()?;
+    let t = result?;
+    // A wrapper reports its own failure through its exit status.
+    anyhow::ensure!(
+        wrap.is_empty() || status.success(),
+        "{} exited with {status}",
+        wrap.join(" ")
+    );
+    Ok(t)
 }
 
 /// Runs the demo and returns what it measured.

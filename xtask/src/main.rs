@@ -1,8 +1,10 @@
 //! herd's task runner: `cargo xtask <job>`.
 
 mod bench;
+mod boot_profile;
 mod demo;
 mod deps;
+mod ebpf;
 mod image;
 mod test;
 mod util;
@@ -28,6 +30,10 @@ enum Job {
     Bench(bench::Suite),
     /// Install the Debian packages the jobs need.
     Deps,
+    /// Build the eBPF recorder's programs (target/herd/herd-ebpf.o).
+    BuildEbpf,
+    /// Record boots with both recorders, prefetch, and boot again (needs root).
+    BootProfile,
     /// Build (or reuse) the demo boot disk.
     Image {
         #[arg(long, value_enum, default_value = "debian")]
@@ -45,6 +51,14 @@ fn main() -> Result<()> {
         Job::Test(o) => test::run(&o),
         Job::Bench(s) => bench::run(&s),
         Job::Deps => deps::run_all(),
+        Job::BuildEbpf => ebpf::build().map(drop),
+        Job::BootProfile => {
+            deps::ensure(deps::PACKAGES)?;
+            ebpf::build()?;
+            let r = boot_profile::run_checks(&demo::build_herd()?)?;
+            println!("{r}");
+            Ok(())
+        }
         Job::Image { kind } => {
             let d = image::ensure(kind)?;
             println!(

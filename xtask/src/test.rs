@@ -1,7 +1,9 @@
 //! `cargo xtask test`: installs what is missing, then runs every test:
 //! formatting and lints, the workspace's unit and end-to-end tests (with
-//! `HERD_STRICT=1`, so a missing tool fails instead of skipping), and real
-//! VM boots through a chain of herd proxies.
+//! `HERD_STRICT=1`, so a missing tool fails instead of skipping; the eBPF
+//! recorder's tests run as root, as CI does), real VM boots through a chain
+//! of herd proxies, and boot profiles recorded, merged and prefetched on
+//! real boots.
 
 use anyhow::{bail, Result};
 
@@ -22,11 +24,19 @@ type Smoke = fn() -> Result<()>;
 
 pub fn run(opts: &Options) -> Result<()> {
     crate::deps::ensure(crate::deps::PACKAGES)?;
+    // Before the cargo tests: the recorder's tests load this object.
+    crate::ebpf::build()?;
     step("cargo fmt --check");
     run_visible(
         cargo()
             .current_dir(root())
             .args(["fmt", "--all", "--check"]),
+    )?;
+    // The eBPF crate is outside the workspace; rustfmt checks it directly.
+    run_visible(
+        std::process::Command::new("rustfmt")
+            .current_dir(root())
+            .args(["--check", "--edition", "2021", "ebpf/herd-ebpf/src/main.rs"]),
     )?;
     step("cargo clippy");
     run_visible(cargo().current_dir(root()).args([
@@ -66,6 +76,20 @@ pub fn run(opts: &Options) -> Result<()> {
         match outcome {
             Ok(()) => {
                 passed += 1;
+                println!("test {name} ... ok");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e:#}");
+            }
+        }
+    }
+    if !opts.quick {
+        let name = "boot_profiles_record_agree_and_prefetch";
+        match demo::build_herd().and_then(|bin| crate::boot_profile::run_checks(&bin)) {
+            Ok(r) => {
+                passed += 1;
+                println!("{r}");
                 println!("test {name} ... ok");
             }
             Err(e) => {

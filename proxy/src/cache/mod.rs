@@ -104,6 +104,17 @@ pub struct ChunkCache {
     writes_done: AtomicU64,
     writes_synced: AtomicU64,
     sync_lock: tokio::sync::Mutex<()>,
+    /// Demand fetches (client reads and their read-ahead) waiting on the
+    /// upstream; prefetch only issues reads while this is 0.
+    demand_inflight: AtomicU64,
+    demand_idle: tokio::sync::Notify,
+}
+
+/// Who asked for a fetch: clients always go first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Demand,
+    Prefetch,
 }
 
 impl ChunkCache {
@@ -150,6 +161,8 @@ impl ChunkCache {
             writes_done: AtomicU64::new(0),
             writes_synced: AtomicU64::new(0),
             sync_lock: tokio::sync::Mutex::new(()),
+            demand_inflight: AtomicU64::new(0),
+            demand_idle: tokio::sync::Notify::new(),
         }))
     }
 
@@ -304,7 +317,62 @@ impl ChunkCache {
         let len = len.min(self.size - offset);
         let first = offset / self.chunk_size;
         let last = (offset + len - 1) / self.chunk_size;
-        drop(self.begin_range(first, last, false));
+        drop(self.begin_range(first, last, false, Class::Demand));
+    }
+
+    /// Whether chunk `c` is on disk.
+    #[must_use]
+    pub fn is_present(&self, c: u64) -> bool {
+        self.bitmap.is_set(c)
+    }
+
+    /// Demand fetches currently waiting on the upstream.
+    #[must_use]
+    pub fn demand_in_flight(&self) -> u64 {
+        self.demand_inflight.load(Ordering::Acquire)
+    }
+
+    /// Returns once no demand fetch is waiting on the upstream.
+    pub async fn demand_idle(&self) {
+        loop {
+            // Created before the check, so a wake-up in between is not lost.
+            let woken = self.demand_idle.notified();
+            if self.demand_in_flight() == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// Fetches chunks `first..=last` for prefetch: missing ones with one
+    /// low-priority upstream read, ones already in flight are joined (never
+    /// fetched twice). Returns once all are fetched.
+    ///
+    /// # Errors
+    /// The fetch error of any chunk.
+    pub async fn prefetch(self: &Arc<Self>, first: u64, last: u64) -> CacheResult<()> {
+        let last = last.min(self.chunks_total().saturating_sub(1));
+        for (chunk, rx) in self.begin_range(first, last, false, Class::Prefetch) {
+            if let Some(rx) = rx {
+                Self::wait_fetch(chunk, rx).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_fetch(chunk: u64, mut rx: watch::Receiver<FetchState>) -> CacheResult<Piece> {
+        let state = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| CacheError::Abandoned { chunk })?;
+        match state.as_ref() {
+            Some(Ok(piece)) => Ok(piece.clone()),
+            Some(Err(message)) => Err(CacheError::Joined {
+                chunk,
+                message: message.clone(),
+            }),
+            None => Err(CacheError::Abandoned { chunk }),
+        }
     }
 
     /// For each chunk of the range: `None` if it is on disk, or the fetched
@@ -323,27 +391,14 @@ impl ChunkCache {
         // Start every missing chunk's fetch before waiting on any, so a
         // chunk-spanning read fetches its chunks in parallel (adjacent ones
         // in one upstream read).
-        let started = self.begin_range(first, last, true);
+        let started = self.begin_range(first, last, true, Class::Demand);
         let mut parts = Vec::with_capacity(started.len());
         for (chunk, rx) in started {
-            let Some(mut rx) = rx else {
-                parts.push((chunk, None));
-                continue;
+            let piece = match rx {
+                Some(rx) => Some(Self::wait_fetch(chunk, rx).await?),
+                None => None,
             };
-            let state = rx
-                .wait_for(Option::is_some)
-                .await
-                .map_err(|_| CacheError::Abandoned { chunk })?;
-            match state.as_ref() {
-                Some(Ok(piece)) => parts.push((chunk, Some(piece.clone()))),
-                Some(Err(message)) => {
-                    return Err(CacheError::Joined {
-                        chunk,
-                        message: message.clone(),
-                    })
-                }
-                None => return Err(CacheError::Abandoned { chunk }),
-            }
+            parts.push((chunk, piece));
         }
         Ok(parts)
     }
@@ -356,6 +411,7 @@ impl ChunkCache {
         first: u64,
         last: u64,
         count: bool,
+        class: Class,
     ) -> Vec<(u64, Option<watch::Receiver<FetchState>>)> {
         let mut out = Vec::new();
         let mut runs: Vec<(u64, Vec<watch::Sender<FetchState>>)> = Vec::new();
@@ -400,7 +456,10 @@ impl ChunkCache {
         }
         for (start, txs) in runs {
             let this = Arc::clone(self);
-            tokio::spawn(async move { this.fetch_and_persist(start, txs).await });
+            if class == Class::Demand {
+                self.demand_inflight.fetch_add(1, Ordering::AcqRel);
+            }
+            tokio::spawn(async move { this.fetch_and_persist(start, txs, class).await });
         }
         out
     }
@@ -421,12 +480,21 @@ impl ChunkCache {
     /// chunk's bytes to its waiters at once, then makes the run durable and
     /// only then marks its chunks present. Until marked, the chunks stay in
     /// the in-flight map so late readers are served from memory.
-    async fn fetch_and_persist(self: Arc<Self>, start: u64, txs: Vec<watch::Sender<FetchState>>) {
+    async fn fetch_and_persist(
+        self: Arc<Self>,
+        start: u64,
+        txs: Vec<watch::Sender<FetchState>>,
+        class: Class,
+    ) {
         let n = txs.len() as u64;
         let offset = start * self.chunk_size;
         let len =
             usize::try_from((n * self.chunk_size).min(self.size - offset)).unwrap_or(usize::MAX);
-        let run = match self.upstream.read_at(offset, len).await {
+        let fetched = self.upstream.read_at(offset, len).await;
+        if class == Class::Demand && self.demand_inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.demand_idle.notify_waiters();
+        }
+        let run = match fetched {
             Ok(b) => Arc::new(b),
             Err(source) => {
                 let e = CacheError::Fetch {
@@ -446,6 +514,9 @@ impl ChunkCache {
             .upstream_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
         m::upstream_read(len as u64);
+        if class == Class::Prefetch {
+            m::prefetch_bytes(len as u64);
+        }
         let cs = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
         for (i, tx) in txs.iter().enumerate() {
             let _ = tx.send(Some(Ok(Piece {

@@ -151,6 +151,42 @@ impl Herd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGTERM, then waits for a graceful exit (10 s at most).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        panic!("herd did not exit within 10 s of SIGTERM");
+    }
+
+    /// Waits until this proxy's prefetch plan is complete.
+    pub fn wait_prefetched(&self, limit: Duration) -> f64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (done, total) = (
+                self.metric("herd_prefetch_chunks_done"),
+                self.metric("herd_prefetch_chunks_total"),
+            );
+            if total > 0.0 && done == total {
+                return total;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prefetch incomplete after {limit:?}: {done}/{total}\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Herd {
@@ -265,6 +301,14 @@ impl RawClient {
         );
         out.extend_from_slice(payload);
         self.s.write_all(&out).expect("send request");
+    }
+
+    /// One READ, waited for; panics on an error reply.
+    pub fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        self.send(proto::CMD_READ, 7, offset, len, &[]);
+        let (_, errno, data) = self.reply(|_| len as usize);
+        assert_eq!(errno, 0, "READ {offset}+{len} failed");
+        data
     }
 
     /// Reads one simple reply; returns (handle, errno, data) with `len`

@@ -5,7 +5,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::Export;
+use super::{Backing, Export};
 use crate::nbd::proto::{self, ProtoError};
 
 /// Longest a client may take to reach transmission.
@@ -31,7 +31,7 @@ pub enum HandshakeError {
 
 /// How negotiation ended.
 pub enum Outcome {
-    Transmission { structured: bool },
+    Transmission { structured: bool, backing: Backing },
     Closed,
 }
 
@@ -84,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 len = opt.len,
                 "option"
             );
-            let done = match opt.option {
+            let chosen = match opt.option {
                 proto::OPT_EXPORT_NAME => return self.export_name(&payload).await,
                 proto::OPT_ABORT => {
                     // The client may already have closed; ignore errors.
@@ -97,12 +97,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 other => {
                     self.reply(other, proto::REP_ERR_UNSUP, b"option not supported")
                         .await?;
-                    false
+                    None
                 }
             };
-            if done {
+            if let Some(backing) = chosen {
                 return Ok(Outcome::Transmission {
                     structured: self.structured,
+                    backing,
                 });
             }
         }
@@ -118,13 +119,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
 
     async fn export_name(&mut self, payload: &[u8]) -> Result<Outcome, HandshakeError> {
         let name = String::from_utf8_lossy(payload).into_owned();
-        if !self.export.matches(&name) {
+        let Some(backing) = self.export.select(&name) else {
             // The spec leaves the server no way to refuse but closing.
             return Err(HandshakeError::UnknownExport(name));
-        }
+        };
         let mut out = Vec::with_capacity(134);
         proto::encode_export_name_reply(
-            self.export.cache.size(),
+            self.export.size_of(&backing),
             Export::tflags(),
             self.no_zeroes,
             &mut out,
@@ -133,10 +134,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         self.s.flush().await?;
         Ok(Outcome::Transmission {
             structured: self.structured,
+            backing,
         })
     }
 
-    async fn list(&mut self, payload: &[u8]) -> Result<bool, HandshakeError> {
+    async fn list(&mut self, payload: &[u8]) -> Result<Option<Backing>, HandshakeError> {
         if !payload.is_empty() {
             self.reply(
                 proto::OPT_LIST,
@@ -144,19 +146,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 b"LIST takes no data",
             )
             .await?;
-            return Ok(false);
+            return Ok(None);
         }
-        let name = self.export.name.as_bytes();
-        let mut entry = Vec::with_capacity(4 + name.len());
-        entry.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
-        entry.extend_from_slice(name);
-        self.reply(proto::OPT_LIST, proto::REP_SERVER, &entry)
-            .await?;
+        let mut names = vec![self.export.name.clone()];
+        if self.export.profile.borrow().is_some() {
+            names.push(crate::prefetch::propagate::PROFILE_EXPORT.to_owned());
+        }
+        for name in names {
+            let name = name.as_bytes();
+            let mut entry = Vec::with_capacity(4 + name.len());
+            entry.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
+            entry.extend_from_slice(name);
+            self.reply(proto::OPT_LIST, proto::REP_SERVER, &entry)
+                .await?;
+        }
         self.reply(proto::OPT_LIST, proto::REP_ACK, &[]).await?;
-        Ok(false)
+        Ok(None)
     }
 
-    async fn structured_reply(&mut self, payload: &[u8]) -> Result<bool, HandshakeError> {
+    async fn structured_reply(
+        &mut self,
+        payload: &[u8],
+    ) -> Result<Option<Backing>, HandshakeError> {
         if payload.is_empty() {
             self.structured = true;
             self.reply(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[])
@@ -169,22 +180,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             )
             .await?;
         }
-        Ok(false)
+        Ok(None)
     }
 
-    async fn info_or_go(&mut self, option: u32, payload: &[u8]) -> Result<bool, HandshakeError> {
+    async fn info_or_go(
+        &mut self,
+        option: u32,
+        payload: &[u8],
+    ) -> Result<Option<Backing>, HandshakeError> {
         let Ok(req) = proto::decode_info_request(payload) else {
             self.reply(option, proto::REP_ERR_INVALID, b"malformed INFO/GO request")
                 .await?;
-            return Ok(false);
+            return Ok(None);
         };
-        if !self.export.matches(&req.name) {
+        let Some(backing) = self.export.select(&req.name) else {
             let msg = format!("no export named `{}`", req.name);
             self.reply(option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
                 .await?;
-            return Ok(false);
-        }
-        let size = self.export.cache.size();
+            return Ok(None);
+        };
+        let size = self.export.size_of(&backing);
         self.reply(
             option,
             proto::REP_INFO,
@@ -211,6 +226,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             self.reply(option, proto::REP_INFO, &p).await?;
         }
         self.reply(option, proto::REP_ACK, &[]).await?;
-        Ok(option == proto::OPT_GO)
+        Ok((option == proto::OPT_GO).then_some(backing))
     }
 }

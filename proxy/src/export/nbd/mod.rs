@@ -11,17 +11,34 @@ mod transmission;
 
 use std::sync::Arc;
 
+use tokio::sync::watch;
+
 use crate::cache::{CacheError, ChunkCache};
 use crate::nbd::proto;
 use crate::net::Listener;
+use crate::prefetch::propagate::{Shared, PROFILE_EXPORT};
+use crate::record::daemon::ClientRecorder;
 
-/// What is exported: a name and the cache that serves its bytes.
+/// What is exported: the image under a name, backed by the cache, and the
+/// boot profile (when this proxy has one) as the side export
+/// `herd-profile`.
 pub struct Export {
     pub name: String,
     pub description: String,
     pub cache: Arc<ChunkCache>,
     /// Bytes fetched ahead when a connection's sequential READ misses (0: off).
     pub read_ahead: u64,
+    pub profile: watch::Receiver<Shared>,
+    /// Records clients' reads (`--record-profile`).
+    pub recorder: Option<Arc<ClientRecorder>>,
+}
+
+/// What one connection reads from.
+#[derive(Clone)]
+pub enum Backing {
+    Image,
+    /// The encoded profile, as it was when the client connected.
+    Profile(Arc<Vec<u8>>),
 }
 
 impl Export {
@@ -35,11 +52,26 @@ impl Export {
             | proto::TFLAG_SEND_CACHE
     }
 
-    /// Whether a client asking for `name` gets this export ("" is the
-    /// default export, as qemu and nbdkit treat it).
+    /// What a client asking for `name` gets ("" is the default export, as
+    /// qemu and nbdkit treat it), if anything.
     #[must_use]
-    pub fn matches(&self, name: &str) -> bool {
-        name.is_empty() || name == self.name
+    pub fn select(&self, name: &str) -> Option<Backing> {
+        if name.is_empty() || name == self.name {
+            return Some(Backing::Image);
+        }
+        if name == PROFILE_EXPORT {
+            return self.profile.borrow().clone().map(Backing::Profile);
+        }
+        None
+    }
+
+    /// Size of what `backing` exports.
+    #[must_use]
+    pub fn size_of(&self, backing: &Backing) -> u64 {
+        match backing {
+            Backing::Image => self.cache.size(),
+            Backing::Profile(b) => b.len() as u64,
+        }
     }
 }
 

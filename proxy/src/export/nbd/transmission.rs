@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
-use super::{errno_for, Export};
+use super::{errno_for, Backing, Export};
 use crate::io::IoBuf;
 use crate::metrics as m;
 use crate::nbd::proto::{self, Request};
@@ -38,8 +38,11 @@ enum Reply {
 /// # Errors
 /// Handshake failures and transport errors; either way the connection ends.
 pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), HandshakeError> {
-    let structured = match handshake::negotiate(&mut stream, export).await? {
-        Outcome::Transmission { structured } => structured,
+    let (structured, backing) = match handshake::negotiate(&mut stream, export).await? {
+        Outcome::Transmission {
+            structured,
+            backing,
+        } => (structured, backing),
         Outcome::Closed => return Ok(()),
     };
     let (mut r, w) = tokio::io::split(stream);
@@ -50,7 +53,11 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
         structured,
     ));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let size = export.cache.size();
+    let size = export.size_of(&backing);
+    let profile = match &backing {
+        Backing::Profile(bytes) => Some(Arc::clone(bytes)),
+        Backing::Image => None,
+    };
     let mut hdr = [0u8; proto::REQUEST_LEN];
     // End of this connection's previous READ: a READ starting there is
     // sequential and earns read-ahead when it misses.
@@ -87,8 +94,29 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                     }
                     continue;
                 }
+                if let Some(bytes) = &profile {
+                    // The profile side export: bytes in memory, no cache.
+                    // (The range was validated against the profile's length.)
+                    let at = usize::try_from(req.offset).unwrap_or(usize::MAX);
+                    let data = (req.command == proto::CMD_READ)
+                        .then(|| bytes.get(at..at.saturating_add(req.length as usize)))
+                        .flatten()
+                        .map(IoBuf::from_slice);
+                    let ok = Reply::Ok {
+                        handle: req.handle,
+                        offset: req.offset,
+                        data,
+                    };
+                    if tx.send(ok).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
                 let sequential = req.offset == last_end;
                 if req.command == proto::CMD_READ {
+                    if let Some(rec) = &export.recorder {
+                        rec.note(req.offset, u64::from(req.length));
+                    }
                     last_end = req.offset + u64::from(req.length);
                     if let Some(data) = export
                         .cache

@@ -1,0 +1,145 @@
+//! How a profile travels down the tree: every proxy that has one serves it
+//! as a second, read-only NBD export named [`PROFILE_EXPORT`] on the same
+//! listeners; a child polls its parent for that export and, when the bytes
+//! change, validates them, serves them to its own children and restarts
+//! its prefetch. Any NBD client can read it too
+//! (`nbdcopy nbd://parent/herd-profile boot.profile`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{plan, run};
+use crate::cache::ChunkCache;
+use crate::config::PrefetchSettings;
+use crate::profile::Profile;
+use crate::upstream::nbd::NbdUpstream;
+use crate::upstream::{Upstream, UpstreamUrl};
+
+/// The side export that carries the profile.
+pub const PROFILE_EXPORT: &str = "herd-profile";
+/// Largest profile a child accepts from its parent (≈2.8 M extents).
+pub const MAX_PROFILE_BYTES: u64 = 64 << 20;
+/// How often a child asks its parent for the profile.
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// The encoded profile a proxy currently serves and prefetches.
+pub type Shared = Option<Arc<Vec<u8>>>;
+
+/// The parent's profile export, for an NBD parent.
+#[must_use]
+pub fn profile_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
+    match parent {
+        UpstreamUrl::NbdTcp { host, port, .. } => Some(UpstreamUrl::NbdTcp {
+            host: host.clone(),
+            port: *port,
+            export: PROFILE_EXPORT.to_owned(),
+        }),
+        UpstreamUrl::NbdUnix { socket, .. } => Some(UpstreamUrl::NbdUnix {
+            socket: socket.clone(),
+            export: PROFILE_EXPORT.to_owned(),
+        }),
+        UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. } => None,
+    }
+}
+
+async fn fetch(url: &UpstreamUrl) -> Result<Vec<u8>, String> {
+    let up = NbdUpstream::connect(url.clone(), 1)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    let size = up.size();
+    if size > MAX_PROFILE_BYTES {
+        return Err(format!(
+            "parent's profile is {size} bytes, over {MAX_PROFILE_BYTES}"
+        ));
+    }
+    let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    let step = 8 << 20;
+    let mut at = 0;
+    while at < size {
+        let n = usize::try_from((size - at).min(step)).unwrap_or(0);
+        let buf = up
+            .read_at(at, n)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        out.extend_from_slice(&buf);
+        at += n as u64;
+    }
+    Ok(out)
+}
+
+/// A child's loop: ask the parent for its profile every [`POLL`], publish
+/// it when it changes. A parent without one simply answers "no such
+/// export"; the child keeps asking.
+pub async fn poll_parent(url: UpstreamUrl, image_size: u64, tx: watch::Sender<Shared>) {
+    let mut logged_missing = false;
+    loop {
+        match fetch(&url).await {
+            Ok(bytes) => {
+                let same = tx.borrow().as_deref() == Some(&bytes);
+                if !same {
+                    match Profile::decode(&bytes) {
+                        Ok(p) if p.image_size == image_size => {
+                            tracing::info!(
+                                extents = p.extents.len(),
+                                bytes = p.bytes(),
+                                "learnt the boot profile from the parent"
+                            );
+                            let _ = tx.send(Some(Arc::new(bytes)));
+                        }
+                        Ok(p) => tracing::warn!(
+                            profile_size = p.image_size,
+                            image_size,
+                            "the parent's profile is for an image of another size; ignored"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the parent's profile is invalid; ignored")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !logged_missing {
+                    tracing::debug!(error = %e, "parent has no profile (yet)");
+                    logged_missing = true;
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Every proxy's loop: (re)plan and run prefetch whenever the profile
+/// changes. `Full` mode starts at once, before any profile is known.
+pub async fn follow(
+    cache: Arc<ChunkCache>,
+    mut rx: watch::Receiver<Shared>,
+    settings: PrefetchSettings,
+) {
+    let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    let mut first = true;
+    loop {
+        let bytes = rx.borrow_and_update().clone();
+        let profile = bytes.as_deref().and_then(|b| Profile::decode(b).ok());
+        if let Some(p) = &profile {
+            crate::metrics::profile_extents(p.extents.len());
+        }
+        if profile.is_some() || first {
+            let chunks = plan(
+                profile.as_ref(),
+                cache.chunk_size(),
+                cache.chunks_total(),
+                settings.mode,
+            );
+            if let Some(h) = current.take() {
+                h.abort();
+            }
+            current = Some(tokio::spawn(run(Arc::clone(&cache), chunks, settings)));
+        }
+        first = false;
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
