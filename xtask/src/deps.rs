@@ -108,7 +108,7 @@ fn missing(pkgs: &[&str]) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Installs whichever of `pkgs` are missing.
+/// Installs whichever of `pkgs` are missing, preferring bookworm-backports.
 pub fn ensure(pkgs: &[&str]) -> Result<()> {
     let need = missing(pkgs)?;
     if need.is_empty() {

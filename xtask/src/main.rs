@@ -1,5 +1,7 @@
 //! herd's task runner: `cargo xtask <job>`.
 
+mod appliance;
+mod appliance_test;
 mod bench;
 mod boot_profile;
 mod demo;
@@ -8,6 +10,7 @@ mod ebpf;
 mod image;
 mod test;
 mod util;
+mod vagrant;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +33,14 @@ enum Job {
     Bench(bench::Suite),
     /// Install the Debian packages the jobs need.
     Deps,
+    /// Build the herd appliance image (qcow2, Debian packages only).
+    Appliance {
+        /// Also boot it (TCG) as a root node and check it end to end.
+        #[arg(long)]
+        test: bool,
+    },
+    /// The multi-node testbed (vagrant-libvirt): box, up, check, down, cycle, validate.
+    Vagrant(vagrant::Options),
     /// Build the eBPF recorder's programs (target/herd/herd-ebpf.o).
     BuildEbpf,
     /// Record boots with both recorders, prefetch, and boot again (needs root).
@@ -52,6 +63,16 @@ fn main() -> Result<()> {
         Job::Bench(s) => bench::run(&s),
         Job::Deps => deps::run_all(),
         Job::BuildEbpf => ebpf::build().map(drop),
+        Job::Vagrant(o) => vagrant::run_action(&o),
+        Job::Appliance { test } => {
+            crate::deps::ensure(crate::deps::PACKAGES)?;
+            println!("{}", appliance::build()?.display());
+            if test {
+                let r = appliance_test::run_check()?;
+                println!("{r}");
+            }
+            Ok(())
+        }
         Job::BootProfile => {
             deps::ensure(deps::PACKAGES)?;
             ebpf::build()?;

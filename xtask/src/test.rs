@@ -99,11 +99,17 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
     // The benchmark harnesses must not rot: --quick runs must produce
-    // well-formed, complete JSON.
-    let smokes: [(&str, Smoke); 2] = [
+    // well-formed, complete JSON. The appliance and the testbed are proven
+    // end to end (the slow ones are left out of --quick).
+    let mut smokes: Vec<(&str, Smoke)> = vec![
         ("bench_dataplane_quick_produces_complete_json", bench_smoke),
         ("bench_iscsi_quick_produces_complete_json", iscsi_smoke),
+        ("vagrantfile_validates", crate::vagrant::validate),
     ];
+    if !opts.quick {
+        smokes.push(("appliance_boots_as_root_node_lio_to_nbd", appliance_smoke));
+        smokes.push(("testbed_cycle_lio_herd_kernel_nbd_vm_boot", testbed_smoke));
+    }
     for (name, smoke) in smokes {
         match smoke() {
             Ok(()) => {
@@ -118,7 +124,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     println!("xtask checks: {passed} passed, {failed} failed");
     if failed > 0 {
-        bail!("{failed} VM boot test(s) failed");
+        bail!("{failed} xtask check(s) failed");
     }
     Ok(())
 }
@@ -142,6 +148,22 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+fn appliance_smoke() -> Result<()> {
+    let r = crate::appliance_test::run_check()?;
+    println!("{r}");
+    Ok(())
+}
+
+fn testbed_smoke() -> Result<()> {
+    let r = crate::vagrant::cycle(&crate::vagrant::Options {
+        action: crate::vagrant::Action::Cycle,
+        nodes: 3,
+        fanout: 2,
+    })?;
+    println!("{r}");
     Ok(())
 }
 
