@@ -217,7 +217,8 @@ impl ChunkCache {
             // Hit path: every chunk is on disk, one pread.
             return self.read_disk(offset, len).await;
         }
-        let mut out = IoBuf::zeroed(len);
+        // Every byte belongs to one of the range's chunks and is copied in.
+        let mut out = IoBuf::scratch(len);
         let end = offset + len as u64;
         for (chunk, part) in parts {
             let c0 = chunk * self.chunk_size;
@@ -252,7 +253,8 @@ impl ChunkCache {
         if !(first..=last).all(|c| self.bitmap.is_set(c)) {
             return None;
         }
-        let mut buf = IoBuf::zeroed(len);
+        // Sent only if preadv2 filled all of it.
+        let mut buf = IoBuf::scratch(len);
         let iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: len,
@@ -281,7 +283,7 @@ impl ChunkCache {
     async fn read_disk(&self, offset: u64, len: usize) -> CacheResult<IoBuf> {
         let buf = self
             .engine
-            .read_at(&self.data, offset, IoBuf::zeroed(len))
+            .read_at(&self.data, offset, IoBuf::scratch(len))
             .await
             .map_err(|source| CacheError::Data {
                 op: "read",

@@ -104,7 +104,7 @@ impl Rx {
                 r.read_buf(acc).await.unwrap_or(0) > 0
             }
             Self::Uring { sock, engine } => {
-                match engine.recv_some(sock, IoBuf::zeroed(RECV_SIZE)).await {
+                match engine.recv_some(sock, IoBuf::scratch(RECV_SIZE)).await {
                     Ok(b) if !b.is_empty() => {
                         acc.extend_from_slice(&b);
                         true

@@ -92,7 +92,7 @@ impl FileUpstream {
         };
         let buf = self
             .engine
-            .read_at(file, start, IoBuf::zeroed(span))
+            .read_at(file, start, IoBuf::scratch(span))
             .await
             .map_err(read_err)?;
         let skip = usize::try_from(offset - start).unwrap_or(0);

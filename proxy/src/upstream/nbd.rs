@@ -144,7 +144,8 @@ async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
             let _ = p.tx.send(Err(Fault::Errno(error)));
             continue;
         }
-        let mut buf = IoBuf::zeroed(p.len);
+        // Filled by read_exact or discarded.
+        let mut buf = IoBuf::scratch(p.len);
         if r.read_exact(&mut buf).await.is_err() {
             let _ = p.tx.send(Err(Fault::Lost));
             break;
@@ -440,7 +441,8 @@ impl NbdUpstream {
                 .read_piece(offset, u32::try_from(len).unwrap_or(u32::MAX))
                 .await;
         }
-        let mut out = IoBuf::zeroed(len);
+        // Every piece is copied in or the read fails.
+        let mut out = IoBuf::scratch(len);
         let mut done = 0;
         while done < len {
             let n = (len - done).min(max);
