@@ -238,6 +238,22 @@ mod tests {
         assert_eq!(plan(None, 65536, 3, PrefetchMode::Full), vec![0, 1, 2]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_cap_spaces_reads_by_their_size() {
+        let start = tokio::time::Instant::now();
+        let mut l = RateLimit {
+            rate: 1 << 20,
+            next: start,
+        };
+        // 4 reads of 256 KiB at 1 MiB/s: the first goes at once, the last
+        // waits until 0.75 s; the next could go at 1 s.
+        for _ in 0..4 {
+            l.take(256 << 10).await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(750));
+        assert_eq!(l.next - start, Duration::from_secs(1));
+    }
+
     #[test]
     fn runs_group_only_consecutive_chunks_in_plan_order() {
         assert_eq!(
