@@ -1,10 +1,12 @@
 //! `cargo xtask bench <suite>`: benchmarks that compare herd with its peers
 //! side by side in one run. Never timed assertions in tests: these machines
-//! are noisy, so results are medians over interleaved rounds, as ratios.
+//! are noisy, so results are medians over interleaved rounds, as ratios
+//! (the recorder bench has no peer: it reports its own event rate).
 
 pub mod dataplane;
 pub mod iscsi;
 mod plot;
+pub mod recorder;
 mod report;
 
 use anyhow::Result;
@@ -15,11 +17,14 @@ pub enum Suite {
     Dataplane(dataplane::Options),
     /// herd's iSCSI initiator vs iscsi-perf on one tgtd LUN.
     Iscsi(iscsi::Options),
+    /// The eBPF recorder's event rate and drops under fio load (needs root).
+    Recorder(recorder::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
     match suite {
         Suite::Dataplane(o) => dataplane::run_bench(o).map(drop),
         Suite::Iscsi(o) => iscsi::run_bench(o).map(drop),
+        Suite::Recorder(o) => recorder::run_bench(o).map(drop),
     }
 }
