@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::appliance::{self, CONFIG_LABEL};
 use crate::image::{self, Kind};
-use crate::util::{free_port, output, run, spinner, step, work_dir};
+use crate::util::{free_port, output, run, spinner, ssh_root, step, work_dir};
 
 pub const IQN: &str = "iqn.2026-11.dev.herd:golden";
 
@@ -163,19 +163,7 @@ impl Vm {
     }
 
     fn ssh(&self, cmd: &str) -> Result<String> {
-        output(
-            Command::new("ssh")
-                .args([
-                    "-q",
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                ])
-                .args(["-o", "ConnectTimeout=5", "-o", "BatchMode=yes", "-i"])
-                .arg(&self.key)
-                .args(["-p", &self.ssh.to_string(), "root@127.0.0.1", cmd]),
-        )
+        ssh_root(&self.key, "127.0.0.1", self.ssh, cmd)
     }
 
     fn console_tail(&self) -> String {

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::demo::{self, metric, Proxy};
 use crate::image::{self, Disk, Kind};
-use crate::util::{output, run, spinner, step, work_dir};
+use crate::util::{output, raw_overlay, run, spinner, step, work_dir};
 
 const CHUNK: &str = "64KiB";
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -109,12 +109,7 @@ impl Drop for Loop {
 
 fn overlay(dir: &Path, name: &str, backing: &str, size: u64) -> Result<PathBuf> {
     let ov = dir.join(format!("{name}.qcow2"));
-    run(Command::new("qemu-img")
-        .args([
-            "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
-        ])
-        .arg(&ov)
-        .arg(size.to_string()))?;
+    raw_overlay(&ov, backing, size)?;
     Ok(ov)
 }
 

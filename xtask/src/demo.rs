@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Disk, Kind, MARKER};
-use crate::util::{cargo, free_port, root, run, run_visible, spinner, step, work_dir};
+use crate::util::{cargo, free_port, raw_overlay, root, run, run_visible, spinner, step, work_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -485,20 +485,7 @@ fn chain_boot(
         _ => bail!("empty chain"),
     };
     let overlay = dir.join("vm.qcow2");
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "raw",
-            "-b",
-            &leaf.url(),
-        ])
-        .arg(&overlay)
-        .arg(image_size.to_string()))?;
+    raw_overlay(&overlay, &leaf.url(), image_size)?;
     let timeout = match opts.image {
         Kind::Busybox => Duration::from_secs(120),
         Kind::Debian => Duration::from_secs(300),
@@ -516,11 +503,7 @@ fn chain_boot(
     drop(chain);
     let local_boot_secs = if opts.compare_local {
         let ov = dir.join("local.qcow2");
-        run(Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
-            .arg(&disk.root)
-            .arg(&ov)
-            .arg(image_size.to_string()))?;
+        raw_overlay(&ov, &disk.root.to_string_lossy(), image_size)?;
         let pb = spinner("booting the same VM from the local file");
         let t = boot(disk, &ov, "qcow2", accel, timeout, Some(&pb))?;
         pb.finish_and_clear();

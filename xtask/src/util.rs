@@ -87,6 +87,31 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// A qcow2 overlay at `out` over the raw image `backing` (a path or an
+/// nbd:// URL, not opened now: `-u`), so a VM's writes never reach it.
+pub fn raw_overlay(out: &std::path::Path, backing: &str, size: u64) -> Result<()> {
+    let _ = std::fs::remove_file(out);
+    run(Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing,
+        ])
+        .arg(out)
+        .arg(size.to_string()))
+}
+
+/// Runs `cmd` as root on a test VM over SSH with the test key (no host-key
+/// checks: the VMs are throwaway), returning its stdout.
+pub fn ssh_root(key: &std::path::Path, host: &str, port: u16, cmd: &str) -> Result<String> {
+    output(
+        Command::new("ssh")
+            .args(["-q", "-o", "StrictHostKeyChecking=no"])
+            .args(["-o", "UserKnownHostsFile=/dev/null"])
+            .args(["-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-i"])
+            .arg(key)
+            .args(["-p", &port.to_string(), &format!("root@{host}"), cmd]),
+    )
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use crate::appliance_test::{config_disk, root_toml, ssh_key, NodeConfig, IQN};
 use crate::demo;
 use crate::image::{self, Kind};
-use crate::util::{output, root, run, run_visible, spinner, step, work_dir};
+use crate::util::{output, raw_overlay, root, run, run_visible, spinner, ssh_root, step, work_dir};
 
 /// Packages of the testbed. With backports enabled apt picks libvirt 11,
 /// whose storage and network drivers are packages of their own (they are
@@ -428,20 +428,7 @@ fn up(o: &Options) -> Result<()> {
 
 fn ssh(ip: &str, cmd: &str) -> Result<String> {
     let (key, _) = ssh_key()?;
-    output(
-        Command::new("ssh")
-            .args([
-                "-q",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-i"])
-            .arg(&key)
-            .arg(format!("root@{ip}"))
-            .arg(cmd),
-    )
+    ssh_root(&key, ip, 22, cmd)
 }
 
 fn sha256_of(cmd: &mut Command) -> Result<String> {
@@ -533,20 +520,7 @@ fn check(o: &Options) -> Result<Report> {
     fs::create_dir_all(&dir)?;
     let overlay = dir.join("vm.qcow2");
     let size = fs::metadata(&disk.root)?.len();
-    run(Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "raw",
-            "-b",
-            &format!("nbd://{}:10809/herd", leaf.ip),
-        ])
-        .arg(&overlay)
-        .arg(size.to_string()))?;
+    raw_overlay(&overlay, &format!("nbd://{}:10809/herd", leaf.ip), size)?;
     let pb = spinner(format!(
         "booting a VM on this host from {}'s export",
         leaf.name
