@@ -16,7 +16,8 @@ use herd::export::nbd::{self as nbd_export, Export};
 use herd::io::Engine;
 use herd::net::Listener;
 use herd::prefetch::propagate;
-use herd::profile::{identity_of_upstream, Profile};
+use herd::prefetch::propagate::Published;
+use herd::profile::{identity_of_upstream, ImageId, Profile};
 use herd::record::daemon::ClientRecorder;
 use herd::upstream::file::FileUpstream;
 use herd::upstream::iscsi::{IscsiTarget, IscsiUpstream};
@@ -309,10 +310,21 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         total = cache.chunks_total(),
         "cache ready"
     );
+    // The image's identity (32 sampled blocks read from the upstream) is
+    // needed to check a given profile and to stamp a recorded one.
+    let identity = if cfg.profile.is_some() || cfg.record_profile.is_some() {
+        Some(
+            identity_of_upstream(cache.upstream())
+                .await
+                .context("cannot read the image's identity samples")?,
+        )
+    } else {
+        None
+    };
     let (profile_tx, profile_rx) = tokio::sync::watch::channel(None);
-    if let Some(path) = &cfg.profile {
-        let bytes = load_profile(path, cache.upstream()).await?;
-        let _ = profile_tx.send(Some(Arc::new(bytes)));
+    if let (Some(path), Some(id)) = (&cfg.profile, &identity) {
+        let published = load_profile(path, cache.size(), id)?;
+        let _ = profile_tx.send(Some(Arc::new(published)));
     } else if let Some(url) = propagate::profile_url(&cfg.upstream) {
         tokio::spawn(propagate::poll_parent(url, cache.size(), profile_tx));
     }
@@ -321,11 +333,8 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         profile_rx.clone(),
         cfg.prefetch,
     ));
-    let recorder = match &cfg.record_profile {
-        Some(path) => {
-            let id = identity_of_upstream(cache.upstream())
-                .await
-                .context("cannot read the image's identity samples")?;
+    let recorder = match (&cfg.record_profile, identity) {
+        (Some(path), Some(id)) => {
             tracing::info!(path = %path.display(), "recording what clients read");
             Some(Arc::new(ClientRecorder::new(
                 path.clone(),
@@ -333,7 +342,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
                 id,
             )))
         }
-        None => None,
+        _ => None,
     };
     if let Some(rec) = recorder.clone() {
         tokio::spawn(async move {
@@ -388,18 +397,15 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
 }
 
 /// Reads the root's profile and refuses one recorded on another image.
-async fn load_profile(path: &std::path::Path, upstream: &dyn Upstream) -> Result<Vec<u8>> {
+fn load_profile(path: &std::path::Path, size: u64, id: &ImageId) -> Result<Published> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
     let p = Profile::decode(&bytes)
         .with_context(|| format!("{} is not a usable profile", path.display()))?;
-    let id = identity_of_upstream(upstream)
-        .await
-        .context("cannot read the image's identity samples")?;
-    p.check_image(upstream.size(), &id)
+    p.check_image(size, id)
         .with_context(|| format!("profile {} does not fit this image", path.display()))?;
     tracing::info!(path = %path.display(), extents = p.extents.len(), bytes = p.bytes(), "boot profile loaded");
-    Ok(bytes)
+    Ok(Published { bytes, profile: p })
 }
 
 async fn shutdown_signal() {

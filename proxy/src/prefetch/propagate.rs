@@ -24,8 +24,16 @@ pub const MAX_PROFILE_BYTES: u64 = 64 << 20;
 /// How often a child asks its parent for the profile.
 pub const POLL: Duration = Duration::from_secs(2);
 
-/// The encoded profile a proxy currently serves and prefetches.
-pub type Shared = Option<Arc<Vec<u8>>>;
+/// A validated profile, in both forms: the bytes the side export serves and
+/// the decoded extents prefetch plans from (decoded once, where it arrives).
+#[derive(Debug)]
+pub struct Published {
+    pub bytes: Vec<u8>,
+    pub profile: Profile,
+}
+
+/// The profile a proxy currently serves and prefetches.
+pub type Shared = Option<Arc<Published>>;
 
 /// The parent's profile export, for an NBD parent.
 #[must_use]
@@ -77,7 +85,7 @@ pub async fn poll_parent(url: UpstreamUrl, image_size: u64, tx: watch::Sender<Sh
     loop {
         match fetch(&url).await {
             Ok(bytes) => {
-                let same = tx.borrow().as_deref() == Some(&bytes);
+                let same = tx.borrow().as_ref().is_some_and(|p| p.bytes == bytes);
                 if !same {
                     match Profile::decode(&bytes) {
                         Ok(p) if p.image_size == image_size => {
@@ -86,7 +94,7 @@ pub async fn poll_parent(url: UpstreamUrl, image_size: u64, tx: watch::Sender<Sh
                                 bytes = p.bytes(),
                                 "learnt the boot profile from the parent"
                             );
-                            let _ = tx.send(Some(Arc::new(bytes)));
+                            let _ = tx.send(Some(Arc::new(Published { bytes, profile: p })));
                         }
                         Ok(p) => tracing::warn!(
                             profile_size = p.image_size,
@@ -120,14 +128,14 @@ pub async fn follow(
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
     let mut first = true;
     loop {
-        let bytes = rx.borrow_and_update().clone();
-        let profile = bytes.as_deref().and_then(|b| Profile::decode(b).ok());
-        if let Some(p) = &profile {
+        let published = rx.borrow_and_update().clone();
+        let profile = published.as_ref().map(|p| &p.profile);
+        if let Some(p) = profile {
             crate::metrics::profile_extents(p.extents.len());
         }
         if profile.is_some() || first {
             let chunks = plan(
-                profile.as_ref(),
+                profile,
                 cache.chunk_size(),
                 cache.chunks_total(),
                 settings.mode,

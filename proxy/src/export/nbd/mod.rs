@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::cache::{CacheError, ChunkCache};
 use crate::nbd::proto;
 use crate::net::Listener;
-use crate::prefetch::propagate::{Shared, PROFILE_EXPORT};
+use crate::prefetch::propagate::{Published, Shared, PROFILE_EXPORT};
 use crate::record::daemon::ClientRecorder;
 
 /// What is exported: the image under a name, backed by the cache, and the
@@ -37,8 +37,8 @@ pub struct Export {
 #[derive(Clone)]
 pub enum Backing {
     Image,
-    /// The encoded profile, as it was when the client connected.
-    Profile(Arc<Vec<u8>>),
+    /// The profile, as it was when the client connected.
+    Profile(Arc<Published>),
 }
 
 impl Export {
@@ -70,7 +70,7 @@ impl Export {
     pub fn size_of(&self, backing: &Backing) -> u64 {
         match backing {
             Backing::Image => self.cache.size(),
-            Backing::Profile(b) => b.len() as u64,
+            Backing::Profile(p) => p.bytes.len() as u64,
         }
     }
 }

@@ -97,7 +97,8 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                     }
                     continue;
                 }
-                if let Some(bytes) = &profile {
+                if let Some(published) = &profile {
+                    let bytes = &published.bytes;
                     // The profile side export: bytes in memory, no cache.
                     // (The range was validated against the profile's length.)
                     let at = usize::try_from(req.offset).unwrap_or(usize::MAX);
