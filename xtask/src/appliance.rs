@@ -25,7 +25,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::util::{output, run, spinner, step, work_dir};
+use crate::util::{output, run, spinner, step, with_mounted, work_dir};
 
 /// Bump when the base package set changes: invalidates the cached base.
 const BASE_RECIPE: &str = "bookworm-minbase-v1";
@@ -278,17 +278,10 @@ fn make_bootable_fs(staging: &Path, raw: &Path) -> Result<()> {
         .arg(raw)
         .arg(format!("{size}M")))?;
     pb.finish_and_clear();
-    let mnt = raw.with_extension("mnt");
-    fs::create_dir_all(&mnt)?;
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(raw)
-        .arg(&mnt))?;
-    let installed = run(Command::new("extlinux")
-        .arg("--install")
-        .arg(mnt.join("boot/extlinux")));
-    let _ = run(Command::new("umount").arg(&mnt));
-    let _ = fs::remove_dir(&mnt);
-    installed.context("extlinux --install failed")?;
-    Ok(())
+    with_mounted(raw, &raw.with_extension("mnt"), |mnt| {
+        run(Command::new("extlinux")
+            .arg("--install")
+            .arg(mnt.join("boot/extlinux")))
+        .context("extlinux --install failed")
+    })
 }

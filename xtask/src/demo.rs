@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Disk, Kind, MARKER};
-use crate::util::{cargo, free_port, raw_overlay, root, run, run_visible, spinner, step, work_dir};
+use crate::util::{
+    cargo, free_port, prom_value, raw_overlay, root, run, run_visible, spinner, step, work_dir,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -134,18 +136,7 @@ pub fn metric(port: u16, name: &str) -> Result<u64> {
     )?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            // Counters are integral; the text format may print "1e3" etc.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            (k == name)
-                .then(|| v.trim().parse::<f64>().ok().map(|x| x as u64))
-                .flatten()
-        })
-        .unwrap_or(0))
+    Ok(prom_value(&body, name))
 }
 
 /// A herd daemon of the demo; killed on drop.

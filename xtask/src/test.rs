@@ -58,7 +58,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if !opts.quick {
         kinds.push(Kind::Debian);
     }
-    let (mut passed, mut failed) = (0, 0);
+    let mut tally = Tally::default();
     for kind in kinds {
         let name = format!("vm_boots_through_chain_{kind:?}").to_lowercase();
         let o = demo::Options {
@@ -73,30 +73,7 @@ pub fn run(opts: &Options) -> Result<()> {
             println!("{r}");
             check(&r)
         });
-        match outcome {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok");
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED: {e:#}");
-            }
-        }
-    }
-    if !opts.quick {
-        let name = "boot_profiles_record_agree_and_prefetch";
-        match demo::build_herd().and_then(|bin| crate::boot_profile::run_checks(&bin)) {
-            Ok(r) => {
-                passed += 1;
-                println!("{r}");
-                println!("test {name} ... ok");
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED: {e:#}");
-            }
-        }
+        tally.record(&name, outcome);
     }
     // The benchmark harnesses must not rot: --quick runs must produce
     // well-formed, complete JSON. The appliance and the testbed are proven
@@ -107,25 +84,51 @@ pub fn run(opts: &Options) -> Result<()> {
         ("vagrantfile_validates", crate::vagrant::validate),
     ];
     if !opts.quick {
+        smokes.push((
+            "boot_profiles_record_agree_and_prefetch",
+            boot_profile_smoke,
+        ));
         smokes.push(("appliance_boots_as_root_node_lio_to_nbd", appliance_smoke));
         smokes.push(("testbed_cycle_lio_herd_kernel_nbd_vm_boot", testbed_smoke));
     }
     for (name, smoke) in smokes {
-        match smoke() {
+        tally.record(name, smoke());
+    }
+    println!(
+        "xtask checks: {} passed, {} failed",
+        tally.passed, tally.failed
+    );
+    if tally.failed > 0 {
+        bail!("{} xtask check(s) failed", tally.failed);
+    }
+    Ok(())
+}
+
+/// Counts the xtask checks and prints each outcome like libtest does.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn record(&mut self, name: &str, outcome: Result<()>) {
+        match outcome {
             Ok(()) => {
-                passed += 1;
+                self.passed += 1;
                 println!("test {name} ... ok");
             }
             Err(e) => {
-                failed += 1;
+                self.failed += 1;
                 println!("test {name} ... FAILED: {e:#}");
             }
         }
     }
-    println!("xtask checks: {passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} xtask check(s) failed");
-    }
+}
+
+fn boot_profile_smoke() -> Result<()> {
+    let r = crate::boot_profile::run_checks(&demo::build_herd()?)?;
+    println!("{r}");
     Ok(())
 }
 

@@ -112,6 +112,35 @@ pub fn ssh_root(key: &std::path::Path, host: &str, port: u16, cmd: &str) -> Resu
     )
 }
 
+/// One sample's value from Prometheus text (0 if absent). Counters are
+/// integral; the text format may still print them as "1e3".
+pub fn prom_value(text: &str, name: &str) -> u64 {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.split_once(' ')
+                .filter(|(k, _)| *k == name)
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// Loop-mounts the file system image `raw` at `mnt`, runs `f` on it and
+/// unmounts (best effort), whether `f` succeeded or not.
+pub fn with_mounted<T>(
+    raw: &std::path::Path,
+    mnt: &std::path::Path,
+    f: impl FnOnce(&std::path::Path) -> Result<T>,
+) -> Result<T> {
+    std::fs::create_dir_all(mnt)?;
+    run(Command::new("mount").args(["-o", "loop"]).arg(raw).arg(mnt))?;
+    let out = f(mnt);
+    let _ = run(Command::new("umount").arg(mnt));
+    let _ = std::fs::remove_dir(mnt);
+    out
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -16,7 +16,10 @@ use anyhow::{bail, Context, Result};
 use crate::appliance_test::{config_disk, root_toml, ssh_key, NodeConfig, IQN};
 use crate::demo;
 use crate::image::{self, Kind};
-use crate::util::{output, raw_overlay, root, run, run_visible, spinner, ssh_root, step, work_dir};
+use crate::util::{
+    output, prom_value, raw_overlay, root, run, run_visible, spinner, ssh_root, step, with_mounted,
+    work_dir,
+};
 
 /// Packages of the testbed. With backports enabled apt picks libvirt 11,
 /// whose storage and network drivers are packages of their own (they are
@@ -296,15 +299,9 @@ pub fn build_box() -> Result<PathBuf> {
         .args(["convert", "-q", "-O", "raw"])
         .arg(&appliance)
         .arg(&raw))?;
-    let mnt = dir.join("mnt");
-    fs::create_dir_all(&mnt)?;
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&raw)
-        .arg(&mnt))?;
-    let customised = add_vagrant_user(&mnt, &insecure);
-    let _ = run(Command::new("umount").arg(&mnt));
-    customised?;
+    with_mounted(&raw, &dir.join("mnt"), |mnt| {
+        add_vagrant_user(mnt, &insecure)
+    })?;
     let img = dir.join("box.img");
     run(Command::new("qemu-img")
         .args(["convert", "-q", "-O", "qcow2"])
@@ -544,16 +541,7 @@ fn check(o: &Options) -> Result<Report> {
             output(Command::new("curl").args(["-sf", &format!("http://{}:9100/metrics", n.ip)]))
                 .with_context(|| format!("metrics of {}", n.name))?;
         fs::write(results.join(format!("{}.prom", n.name)), &prom)?;
-        let get = |name: &str| -> u64 {
-            prom.lines()
-                .filter(|l| !l.starts_with('#'))
-                .find_map(|l| {
-                    l.split_once(' ')
-                        .filter(|(k, _)| *k == name)
-                        .and_then(|(_, v)| v.trim().parse::<f64>().ok())
-                })
-                .map_or(0, |v| v as u64)
-        };
+        let get = |name: &str| prom_value(&prom, name);
         metrics.push(NodeMetrics {
             name: n.name.clone(),
             role: n.role.to_owned(),
