@@ -47,6 +47,11 @@ fn describe() {
         Unit::Bytes,
         "bytes sent to NBD clients in READ replies"
     );
+    describe_counter!(
+        "herd_served_zero_copy_bytes_total",
+        Unit::Bytes,
+        "of those, bytes sendfile'd from the cache's page cache without a copy"
+    );
     describe_counter!("herd_served_requests_total", "NBD requests answered");
     describe_counter!(
         "herd_upstream_read_bytes_total",
@@ -91,6 +96,9 @@ fn describe() {
 
 pub fn served(bytes: u64) {
     counter!("herd_served_bytes_total").increment(bytes);
+}
+pub fn served_zero_copy(bytes: u64) {
+    counter!("herd_served_zero_copy_bytes_total").increment(bytes);
 }
 pub fn request() {
     counter!("herd_served_requests_total").increment(1);

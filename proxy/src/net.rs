@@ -1,6 +1,7 @@
 //! Sockets: one boxed stream type over TCP and Unix sockets, and the
 //! listener for `--listen host:port | unix:PATH`.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -102,24 +103,31 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection; returns the stream and a peer label for logs.
+    /// Accepts one connection; returns the stream, a peer label for logs and
+    /// a `dup` of the socket for zero-copy sends (`None` if dup failed:
+    /// the connection then simply copies).
     ///
     /// # Errors
     /// The OS error of accept.
-    pub async fn accept(&self) -> std::io::Result<(BoxStream, String)> {
+    pub async fn accept(&self) -> std::io::Result<Accepted> {
         match self {
             Self::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
-                Ok((Box::new(s), peer.to_string()))
+                let dup = s.as_fd().try_clone_to_owned().ok();
+                Ok((Box::new(s), peer.to_string(), dup))
             }
             Self::Unix(l, p) => {
                 let (s, _) = l.accept().await?;
-                Ok((Box::new(s), format!("unix:{}", p.display())))
+                let dup = s.as_fd().try_clone_to_owned().ok();
+                Ok((Box::new(s), format!("unix:{}", p.display()), dup))
             }
         }
     }
 }
+
+/// An accepted connection: stream, peer label, socket dup.
+pub type Accepted = (BoxStream, String, Option<OwnedFd>);
 
 #[cfg(test)]
 mod tests {

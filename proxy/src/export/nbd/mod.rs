@@ -8,6 +8,7 @@
 
 mod handshake;
 mod transmission;
+mod zerocopy;
 
 use std::sync::Arc;
 
@@ -94,12 +95,12 @@ pub fn errno_for(e: &CacheError) -> u32 {
 pub async fn serve(listener: Listener, export: Arc<Export>) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, peer, dup)) => {
                 crate::metrics::connection();
                 let export = Arc::clone(&export);
                 tokio::spawn(async move {
                     tracing::debug!(%peer, "client connected");
-                    match transmission::run(stream, &export).await {
+                    match transmission::run(stream, dup, &export).await {
                         Ok(()) => tracing::debug!(%peer, "client disconnected"),
                         Err(e) => {
                             tracing::info!(%peer, error = %crate::error_chain(&e), "connection closed")

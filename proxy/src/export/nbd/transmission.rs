@@ -5,13 +5,17 @@
 //! connection; an invalid request gets an error reply (after draining any
 //! write payload) and the connection stays in sync.
 
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
+use super::zerocopy::ZeroCopy;
 use super::{errno_for, Backing, Export};
+use crate::cache::Data;
 use crate::io::IoBuf;
 use crate::metrics as m;
 use crate::nbd::proto::{self, Request};
@@ -21,11 +25,14 @@ use crate::net::BoxStream;
 /// `MAX_IN_FLIGHT * 32 MiB` in the worst case.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// Receive buffer: room for hundreds of request headers.
+const READ_BUF: usize = 16 << 10;
+
 enum Reply {
     Ok {
         handle: u64,
         offset: u64,
-        data: Option<IoBuf>,
+        data: Option<Payload>,
     },
     Err {
         handle: u64,
@@ -33,11 +40,31 @@ enum Reply {
     },
 }
 
+/// A READ reply's data: bytes in memory, or a resident range of the cache
+/// data file that the writer `sendfile`s.
+enum Payload {
+    Buf(Data),
+    File { offset: u64, len: usize },
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Self::Buf(b) => b.len(),
+            Self::File { len, .. } => *len,
+        }
+    }
+}
+
 /// Serves one connection from greeting to disconnect.
 ///
 /// # Errors
 /// Handshake failures and transport errors; either way the connection ends.
-pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), HandshakeError> {
+pub async fn run(
+    mut stream: BoxStream,
+    dup: Option<OwnedFd>,
+    export: &Arc<Export>,
+) -> Result<(), HandshakeError> {
     let (structured, backing) = match handshake::negotiate(&mut stream, export).await? {
         Outcome::Transmission {
             structured,
@@ -45,12 +72,27 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
         } => (structured, backing),
         Outcome::Closed => return Ok(()),
     };
-    let (mut r, w) = tokio::io::split(stream);
+    let (r, w) = tokio::io::split(stream);
+    // Buffered: one recv takes every request already queued, and a short
+    // recv lets the runtime mark the socket not-ready, so waiting for the
+    // next request costs no EAGAIN recv (measured: one syscall of five per
+    // 4 KiB request at QD1).
+    let mut r = tokio::io::BufReader::with_capacity(READ_BUF, r);
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+    let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
+        Ok(z) => Some(z),
+        Err(e) => {
+            tracing::debug!(error = %e, "no zero-copy replies on this connection");
+            None
+        }
+    });
+    let can_zero_copy = zero_copy.is_some();
     let writer = tokio::spawn(write_replies(
         ReplyWriter {
             w,
             pending: Vec::with_capacity(PENDING_CAP),
+            zero_copy,
+            file: Arc::clone(export.cache.data_file()),
         },
         rx,
         structured,
@@ -105,7 +147,7 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                     let data = (req.command == proto::CMD_READ)
                         .then(|| bytes.get(at..at.saturating_add(req.length as usize)))
                         .flatten()
-                        .map(IoBuf::from_slice);
+                        .map(|b| Payload::Buf(Data::Owned(IoBuf::from_slice(b))));
                     let ok = Reply::Ok {
                         handle: req.handle,
                         offset: req.offset,
@@ -122,6 +164,24 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                         rec.note(req.offset, u64::from(req.length));
                     }
                     last_end = req.offset + u64::from(req.length);
+                    let len = req.length as usize;
+                    if can_zero_copy
+                        && len >= ZERO_COPY_MIN
+                        && export.cache.try_hit_resident(req.offset, len)
+                    {
+                        let ok = Reply::Ok {
+                            handle: req.handle,
+                            offset: req.offset,
+                            data: Some(Payload::File {
+                                offset: req.offset,
+                                len,
+                            }),
+                        };
+                        if tx.send(ok).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
                     if let Some(data) = export
                         .cache
                         .try_read_cached(req.offset, req.length as usize)
@@ -129,7 +189,7 @@ pub async fn run(mut stream: BoxStream, export: &Arc<Export>) -> Result<(), Hand
                         let ok = Reply::Ok {
                             handle: req.handle,
                             offset: req.offset,
-                            data: Some(data),
+                            data: Some(Payload::Buf(Data::Owned(data))),
                         };
                         if tx.send(ok).await.is_err() {
                             break Ok(());
@@ -206,7 +266,10 @@ fn invalid_range(req: &Request, size: u64) -> Option<u32> {
 async fn execute(export: &Arc<Export>, req: &Request) -> Reply {
     let cache = &export.cache;
     let res = if req.command == proto::CMD_READ {
-        cache.read(req.offset, req.length as usize).await.map(Some)
+        cache
+            .read(req.offset, req.length as usize)
+            .await
+            .map(|b| Some(Payload::Buf(b)))
     } else {
         cache
             .ensure(req.offset, u64::from(req.length))
@@ -236,8 +299,13 @@ async fn execute(export: &Arc<Export>, req: &Request) -> Reply {
 struct ReplyWriter {
     w: tokio::io::WriteHalf<BoxStream>,
     pending: Vec<u8>,
+    zero_copy: Option<ZeroCopy>,
+    /// The cache data file, source of `Payload::File`.
+    file: Arc<File>,
 }
 
+/// Cached READs at least this large are `sendfile`d (when resident).
+const ZERO_COPY_MIN: usize = 64 << 10;
 /// Payloads at least this large are not copied into `pending`.
 const LARGE: usize = 128 << 10;
 const PENDING_CAP: usize = 256 << 10;
@@ -276,6 +344,17 @@ impl ReplyWriter {
         }
         self.pending.clear();
         Ok(())
+    }
+
+    /// Sends `pending` and `len` bytes of the cache file at `offset`.
+    async fn send_file(&mut self, offset: u64, len: usize) -> std::io::Result<()> {
+        if let Some(z) = &self.zero_copy {
+            z.send(&self.pending, &self.file, offset, len).await?;
+            self.pending.clear();
+            return Ok(());
+        }
+        // Not reached: File payloads are only made with zero-copy on.
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -338,13 +417,17 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                 );
             }
             w.push(&hdr).await?;
-            if let Some(d) = data {
-                if d.len() >= LARGE {
-                    w.send_with(&d).await?;
-                } else {
-                    w.push(&d).await?;
+            match data {
+                Some(Payload::Buf(d)) if d.len() >= LARGE => w.send_with(&d).await?,
+                Some(Payload::Buf(d)) => w.push(&d).await?,
+                Some(Payload::File { offset, len }) => {
+                    w.send_file(offset, len).await?;
+                    m::served_zero_copy(len as u64);
                 }
-                m::served(d.len() as u64);
+                None => {}
+            }
+            if len > 0 {
+                m::served(len as u64);
             }
         }
         Reply::Err { handle, errno } => {
