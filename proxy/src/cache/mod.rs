@@ -68,6 +68,26 @@ pub enum CacheError {
 
 pub type CacheResult<T> = Result<T, CacheError>;
 
+/// Bytes a read returns: its own buffer, or a range of a fetched run
+/// shared with the other readers of that run.
+pub enum Data {
+    Owned(IoBuf),
+    Shared {
+        run: Arc<IoBuf>,
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Owned(b) => b,
+            Self::Shared { run, range } => &run[range.clone()],
+        }
+    }
+}
+
 /// One chunk's bytes inside a (possibly multi-chunk) fetched run.
 #[derive(Clone)]
 struct Piece {
@@ -211,11 +231,15 @@ impl ChunkCache {
     ///
     /// # Errors
     /// `OutOfRange` for a range past the end; fetch or data-file errors.
-    pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<IoBuf> {
+    pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<Data> {
         let parts = self.resolve(offset, len as u64).await?;
         if parts.iter().all(|(_, p)| p.is_none()) {
             // Hit path: every chunk is on disk, one pread.
-            return self.read_disk(offset, len).await;
+            return self.read_disk(offset, len).await.map(Data::Owned);
+        }
+        if let Some(shared) = self.within_one_run(offset, len, &parts) {
+            // Typical miss: the range lies in one fetched run; no copy.
+            return Ok(shared);
         }
         // Every byte belongs to one of the range's chunks and is copied in.
         let mut out = IoBuf::scratch(len);
@@ -236,7 +260,33 @@ impl ChunkCache {
                 }
             }
         }
-        Ok(out)
+        Ok(Data::Owned(out))
+    }
+
+    /// `Some` when every chunk of the range comes from the same fetched
+    /// run, at consecutive places: the reply can borrow the run.
+    fn within_one_run(
+        &self,
+        offset: u64,
+        len: usize,
+        parts: &[(u64, Option<Piece>)],
+    ) -> Option<Data> {
+        let (c0, Some(first)) = parts.first()? else {
+            return None;
+        };
+        let cs = usize::try_from(self.chunk_size).ok()?;
+        for (i, (_, p)) in parts.iter().enumerate() {
+            let p = p.as_ref()?;
+            if !Arc::ptr_eq(&p.run, &first.run) || p.at != first.at + i * cs {
+                return None;
+            }
+        }
+        let start = first.at + usize::try_from(offset - c0 * self.chunk_size).ok()?;
+        let end = start.checked_add(len)?;
+        (end <= first.run.len()).then(|| Data::Shared {
+            run: Arc::clone(&first.run),
+            range: start..end,
+        })
     }
 
     /// The hit path without a thread hop: if every chunk of the range is
@@ -278,6 +328,36 @@ impl ChunkCache {
             self.hit();
         }
         Some(buf)
+    }
+
+    /// The zero-copy hit path: whether every chunk of the range is present
+    /// and its data in the page cache, so the export may `sendfile` it from
+    /// [`Self::data_file`] without blocking on the disk. Counts the hits
+    /// when it says yes.
+    #[must_use]
+    pub fn try_hit_resident(&self, offset: u64, len: usize) -> bool {
+        if len == 0 || self.check_range(offset, len as u64).is_err() {
+            return false;
+        }
+        let first = offset / self.chunk_size;
+        let last = (offset + len as u64 - 1) / self.chunk_size;
+        if !(first..=last).all(|c| self.bitmap.is_set(c)) {
+            return false;
+        }
+        if !crate::io::pagecache::is_resident(&self.data, offset, len as u64) {
+            return false;
+        }
+        for _ in first..=last {
+            self.hit();
+        }
+        true
+    }
+
+    /// The data file: chunk `c` lives at `c * chunk_size`, valid once its
+    /// bit is set (and never rewritten after).
+    #[must_use]
+    pub fn data_file(&self) -> &Arc<File> {
+        &self.data
     }
 
     async fn read_disk(&self, offset: u64, len: usize) -> CacheResult<IoBuf> {
@@ -536,10 +616,10 @@ impl ChunkCache {
         }
     }
 
-    async fn persist(&self, start: u64, n: u64, offset: u64, buf: &IoBuf) -> CacheResult<()> {
+    async fn persist(&self, start: u64, n: u64, offset: u64, buf: &Arc<IoBuf>) -> CacheResult<()> {
         let data_err = |op, source| CacheError::Data { op, offset, source };
         self.engine
-            .write_at(&self.data, offset, IoBuf::from_slice(buf))
+            .write_shared(&self.data, offset, Arc::clone(buf))
             .await
             .map_err(|e| data_err("write", e))?;
         self.make_durable()

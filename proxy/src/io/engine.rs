@@ -42,22 +42,49 @@ enum Kind {
     Send,
 }
 
+/// What an op reads into or writes from: a buffer it owns, or (writes
+/// only) one shared with others who only read it.
+enum OpBuf {
+    Owned(IoBuf),
+    Shared(Arc<IoBuf>),
+}
+
+impl OpBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Owned(b) => b,
+            Self::Shared(b) => b,
+        }
+    }
+
+    /// Reads and receives are only ever submitted with owned buffers.
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::Owned(b) => b,
+            Self::Shared(_) => &mut [],
+        }
+    }
+}
+
 struct Op {
     kind: Kind,
     file: Arc<File>,
     offset: u64,
-    buf: IoBuf,
+    buf: OpBuf,
     done: usize,
     reply: oneshot::Sender<io::Result<IoBuf>>,
 }
 
 impl Op {
-    fn finish(mut self, res: io::Result<()>) {
-        let out = res.map(|()| {
-            if matches!(self.kind, Kind::Read | Kind::RecvSome) {
-                self.buf.truncate(self.done);
+    fn finish(self, res: io::Result<()>) {
+        let out = res.map(|()| match self.buf {
+            OpBuf::Owned(mut b) => {
+                if matches!(self.kind, Kind::Read | Kind::RecvSome) {
+                    b.truncate(self.done);
+                }
+                b
             }
-            self.buf
+            OpBuf::Shared(_) => IoBuf::zeroed(0),
         });
         // The waiter may have gone away (client disconnected); nothing to do.
         let _ = self.reply.send(out);
@@ -158,7 +185,7 @@ impl Engine {
         kind: Kind,
         file: &Arc<File>,
         offset: u64,
-        buf: IoBuf,
+        buf: OpBuf,
     ) -> io::Result<IoBuf> {
         let (reply, rx) = oneshot::channel();
         let op = Op {
@@ -186,7 +213,8 @@ impl Engine {
     /// # Errors
     /// The OS error of the failed read.
     pub async fn read_at(&self, file: &Arc<File>, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::Read, file, offset, buf).await
+        self.submit(Kind::Read, file, offset, OpBuf::Owned(buf))
+            .await
     }
 
     /// Writes all of `buf` at `offset`.
@@ -194,7 +222,24 @@ impl Engine {
     /// # Errors
     /// The OS error of the failed write.
     pub async fn write_at(&self, file: &Arc<File>, offset: u64, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::Write, file, offset, buf).await
+        self.submit(Kind::Write, file, offset, OpBuf::Owned(buf))
+            .await
+    }
+
+    /// Writes all of `buf`, which others may be reading meanwhile, at
+    /// `offset` (no copy to hand the engine a buffer of its own).
+    ///
+    /// # Errors
+    /// The OS error of the failed write.
+    pub async fn write_shared(
+        &self,
+        file: &Arc<File>,
+        offset: u64,
+        buf: Arc<IoBuf>,
+    ) -> io::Result<()> {
+        self.submit(Kind::Write, file, offset, OpBuf::Shared(buf))
+            .await
+            .map(drop)
     }
 
     /// Receives what has arrived on a stream socket, up to `buf.len()`
@@ -203,7 +248,8 @@ impl Engine {
     /// # Errors
     /// The OS error of the failed recv.
     pub async fn recv_some(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::RecvSome, sock, 0, buf).await
+        self.submit(Kind::RecvSome, sock, 0, OpBuf::Owned(buf))
+            .await
     }
 
     /// Sends all of `buf` on a connected stream socket.
@@ -211,7 +257,7 @@ impl Engine {
     /// # Errors
     /// The OS error of the failed send.
     pub async fn send(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::Send, sock, 0, buf).await
+        self.submit(Kind::Send, sock, 0, OpBuf::Owned(buf)).await
     }
 
     /// Makes written data durable.
@@ -219,7 +265,7 @@ impl Engine {
     /// # Errors
     /// The OS error of the failed fdatasync.
     pub async fn fdatasync(&self, file: &Arc<File>) -> io::Result<()> {
-        self.submit(Kind::Fdatasync, file, 0, IoBuf::zeroed(0))
+        self.submit(Kind::Fdatasync, file, 0, OpBuf::Owned(IoBuf::zeroed(0)))
             .await
             .map(drop)
     }
@@ -240,7 +286,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     op.done += n;
-    if op.done >= op.buf.len() || op.kind == Kind::RecvSome {
+    if op.done >= op.buf.bytes().len() || op.kind == Kind::RecvSome {
         op.finish(Ok(()));
         None
     } else {
@@ -255,15 +301,15 @@ fn sync_loop(rx: &mpsc::Receiver<Op>) {
             let res = match op.kind {
                 Kind::Read => {
                     let done = op.done;
-                    op.file.read_at(&mut op.buf[done..], off)
+                    op.file.read_at(&mut op.buf.bytes_mut()[done..], off)
                 }
-                Kind::Write => op.file.write_at(&op.buf[op.done..], off),
+                Kind::Write => op.file.write_at(&op.buf.bytes()[op.done..], off),
                 Kind::Fdatasync => op.file.sync_data().map(|()| 0),
                 Kind::RecvSome => {
                     let done = op.done;
-                    std::io::Read::read(&mut &*op.file, &mut op.buf[done..])
+                    std::io::Read::read(&mut &*op.file, &mut op.buf.bytes_mut()[done..])
                 }
-                Kind::Send => std::io::Write::write(&mut &*op.file, &op.buf[op.done..]),
+                Kind::Send => std::io::Write::write(&mut &*op.file, &op.buf.bytes()[op.done..]),
             };
             match res {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -283,17 +329,17 @@ fn sync_loop(rx: &mpsc::Receiver<Op>) {
 fn sqe_for(op: &mut Op, key: u64) -> io_uring::squeue::Entry {
     let fd = types::Fd(op.file.as_raw_fd());
     let off = op.offset + op.done as u64;
-    let remaining = u32::try_from(op.buf.len() - op.done).unwrap_or(u32::MAX);
+    let remaining = u32::try_from(op.buf.bytes().len() - op.done).unwrap_or(u32::MAX);
     let entry = match op.kind {
         // SAFETY (for both pointer ops): the pointer stays valid until the
         // CQE arrives, because the op (owning the buffer) sits in the slab.
         Kind::Read => {
             let done = op.done;
-            opcode::Read::new(fd, op.buf[done..].as_mut_ptr(), remaining)
+            opcode::Read::new(fd, op.buf.bytes_mut()[done..].as_mut_ptr(), remaining)
                 .offset(off)
                 .build()
         }
-        Kind::Write => opcode::Write::new(fd, op.buf[op.done..].as_ptr(), remaining)
+        Kind::Write => opcode::Write::new(fd, op.buf.bytes()[op.done..].as_ptr(), remaining)
             .offset(off)
             .build(),
         Kind::Fdatasync => opcode::Fsync::new(fd)
@@ -301,9 +347,9 @@ fn sqe_for(op: &mut Op, key: u64) -> io_uring::squeue::Entry {
             .build(),
         Kind::RecvSome => {
             let done = op.done;
-            opcode::Recv::new(fd, op.buf[done..].as_mut_ptr(), remaining).build()
+            opcode::Recv::new(fd, op.buf.bytes_mut()[done..].as_mut_ptr(), remaining).build()
         }
-        Kind::Send => opcode::Send::new(fd, op.buf[op.done..].as_ptr(), remaining)
+        Kind::Send => opcode::Send::new(fd, op.buf.bytes()[op.done..].as_ptr(), remaining)
             .flags(libc::MSG_NOSIGNAL)
             .build(),
     };
