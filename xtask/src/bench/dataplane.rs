@@ -168,6 +168,26 @@ struct Running {
     export: &'static str,
 }
 
+/// The pinned 4 KiB QD1 runs: fio on CPU 0, the server on the CPU named.
+pub const PLACEMENTS: [(&str, usize); 2] = [("same-cpu", 0), ("split-cpu", 1)];
+
+impl Running {
+    /// Pins every thread of every process of the server to `cpu` (threads
+    /// made later inherit it).
+    fn pin(&self, cpu: usize) -> Result<()> {
+        for p in &self.procs {
+            run(Command::new("taskset").args([
+                "-a",
+                "-p",
+                "-c",
+                &cpu.to_string(),
+                &p.id().to_string(),
+            ]))?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         for p in self.procs.iter_mut().rev() {
@@ -356,28 +376,51 @@ fn start(env: &Env, s: Server) -> Result<Running> {
     })
 }
 
+/// How a fio job runs.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// One pass from a cold start, each block read once (fio's random map),
+    /// ending after `runtime` at most: what a relay's miss path sees. The
+    /// hit path instead loops over the image for `runtime` after a warm-up.
+    cold: bool,
+    /// Pin fio to this CPU.
+    cpu: Option<usize>,
+}
+
 /// Runs one fio job and returns IOPS or MiB/s.
-fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64) -> Result<f64> {
+fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<f64> {
+    let mut cmd = match mode.cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string(), "fio"]);
+            c
+        }
+        None => Command::new("fio"),
+    };
+    let timing: Vec<String> = if mode.cold {
+        vec![format!("--runtime={runtime}")]
+    } else {
+        vec![
+            "--time_based".into(),
+            format!("--runtime={runtime}"),
+            "--ramp_time=1".into(),
+        ]
+    };
     let out = output(
-        Command::new("fio")
-            .args([
-                "--name=herd-bench",
-                "--ioengine=nbd",
-                "--output-format=json",
-                "--group_reporting",
-            ])
-            .arg(format!("--uri=nbd://127.0.0.1:{}/{}", r.port, r.export))
-            .arg(format!("--rw={}", p.rw))
-            .arg(format!("--bs={}", p.bs))
-            .arg(format!("--iodepth={}", p.iodepth))
-            .arg(format!("--numjobs={}", p.jobs))
-            .arg(format!("--size={size_mib}M"))
-            .args([
-                "--time_based",
-                &format!("--runtime={runtime}"),
-                "--ramp_time=1",
-            ])
-            .arg("--randrepeat=0"),
+        cmd.args([
+            "--name=herd-bench",
+            "--ioengine=nbd",
+            "--output-format=json",
+            "--group_reporting",
+        ])
+        .arg(format!("--uri=nbd://127.0.0.1:{}/{}", r.port, r.export))
+        .arg(format!("--rw={}", p.rw))
+        .arg(format!("--bs={}", p.bs))
+        .arg(format!("--iodepth={}", p.iodepth))
+        .arg(format!("--numjobs={}", p.jobs))
+        .arg(format!("--size={size_mib}M"))
+        .args(&timing)
+        .arg("--randrepeat=0"),
     )?;
     let json_start = out.find('{').context("fio printed no JSON")?;
     let v: serde_json::Value = serde_json::from_str(&out[json_start..]).context("fio JSON")?;
@@ -469,7 +512,16 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     };
     let servers: Vec<Server> = Server::HIT.into_iter().chain(Server::RELAY).collect();
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
-    let total = reps * servers.len() * PATTERNS.len();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut pinned: Vec<Vec<Vec<f64>>> =
+        vec![vec![Vec::new(); PLACEMENTS.len()]; Server::HIT.len()];
+    let per_round = servers.len() * PATTERNS.len()
+        + if cores >= 2 {
+            Server::HIT.len() * PLACEMENTS.len()
+        } else {
+            0
+        };
+    let total = reps * per_round;
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -482,11 +534,37 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
                 // Relays restart per job so every job starts from a cold
                 // cache; hit-path servers restart too, for symmetry.
                 let r = start(&env, *s).with_context(|| format!("starting {}", s.name()))?;
-                let v = fio(&r, p, runtime, size_mib)
+                let mode = Mode {
+                    cold: s.group() == "relay",
+                    cpu: None,
+                };
+                let v = fio(&r, p, runtime, size_mib, mode)
                     .with_context(|| format!("fio {} on {}", p.name, s.name()))?;
                 drop(r);
                 samples[si][pi].push(v);
                 pb.inc(1);
+            }
+        }
+        // 4 KiB QD1 is one round trip per request, and on a VM where
+        // waking an idle vCPU is dear its figure depends on whether the
+        // scheduler put server and fio on one CPU: measure both placements
+        // pinned, so the server's own cost shows without that lottery.
+        if cores >= 2 {
+            for (si, s) in Server::HIT.iter().enumerate() {
+                for (pi, (_, server_cpu)) in PLACEMENTS.iter().enumerate() {
+                    pb.set_message(format!("round {} {} pinned", round + 1, s.name()));
+                    let r = start(&env, *s).with_context(|| format!("starting {}", s.name()))?;
+                    r.pin(*server_cpu)?;
+                    let mode = Mode {
+                        cold: false,
+                        cpu: Some(0),
+                    };
+                    let v = fio(&r, &PATTERNS[0], runtime, size_mib, mode)
+                        .with_context(|| format!("pinned fio on {}", s.name()))?;
+                    drop(r);
+                    pinned[si][pi].push(v);
+                    pb.inc(1);
+                }
             }
         }
     }
@@ -507,12 +585,30 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             });
         }
     }
+    for (si, s) in Server::HIT.iter().enumerate() {
+        for (pi, (name, _)) in PLACEMENTS.iter().enumerate() {
+            let v = &pinned[si][pi];
+            if v.is_empty() {
+                continue;
+            }
+            cells.push(Cell {
+                server: s.name().into(),
+                group: "pinned".into(),
+                pattern: format!("{} {name}", PATTERNS[0].name),
+                unit: "IOPS".into(),
+                samples: v.clone(),
+                median: median(v),
+                min: v.iter().copied().fold(f64::INFINITY, f64::min),
+                max: v.iter().copied().fold(0.0, f64::max),
+            });
+        }
+    }
     let results = Results {
         version: 1,
         image_mib: size_mib,
         runtime_s: runtime,
         reps,
-        cores: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        cores,
         ceilings,
         cells,
     };
@@ -546,6 +642,24 @@ pub fn validate(r: &Results) -> Result<()> {
                 p.name,
                 c.median
             );
+        }
+    }
+    if r.cores >= 2 {
+        for s in Server::HIT {
+            for (placement, _) in PLACEMENTS {
+                let pattern = format!("{} {placement}", PATTERNS[0].name);
+                let c = r
+                    .cells
+                    .iter()
+                    .find(|c| c.group == "pinned" && c.server == s.name() && c.pattern == pattern)
+                    .with_context(|| format!("no pinned result for {} / {pattern}", s.name()))?;
+                anyhow::ensure!(
+                    c.median > 0.0,
+                    "{} / {pattern}: median {}",
+                    s.name(),
+                    c.median
+                );
+            }
         }
     }
     anyhow::ensure!(

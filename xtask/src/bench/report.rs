@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::dataplane::{Results, PATTERNS};
+use super::dataplane::{Results, PATTERNS, PLACEMENTS};
 
 fn cell<'a>(r: &'a Results, server: &str, pattern: &str) -> Option<&'a super::dataplane::Cell> {
     r.cells
@@ -38,10 +38,18 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(s, "# Dataplane benchmark\n");
     let _ = writeln!(
         s,
-        "`cargo xtask bench dataplane`: fio (nbd engine) on loopback, {} MiB image, {} s per job after 1 s warm-up, \
-         {} repetition(s) interleaved, medians (min–max). {} cores. Ceilings measured in the same run: \
-         loopback TCP (iperf3) {:.0} MiB/s, memory copy {:.0} MiB/s.\n",
-        r.image_mib, r.runtime_s, r.reps, r.cores, r.ceilings.loopback_tcp_mib_s, r.ceilings.memcpy_mib_s
+        "`cargo xtask bench dataplane`: fio (nbd engine) on loopback, {} MiB image, \
+         {} repetition(s) interleaved, medians (min–max). {} cores. Hit path: {} s per job after 1 s warm-up. \
+         Relays: every job starts a fresh, cold child and makes one pass (each block read once, in fio's random \
+         or sequential order) for at most {} s, so every first read of a chunk is a miss. Ceilings measured in \
+         the same run: loopback TCP (iperf3) {:.0} MiB/s, memory copy {:.0} MiB/s.\n",
+        r.image_mib,
+        r.reps,
+        r.cores,
+        r.runtime_s,
+        r.runtime_s,
+        r.ceilings.loopback_tcp_mib_s,
+        r.ceilings.memcpy_mib_s
     );
     let _ = writeln!(
         s,
@@ -83,6 +91,7 @@ pub fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
+    pinned(&mut s, r);
     let _ = writeln!(
         s,
         "## Fraction of the loopback TCP ceiling (MiB/s patterns)\n"
@@ -102,4 +111,45 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+/// The 4 KiB QD1 runs with fixed CPUs (fio on CPU 0).
+fn pinned(s: &mut String, r: &Results) {
+    let names = servers(r, "pinned");
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## 4k-rand-qd1 with fixed CPUs (IOPS)\n\n\
+         One request per round trip: when server and fio run on different vCPUs, each request and each \
+         reply wakes an idle vCPU, which costs a VM more than the servers' own work. Unpinned, the figure \
+         depends on where the scheduler puts the threads; here fio is pinned to CPU 0 and the server to \
+         CPU 0 (same) or CPU 1 (split).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| placement |{} herd ÷ best peer |",
+        names.iter().map(|n| format!(" {n} |")).collect::<String>()
+    );
+    let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+    for (placement, _) in PLACEMENTS {
+        let pattern = format!("{} {placement}", PATTERNS[0].name);
+        let _ = write!(s, "| {placement} |");
+        for n in &names {
+            match cell(r, n, &pattern) {
+                Some(c) => {
+                    let _ = write!(s, " {:.0} ({:.0}–{:.0}) |", c.median, c.min, c.max);
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        match ratio(r, "pinned", &pattern) {
+            Some(x) => {
+                let _ = writeln!(s, " **{x:.2}** |");
+            }
+            None => s.push_str(" – |\n"),
+        }
+    }
+    s.push('\n');
 }
