@@ -295,14 +295,7 @@ impl ChunkCache {
     /// missing, the data would need disk I/O, or the range is invalid).
     #[must_use]
     pub fn try_read_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
-        if len == 0 || self.check_range(offset, len as u64).is_err() {
-            return None;
-        }
-        let first = offset / self.chunk_size;
-        let last = (offset + len as u64 - 1) / self.chunk_size;
-        if !(first..=last).all(|c| self.bitmap.is_set(c)) {
-            return None;
-        }
+        let chunks = self.present_chunks(offset, len)?;
         // Sent only if preadv2 filled all of it.
         let mut buf = IoBuf::scratch(len);
         let iov = libc::iovec {
@@ -324,10 +317,20 @@ impl ChunkCache {
         if usize::try_from(n).ok()? != len {
             return None;
         }
-        for _ in first..=last {
-            self.hit();
-        }
+        chunks.for_each(|_| self.hit());
         Some(buf)
+    }
+
+    /// The chunks of a valid, non-empty range if every one is present.
+    fn present_chunks(&self, offset: u64, len: usize) -> Option<std::ops::RangeInclusive<u64>> {
+        if len == 0 || self.check_range(offset, len as u64).is_err() {
+            return None;
+        }
+        let chunks = offset / self.chunk_size..=(offset + len as u64 - 1) / self.chunk_size;
+        chunks
+            .clone()
+            .all(|c| self.bitmap.is_set(c))
+            .then_some(chunks)
     }
 
     /// The zero-copy hit path: whether every chunk of the range is present
@@ -336,20 +339,13 @@ impl ChunkCache {
     /// when it says yes.
     #[must_use]
     pub fn try_hit_resident(&self, offset: u64, len: usize) -> bool {
-        if len == 0 || self.check_range(offset, len as u64).is_err() {
+        let Some(chunks) = self.present_chunks(offset, len) else {
             return false;
-        }
-        let first = offset / self.chunk_size;
-        let last = (offset + len as u64 - 1) / self.chunk_size;
-        if !(first..=last).all(|c| self.bitmap.is_set(c)) {
-            return false;
-        }
+        };
         if !crate::io::pagecache::is_resident(&self.data, offset, len as u64) {
             return false;
         }
-        for _ in first..=last {
-            self.hit();
-        }
+        chunks.for_each(|_| self.hit());
         true
     }
 
