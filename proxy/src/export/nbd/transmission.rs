@@ -165,31 +165,27 @@ pub async fn run(
                     }
                     last_end = req.offset + u64::from(req.length);
                     let len = req.length as usize;
-                    if can_zero_copy
+                    // Hits are answered from here, without a task: large
+                    // resident ones by sendfile, others by a NOWAIT read.
+                    let hit = if can_zero_copy
                         && len >= ZERO_COPY_MIN
                         && export.cache.try_hit_resident(req.offset, len)
                     {
+                        Some(Payload::File {
+                            offset: req.offset,
+                            len,
+                        })
+                    } else {
+                        export
+                            .cache
+                            .try_read_cached(req.offset, len)
+                            .map(|b| Payload::Buf(Data::Owned(b)))
+                    };
+                    if let Some(data) = hit {
                         let ok = Reply::Ok {
                             handle: req.handle,
                             offset: req.offset,
-                            data: Some(Payload::File {
-                                offset: req.offset,
-                                len,
-                            }),
-                        };
-                        if tx.send(ok).await.is_err() {
-                            break Ok(());
-                        }
-                        continue;
-                    }
-                    if let Some(data) = export
-                        .cache
-                        .try_read_cached(req.offset, req.length as usize)
-                    {
-                        let ok = Reply::Ok {
-                            handle: req.handle,
-                            offset: req.offset,
-                            data: Some(Payload::Buf(Data::Owned(data))),
+                            data: Some(data),
                         };
                         if tx.send(ok).await.is_err() {
                             break Ok(());
