@@ -341,12 +341,29 @@ pub struct Tgtd {
     pub chap: Option<(String, String)>,
 }
 
+/// tgtd control channels handed out by this test process.
+static NEXT_CTL: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+/// A tgtd control channel (a small number) no other test uses: tests run
+/// in parallel, and two tgtds on one channel would see each other's
+/// targets. (Deriving it from the port collided: 800 values, 6 tests.)
+fn control_channel() -> u16 {
+    let base = u16::try_from(std::process::id() % 80).unwrap_or(0) * 10;
+    loop {
+        let n = NEXT_CTL.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ctl = 100 + (base + n) % 800;
+        let lock = format!("/var/run/tgtd/socket.{ctl}.lock");
+        // A channel a live tgtd holds (or a dead one left) is skipped.
+        if !Path::new(&lock).exists() || n >= 800 {
+            return ctl;
+        }
+    }
+}
+
 impl Tgtd {
     pub fn start(backing: &Path, chap: Option<(&str, &str)>) -> Self {
         let port = free_port();
-        // tgtd's control channel is a small number (< 1000); derive a
-        // distinct one per test from the port.
-        let ctl = 100 + port % 800;
+        let ctl = control_channel();
         let mut t = Self {
             child: None,
             port,
