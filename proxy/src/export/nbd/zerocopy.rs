@@ -44,8 +44,14 @@ impl ZeroCopy {
             sent += self
                 .write_with(|fd| {
                     // SAFETY: `rest` is valid for reads of its length.
-                    let n =
-                        unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_MORE) };
+                    let n = unsafe {
+                        libc::send(
+                            fd,
+                            rest.as_ptr().cast(),
+                            rest.len(),
+                            libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                        )
+                    };
                     usize::try_from(n).map_err(|_| io::Error::last_os_error())
                 })
                 .await?;
@@ -55,6 +61,8 @@ impl ZeroCopy {
         while left > 0 {
             let n = self
                 .write_with(|fd| {
+                    // No flags here, unlike send: a closed peer's SIGPIPE
+                    // is ignored by the Rust runtime, and EPIPE comes back.
                     // SAFETY: `off` is a live i64 the kernel advances; both
                     // descriptors are open for the call.
                     let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &raw mut off, left) };
