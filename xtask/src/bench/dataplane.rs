@@ -108,6 +108,21 @@ pub struct Cell {
     pub max: f64,
 }
 
+impl Cell {
+    fn new(server: &Server, group: &str, pattern: &str, unit: &str, samples: &[f64]) -> Self {
+        Self {
+            server: server.name().into(),
+            group: group.into(),
+            pattern: pattern.into(),
+            unit: unit.into(),
+            samples: samples.to_vec(),
+            median: median(samples),
+            min: samples.iter().copied().fold(f64::INFINITY, f64::min),
+            max: samples.iter().copied().fold(0.0, f64::max),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ceilings {
     pub loopback_tcp_mib_s: f64,
@@ -170,6 +185,12 @@ struct Running {
 
 /// The pinned 4 KiB QD1 runs: fio on CPU 0, the server on the CPU named.
 pub const PLACEMENTS: [(&str, usize); 2] = [("same-cpu", 0), ("split-cpu", 1)];
+
+/// The pattern name a pinned cell is stored under.
+#[must_use]
+pub fn pinned_pattern(placement: &str) -> String {
+    format!("{} {placement}", PATTERNS[0].name)
+}
 
 impl Running {
     /// Pins every thread of every process of the server to `cpu` (threads
@@ -383,14 +404,24 @@ struct Mode {
     /// ending after `runtime` at most: what a relay's miss path sees. The
     /// hit path instead loops over the image for `runtime` after a warm-up.
     cold: bool,
-    /// Pin fio to this CPU.
-    cpu: Option<usize>,
+    /// Pin (fio, server) to these CPUs.
+    pin: Option<(usize, usize)>,
+}
+
+/// Starts `s` afresh (relays so every job starts from a cold cache, the
+/// others for symmetry), runs one fio job on it and stops it.
+fn job(env: &Env, s: Server, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<f64> {
+    let r = start(env, s).with_context(|| format!("starting {}", s.name()))?;
+    if let Some((_, cpu)) = mode.pin {
+        r.pin(cpu)?;
+    }
+    fio(&r, p, runtime, size_mib, mode).with_context(|| format!("fio {} on {}", p.name, s.name()))
 }
 
 /// Runs one fio job and returns IOPS or MiB/s.
 fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<f64> {
-    let mut cmd = match mode.cpu {
-        Some(cpu) => {
+    let mut cmd = match mode.pin {
+        Some((cpu, _)) => {
             let mut c = Command::new("taskset");
             c.args(["-c", &cpu.to_string(), "fio"]);
             c
@@ -531,17 +562,11 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         for (si, s) in servers.iter().enumerate() {
             for (pi, p) in PATTERNS.iter().enumerate() {
                 pb.set_message(format!("round {} {} {}", round + 1, s.name(), p.name));
-                // Relays restart per job so every job starts from a cold
-                // cache; hit-path servers restart too, for symmetry.
-                let r = start(&env, *s).with_context(|| format!("starting {}", s.name()))?;
                 let mode = Mode {
                     cold: s.group() == "relay",
-                    cpu: None,
+                    pin: None,
                 };
-                let v = fio(&r, p, runtime, size_mib, mode)
-                    .with_context(|| format!("fio {} on {}", p.name, s.name()))?;
-                drop(r);
-                samples[si][pi].push(v);
+                samples[si][pi].push(job(&env, *s, p, runtime, size_mib, mode)?);
                 pb.inc(1);
             }
         }
@@ -553,16 +578,11 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             for (si, s) in Server::HIT.iter().enumerate() {
                 for (pi, (_, server_cpu)) in PLACEMENTS.iter().enumerate() {
                     pb.set_message(format!("round {} {} pinned", round + 1, s.name()));
-                    let r = start(&env, *s).with_context(|| format!("starting {}", s.name()))?;
-                    r.pin(*server_cpu)?;
                     let mode = Mode {
                         cold: false,
-                        cpu: Some(0),
+                        pin: Some((0, *server_cpu)),
                     };
-                    let v = fio(&r, &PATTERNS[0], runtime, size_mib, mode)
-                        .with_context(|| format!("pinned fio on {}", s.name()))?;
-                    drop(r);
-                    pinned[si][pi].push(v);
+                    pinned[si][pi].push(job(&env, *s, &PATTERNS[0], runtime, size_mib, mode)?);
                     pb.inc(1);
                 }
             }
@@ -572,35 +592,17 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let mut cells = Vec::new();
     for (si, s) in servers.iter().enumerate() {
         for (pi, p) in PATTERNS.iter().enumerate() {
-            let v = &samples[si][pi];
-            cells.push(Cell {
-                server: s.name().into(),
-                group: s.group().into(),
-                pattern: p.name.into(),
-                unit: if p.iops { "IOPS" } else { "MiB/s" }.into(),
-                samples: v.clone(),
-                median: median(v),
-                min: v.iter().copied().fold(f64::INFINITY, f64::min),
-                max: v.iter().copied().fold(0.0, f64::max),
-            });
+            let unit = if p.iops { "IOPS" } else { "MiB/s" };
+            cells.push(Cell::new(s, s.group(), p.name, unit, &samples[si][pi]));
         }
     }
     for (si, s) in Server::HIT.iter().enumerate() {
         for (pi, (name, _)) in PLACEMENTS.iter().enumerate() {
             let v = &pinned[si][pi];
-            if v.is_empty() {
-                continue;
+            if !v.is_empty() {
+                let pattern = pinned_pattern(name);
+                cells.push(Cell::new(s, "pinned", &pattern, "IOPS", v));
             }
-            cells.push(Cell {
-                server: s.name().into(),
-                group: "pinned".into(),
-                pattern: format!("{} {name}", PATTERNS[0].name),
-                unit: "IOPS".into(),
-                samples: v.clone(),
-                median: median(v),
-                min: v.iter().copied().fold(f64::INFINITY, f64::min),
-                max: v.iter().copied().fold(0.0, f64::max),
-            });
         }
     }
     let results = Results {
@@ -627,38 +629,28 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
 
 /// Checks a results file has every server and pattern with positive medians.
 pub fn validate(r: &Results) -> Result<()> {
-    let servers: Vec<Server> = Server::HIT.into_iter().chain(Server::RELAY).collect();
-    for s in servers {
+    let require = |server: &str, pattern: &str| -> Result<()> {
+        let c = r
+            .cells
+            .iter()
+            .find(|c| c.server == server && c.pattern == pattern)
+            .with_context(|| format!("no result for {server} / {pattern}"))?;
+        anyhow::ensure!(
+            c.median > 0.0 && c.median.is_finite(),
+            "{server} / {pattern}: median {}",
+            c.median
+        );
+        Ok(())
+    };
+    for s in Server::HIT.into_iter().chain(Server::RELAY) {
         for p in PATTERNS {
-            let c = r
-                .cells
-                .iter()
-                .find(|c| c.server == s.name() && c.pattern == p.name)
-                .with_context(|| format!("no result for {} / {}", s.name(), p.name))?;
-            anyhow::ensure!(
-                c.median > 0.0 && c.median.is_finite(),
-                "{} / {}: median {}",
-                s.name(),
-                p.name,
-                c.median
-            );
+            require(s.name(), p.name)?;
         }
     }
     if r.cores >= 2 {
         for s in Server::HIT {
             for (placement, _) in PLACEMENTS {
-                let pattern = format!("{} {placement}", PATTERNS[0].name);
-                let c = r
-                    .cells
-                    .iter()
-                    .find(|c| c.group == "pinned" && c.server == s.name() && c.pattern == pattern)
-                    .with_context(|| format!("no pinned result for {} / {pattern}", s.name()))?;
-                anyhow::ensure!(
-                    c.median > 0.0,
-                    "{} / {pattern}: median {}",
-                    s.name(),
-                    c.median
-                );
+                require(s.name(), &pinned_pattern(placement))?;
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::dataplane::{Results, PATTERNS, PLACEMENTS};
+use super::dataplane::{pinned_pattern, Results, PATTERNS, PLACEMENTS};
 
 fn cell<'a>(r: &'a Results, server: &str, pattern: &str) -> Option<&'a super::dataplane::Cell> {
     r.cells
@@ -62,33 +62,10 @@ pub fn markdown(r: &Results) -> String {
     ] {
         let names = servers(r, group);
         let _ = writeln!(s, "## {title}\n");
-        let _ = write!(s, "| pattern |");
-        for n in &names {
-            let _ = write!(s, " {n} |");
-        }
-        let _ = writeln!(s, " herd ÷ best peer |");
-        let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+        table_head(&mut s, "pattern", &names);
         for p in PATTERNS {
-            let _ = write!(
-                s,
-                "| {} ({}) |",
-                p.name,
-                if p.iops { "IOPS" } else { "MiB/s" }
-            );
-            for n in &names {
-                match cell(r, n, p.name) {
-                    Some(c) => {
-                        let _ = write!(s, " {:.0} ({:.0}–{:.0}) |", c.median, c.min, c.max);
-                    }
-                    None => s.push_str(" – |"),
-                }
-            }
-            match ratio(r, group, p.name) {
-                Some(x) => {
-                    let _ = writeln!(s, " **{x:.2}** |");
-                }
-                None => s.push_str(" – |\n"),
-            }
+            let label = format!("{} ({})", p.name, if p.iops { "IOPS" } else { "MiB/s" });
+            table_row(&mut s, r, &names, group, &label, p.name);
         }
         s.push('\n');
     }
@@ -128,29 +105,52 @@ fn pinned(s: &mut String, r: &Results) {
          depends on where the scheduler puts the threads; here fio is pinned to CPU 0 and the server to \
          CPU 0 (same) or CPU 1 (split).\n"
     );
-    let _ = writeln!(
-        s,
-        "| placement |{} herd ÷ best peer |",
-        names.iter().map(|n| format!(" {n} |")).collect::<String>()
-    );
-    let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+    table_head(s, "placement", &names);
     for (placement, _) in PLACEMENTS {
-        let pattern = format!("{} {placement}", PATTERNS[0].name);
-        let _ = write!(s, "| {placement} |");
-        for n in &names {
-            match cell(r, n, &pattern) {
-                Some(c) => {
-                    let _ = write!(s, " {:.0} ({:.0}–{:.0}) |", c.median, c.min, c.max);
-                }
-                None => s.push_str(" – |"),
-            }
-        }
-        match ratio(r, "pinned", &pattern) {
-            Some(x) => {
-                let _ = writeln!(s, " **{x:.2}** |");
-            }
-            None => s.push_str(" – |\n"),
-        }
+        table_row(
+            s,
+            r,
+            &names,
+            "pinned",
+            placement,
+            &pinned_pattern(placement),
+        );
     }
     s.push('\n');
+}
+
+/// `| first | server… | herd ÷ best peer |` and the separator line.
+fn table_head(s: &mut String, first: &str, names: &[String]) {
+    let _ = write!(s, "| {first} |");
+    for n in names {
+        let _ = write!(s, " {n} |");
+    }
+    let _ = writeln!(s, " herd ÷ best peer |");
+    let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+}
+
+/// One row: every server's median (min–max) for `pattern`, then herd's ratio.
+fn table_row(
+    s: &mut String,
+    r: &Results,
+    names: &[String],
+    group: &str,
+    label: &str,
+    pattern: &str,
+) {
+    let _ = write!(s, "| {label} |");
+    for n in names {
+        match cell(r, n, pattern) {
+            Some(c) => {
+                let _ = write!(s, " {:.0} ({:.0}–{:.0}) |", c.median, c.min, c.max);
+            }
+            None => s.push_str(" – |"),
+        }
+    }
+    match ratio(r, group, pattern) {
+        Some(x) => {
+            let _ = writeln!(s, " **{x:.2}** |");
+        }
+        None => s.push_str(" – |\n"),
+    }
 }
