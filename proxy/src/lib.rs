@@ -23,6 +23,7 @@ pub mod net;
 pub mod prefetch;
 pub mod profile;
 pub mod record;
+pub mod replay;
 pub mod size;
 pub mod upstream;
 

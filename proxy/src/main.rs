@@ -4,9 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-mod iscsi_cli;
-mod profile_cli;
-mod record_cli;
+mod cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -43,10 +41,13 @@ enum Command {
     #[command(subcommand)]
     Iscsi(IscsiCmd),
     /// Record which bytes of an image a boot reads (eBPF; needs root).
-    Record(record_cli::RecordArgs),
+    Record(cli::record::RecordArgs),
     /// Inspect, merge and compare boot profiles.
     #[command(subcommand)]
-    Profile(profile_cli::ProfileCmd),
+    Profile(cli::profile::ProfileCmd),
+    /// Replay recorded boots as many emulated VMs (the boot-storm client).
+    #[command(subcommand)]
+    Replay(cli::replay::ReplayCmd),
 }
 
 #[derive(Subcommand)]
@@ -63,7 +64,7 @@ enum IscsiCmd {
         iscsi_initiator: String,
     },
     /// Measure the initiator alone: read a LUN for a while, print JSON.
-    Bench(iscsi_cli::BenchArgs),
+    Bench(cli::iscsi::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -176,8 +177,8 @@ fn main() -> std::process::ExitCode {
         // Colour only on a terminal: journald and log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    let res = match cli.command {
+    let args = Cli::parse();
+    let res = match args.command {
         Command::Serve(args) => {
             let workers = args.workers;
             (*args).into_config().and_then(|c| serve(c, workers))
@@ -186,10 +187,11 @@ fn main() -> std::process::ExitCode {
             url,
             iscsi_secret_file,
             iscsi_initiator,
-        }) => iscsi_cli::probe(&url, iscsi_secret_file, iscsi_initiator),
-        Command::Iscsi(IscsiCmd::Bench(b)) => iscsi_cli::bench(&b),
-        Command::Record(r) => record_cli::record(&r),
-        Command::Profile(p) => profile_cli::run(p),
+        }) => cli::iscsi::probe(&url, iscsi_secret_file, iscsi_initiator),
+        Command::Iscsi(IscsiCmd::Bench(b)) => cli::iscsi::bench(&b),
+        Command::Record(r) => cli::record::record(&r),
+        Command::Profile(p) => cli::profile::run(p),
+        Command::Replay(r) => cli::replay::run(r),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Prints boot time, bytes the VM read, bytes fetched from the root, and the
-//! fraction of the image that crossed the tree.
+//! fraction of the image that crossed the tree; then a small boot storm
+//! (8 hosts × 4 replayed VMs, `bench storm`) with its live view and table.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -50,6 +51,9 @@ pub struct Options {
     /// Also boot from the local image file, for comparison.
     #[arg(long)]
     pub compare_local: bool,
+    /// Skip the small boot storm that follows the VM boot.
+    #[arg(long)]
+    pub no_storm: bool,
 }
 
 /// What one demo run measured.
@@ -513,4 +517,15 @@ fn chain_boot(
         root_file_bytes,
         local_boot_secs,
     })
+}
+
+/// The storm that ends the demo: small enough for a few minutes on a fresh
+/// machine, every baseline.
+pub fn small_storm() -> Result<()> {
+    step("a small boot storm: 8 hosts x 4 replayed VMs, herd's tree against full copy and all-from-root");
+    let mut o = crate::bench::storm::Options::quick(work_dir("demo-storm"));
+    o.hosts = 8;
+    o.vms = 4;
+    o.all_from_root_hosts = 8;
+    crate::bench::storm::run_bench(&o).map(drop)
 }

@@ -7,6 +7,7 @@ mod boot_profile;
 mod demo;
 mod deps;
 mod ebpf;
+mod fleet;
 mod image;
 mod test;
 mod util;
@@ -57,7 +58,10 @@ fn main() -> Result<()> {
         Job::Run(o) => {
             let r = demo::run_demo(&o)?;
             println!("{r}");
-            Ok(())
+            if o.no_storm {
+                return Ok(());
+            }
+            demo::small_storm()
         }
         Job::Test(o) => test::run(&o),
         Job::Bench(s) => bench::run(&s),

@@ -68,6 +68,7 @@ pub fn run(opts: &Options) -> Result<()> {
             read_ahead: "256KiB".into(),
             accel: Accel::Auto,
             compare_local: false,
+            no_storm: true,
         };
         let outcome = demo::run_demo(&o).and_then(|r| {
             println!("{r}");
@@ -79,6 +80,10 @@ pub fn run(opts: &Options) -> Result<()> {
     // well-formed, complete JSON. The appliance and the testbed are proven
     // end to end (the slow ones are left out of --quick).
     let mut smokes: Vec<(&str, Smoke)> = vec![
+        (
+            "storm_quick_every_byte_verified_root_egress_bounded_nothing_left",
+            storm_smoke,
+        ),
         ("bench_dataplane_quick_produces_complete_json", bench_smoke),
         ("bench_iscsi_quick_produces_complete_json", iscsi_smoke),
         ("vagrantfile_validates", crate::vagrant::validate),
@@ -141,6 +146,7 @@ fn bench_smoke() -> Result<()> {
         runtime: None,
         reps: None,
         out: Some(out.clone()),
+        chunk_size: None,
     };
     dataplane::run_bench(&o)?;
     let text = std::fs::read_to_string(out.join("dataplane.json"))?;
@@ -151,6 +157,102 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+/// A quick storm, every baseline: the replay checks every byte, the tree
+/// sends each chunk from the root once, all-from-root once per host, and
+/// the fleet leaves nothing behind.
+fn storm_smoke() -> Result<()> {
+    use crate::bench::storm;
+    let out = crate::util::work_dir("storm-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    let o = storm::Options::quick(out.clone());
+    let r = storm::run_bench(&o)?;
+    let back: storm::Results =
+        serde_json::from_str(&std::fs::read_to_string(out.join("storm.json"))?)?;
+    anyhow::ensure!(back.version == 1, "storm.json version {}", back.version);
+    anyhow::ensure!(
+        back.baselines.len() == storm::Baseline::ALL.len(),
+        "{} of {} baselines in storm.json",
+        back.baselines.len(),
+        storm::Baseline::ALL.len()
+    );
+    for svg in ["cdf.svg", "timeline.svg", "bars.svg"] {
+        let text = std::fs::read_to_string(out.join(svg))?;
+        anyhow::ensure!(
+            text.contains("<svg") && text.contains("tree-lazy"),
+            "{svg} lacks the chart"
+        );
+    }
+    let ws = r.working_set_chunks_bytes;
+    anyhow::ensure!(ws > 0 && r.working_set_bytes > 0, "empty working set");
+    for b in &r.baselines {
+        anyhow::ensure!(
+            b.vms == b.hosts * o.vms && b.boot_secs.len() == b.vms,
+            "{}: {} of {} VMs reported",
+            b.name,
+            b.boot_secs.len(),
+            b.hosts * o.vms
+        );
+        anyhow::ensure!(
+            b.errors == 0 && b.mismatches == 0,
+            "{}: {} read errors, {} wrong reads",
+            b.name,
+            b.errors,
+            b.mismatches
+        );
+        // Every VM read the whole working set and every byte was checked.
+        anyhow::ensure!(
+            b.bytes_read == b.vms as u64 * r.working_set_bytes && b.verified_bytes == b.bytes_read,
+            "{}: read {} bytes, verified {}, expected {} per VM",
+            b.name,
+            b.bytes_read,
+            b.verified_bytes,
+            r.working_set_bytes
+        );
+        let egress = b.root_egress_bytes as f64;
+        match b.name.as_str() {
+            "tree-lazy" | "tree-prefetch" | "tree-prewarmed" => anyhow::ensure!(
+                egress >= ws as f64 && egress <= 1.05 * ws as f64,
+                "{}: the root sent {egress} bytes for {ws} bytes of chunks (each should leave once)",
+                b.name
+            ),
+            "all-from-root" => {
+                let want = (b.hosts as u64 * ws) as f64;
+                anyhow::ensure!(
+                    egress >= 0.95 * want && egress <= 1.05 * want,
+                    "all-from-root: the root sent {egress} bytes, expected ~{want} ({} hosts × {ws})",
+                    b.hosts
+                );
+            }
+            "full-copy" => {
+                let want = (b.hosts as u64 * r.image_bytes) as f64;
+                anyhow::ensure!(
+                    egress >= want && egress <= 1.01 * want,
+                    "full-copy: the root sent {egress} bytes, expected {want}"
+                );
+            }
+            other => bail!("unknown baseline {other}"),
+        }
+    }
+    // Nothing left: namespaces and links (checked by the bench itself
+    // before it returns), processes, and the work folder.
+    let ps = crate::util::output(std::process::Command::new("ps").args(["-eo", "args"]))?;
+    let stray: Vec<&str> = ps
+        .lines()
+        .filter(|l| {
+            l.contains("herd serve") && l.contains("/storm-") || l.contains("herd replay run")
+        })
+        .collect();
+    anyhow::ensure!(stray.is_empty(), "processes left: {stray:?}");
+    let dirs: Vec<String> = std::fs::read_dir(crate::util::work_dir(""))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("storm-") && n != "storm-images" && n != "storm-smoke")
+        .collect();
+    anyhow::ensure!(dirs.is_empty(), "work folders left: {dirs:?}");
+    println!("{}", std::fs::read_to_string(out.join("README.md"))?);
     Ok(())
 }
 

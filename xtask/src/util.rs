@@ -160,3 +160,48 @@ pub fn median(v: &[f64]) -> f64 {
         _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
 }
+
+/// One sample's value from Prometheus text; a missing metric is an error,
+/// so a renamed metric cannot pass for 0.
+pub fn prom_require(text: &str, name: &str) -> Result<u64> {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.split_once(' ')
+                .filter(|(k, _)| *k == name)
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .with_context(|| format!("metric {name} is missing"))
+}
+
+/// GET `path` over HTTP/1.1 and return the body (metrics endpoints).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("{addr} unreachable"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{addr}: not an HTTP reply"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{addr}{path}: {}",
+        head.lines().next().unwrap_or("")
+    );
+    Ok(body.to_owned())
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -40,6 +40,9 @@ pub struct Options {
     /// Where to write dataplane.json, dataplane.svg and README.md.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// herd's chunk size for this run (default: herd's own default).
+    #[arg(long)]
+    pub chunk_size: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -233,6 +236,7 @@ struct Env {
     herd: PathBuf,
     image: PathBuf,
     scratch: PathBuf,
+    chunk_size: Option<String>,
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
@@ -257,6 +261,11 @@ fn herd_serve(env: &Env, name: &str, upstream: &str, port: u16) -> Result<Child>
             ])
             .arg("--cache-dir")
             .arg(&cache)
+            .args(
+                env.chunk_size
+                    .iter()
+                    .flat_map(|c| ["--chunk-size", c.as_str()]),
+            )
             .env("NO_COLOR", "1"),
         &env.scratch.join(format!("{name}.log")),
     )
@@ -534,6 +543,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         herd,
         image: scratch.join(format!("image-{size_mib}M.raw")),
         scratch: scratch.clone(),
+        chunk_size: opts.chunk_size.clone(),
     };
     prepare_image(&env.image, size_mib)?;
     step("measuring ceilings (iperf3 on loopback, memory copy)");

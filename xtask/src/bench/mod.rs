@@ -8,6 +8,7 @@ pub mod iscsi;
 mod plot;
 pub mod recorder;
 mod report;
+pub mod storm;
 
 use anyhow::Result;
 
@@ -19,6 +20,8 @@ pub enum Suite {
     Iscsi(iscsi::Options),
     /// The eBPF recorder's event rate and drops under fio load (needs root).
     Recorder(recorder::Options),
+    /// A boot storm on an emulated fleet: herd's tree against full copy and all-from-root.
+    Storm(storm::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
@@ -26,5 +29,6 @@ pub fn run(suite: &Suite) -> Result<()> {
         Suite::Dataplane(o) => dataplane::run_bench(o).map(drop),
         Suite::Iscsi(o) => iscsi::run_bench(o).map(drop),
         Suite::Recorder(o) => recorder::run_bench(o).map(drop),
+        Suite::Storm(o) => storm::run_job(o),
     }
 }

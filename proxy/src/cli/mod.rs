@@ -1,0 +1,7 @@
+//! One file per `herd` subcommand (`serve` lives in `main.rs`, with the
+//! runtime it sets up).
+
+pub mod iscsi;
+pub mod profile;
+pub mod record;
+pub mod replay;
