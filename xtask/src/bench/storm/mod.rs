@@ -408,8 +408,17 @@ fn run_in(
     // The synthetic image and the trace rebased onto it are kept across runs.
     let images = work_dir("storm-images");
     std::fs::create_dir_all(&images)?;
+    // Keyed by the trace's content: a re-recorded trace gets its own.
+    let digest = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(std::fs::read(trace)?);
+        d.iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
     let stem = format!(
-        "{}-x{}-s{}",
+        "{}-{digest}-x{}-s{}",
         trace
             .file_stem()
             .and_then(|s| s.to_str())
