@@ -179,6 +179,12 @@ impl Fleet {
             let ns = format!("{tag}-{i}");
             let port = format!("p{i}");
             run(ip().args(["netns", "add", &ns]))?;
+            // Owned by the fleet from here, so a failure below still
+            // deletes it.
+            fleet.hosts.push(Host {
+                ns: ns.clone(),
+                port: port.clone(),
+            });
             run(ip().args([
                 "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
                 &ns,
@@ -193,7 +199,6 @@ impl Fleet {
             )?;
             sw_cmds.push_str(&format!("link set {port} master br0\nlink set {port} up\n"));
             sw_tc.push_str(&shape(&port));
-            fleet.hosts.push(Host { ns, port });
             progress(i + 1);
         }
         batch(ip().args(["-n", &sw, "-b", "-"]), &sw_cmds)?;

@@ -207,7 +207,20 @@ async fn replay_all(
     }
     let mut out = Vec::with_capacity(a.vms);
     let mut first_err = None;
+    // A bar for people; JSON lines for programs.
+    let pb = if a.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(a.vms as u64)
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:30} {pos}/{len} VMs booted",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     while let Some(done) = set.join_next().await {
+        pb.inc(1);
         match done.context("a VM task failed")? {
             Ok(r) => {
                 if a.json {
@@ -223,6 +236,7 @@ async fn replay_all(
             }
         }
     }
+    pb.finish_and_clear();
     if let Some(e) = first_err {
         return Err(e);
     }

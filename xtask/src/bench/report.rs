@@ -53,7 +53,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Patterns: QD is the total queue depth (iodepth × fio jobs). Chart: `dataplane.svg`; raw numbers: `dataplane.json`; the iSCSI initiator benchmark: `iscsi.md`. \
+        "Patterns: QD is the total queue depth (iodepth × fio jobs). Chart: `dataplane.svg`; raw numbers: `dataplane.json`; the iSCSI initiator benchmark: `iscsi.md`; the boot storm at fleet scale: `storm/README.md`. \
          Where herd falls short of its targets, and why: `DESIGN.md`, Known limits.\n"
     );
     for (group, title) in [

@@ -92,13 +92,15 @@ pub struct Options {
     #[arg(long, default_value_t = 4)]
     pub fanout: usize,
     /// Rate of every host link, the root's too, each direction (tc syntax).
-    #[arg(long, default_value = "100mbit")]
+    /// Why 20 Mbit/s: DESIGN.md, "Boot replay and the storm bench".
+    #[arg(long, default_value = "20mbit")]
     pub link: String,
     /// Replay on an image K× the trace's size (offsets and lengths ×K).
     #[arg(long, default_value_t = 1)]
     pub image_scale: u64,
-    /// Multiplies the trace's think times.
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiplies the trace's think times (6: a ~70 s boot, which keeps
+    /// the 2 cores' share of the storm's work under the links').
+    #[arg(long, default_value_t = 6.0)]
     pub time_scale: f64,
     /// Chunk size of every herd.
     #[arg(long, default_value = "64KiB")]
@@ -108,7 +110,7 @@ pub struct Options {
     pub read_ahead: String,
     /// Hosts in the full-copy baseline; its makespan is extrapolated
     /// linearly to --hosts (the root's link bounds it).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub full_copy_hosts: usize,
     /// Hosts in the all-from-root baseline; its makespan is extrapolated to
     /// --hosts from the bytes the root's link must carry.

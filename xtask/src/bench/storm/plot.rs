@@ -9,7 +9,7 @@ use plotters::prelude::*;
 use super::Results;
 
 const COLORS: [RGBColor; 5] = [
-    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0x94, 0x67, 0xbd),
     RGBColor(0xff, 0x7f, 0x0e),
     RGBColor(0x1f, 0x77, 0xb4),
     RGBColor(0x2c, 0xa0, 0x2c),
@@ -78,8 +78,10 @@ fn cdf(r: &Results, path: &Path, counts: bool) -> Result<()> {
     for (i, b) in r.baselines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let n = b.boot_secs.len().max(1) as f64;
+        // A step function: nothing booted until the first VM is.
         let mut pts = vec![(0.0, 0.0)];
         for (k, t) in b.boot_secs.iter().enumerate() {
+            pts.push((*t, pts.last().map_or(0.0, |p| p.1)));
             let y = if counts {
                 (k + 1) as f64
             } else {
@@ -126,30 +128,28 @@ fn bars(r: &Results, path: &Path) -> Result<()> {
     head.draw(&Text::new(title(r), (10, 8), ("sans-serif", 16)))
         .map_err(e)?;
     let panels = body.split_evenly((1, 2));
-    let series: [(&str, Vec<f64>); 2] = [
-        (
-            "makespan (s; extrapolated to all hosts where marked *)",
-            r.baselines
-                .iter()
-                .map(|b| b.extrapolated_makespan_secs.unwrap_or(b.makespan_secs))
-                .collect(),
-        ),
-        (
-            "root egress (MiB)",
-            r.baselines
-                .iter()
-                .map(|b| b.root_egress_bytes as f64 / 1_048_576.0)
-                .collect(),
-        ),
-    ];
-    for (panel, (caption, vals)) in panels.iter().zip(series) {
-        let top = vals.iter().copied().fold(1.0, f64::max) * 1.15;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(caption, ("sans-serif", 14))
+    let makespans: Vec<f64> = r
+        .baselines
+        .iter()
+        .map(|b| b.extrapolated_makespan_secs.unwrap_or(b.makespan_secs))
+        .collect();
+    let egress: Vec<f64> = r
+        .baselines
+        .iter()
+        .map(|b| b.root_egress_bytes as f64 / 1_048_576.0)
+        .collect();
+    // Makespans span orders of magnitude (full copy at 100 hosts): log axis.
+    {
+        let top = makespans.iter().copied().fold(10.0, f64::max) * 2.0;
+        let mut chart = ChartBuilder::on(&panels[0])
+            .caption(
+                format!("makespan at {} hosts (s, log; * extrapolated)", r.hosts),
+                ("sans-serif", 14),
+            )
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..vals.len().max(1) as f64, 0f64..top)
+            .build_cartesian_2d(0f64..makespans.len().max(1) as f64, (1f64..top).log_scale())
             .map_err(e)?;
         chart
             .configure_mesh()
@@ -157,7 +157,41 @@ fn bars(r: &Results, path: &Path) -> Result<()> {
             .disable_x_axis()
             .draw()
             .map_err(e)?;
-        for (i, (b, v)) in r.baselines.iter().zip(&vals).enumerate() {
+        for (i, (b, v)) in r.baselines.iter().zip(&makespans).enumerate() {
+            let x = i as f64;
+            let color = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x + 0.1, 1.0), (x + 0.9, v.max(1.0))],
+                    color.filled(),
+                )))
+                .map_err(e)?;
+            let mark = if b.extrapolated_makespan_secs.is_some() { "*" } else { "" };
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{}{mark}: {v:.0}", b.name),
+                    (x + 0.1, v.max(1.0) * 1.15),
+                    ("sans-serif", 11),
+                )))
+                .map_err(e)?;
+        }
+    }
+    {
+        let top = egress.iter().copied().fold(1.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(&panels[1])
+            .caption("root egress, measured (MiB)", ("sans-serif", 14))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..egress.len().max(1) as f64, 0f64..top)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_x_axis()
+            .draw()
+            .map_err(e)?;
+        for (i, (b, v)) in r.baselines.iter().zip(&egress).enumerate() {
             let x = i as f64;
             let color = COLORS[i % COLORS.len()];
             chart
@@ -166,14 +200,14 @@ fn bars(r: &Results, path: &Path) -> Result<()> {
                     color.filled(),
                 )))
                 .map_err(e)?;
-            let mark = if b.extrapolated_makespan_secs.is_some() {
-                "*"
+            let hosts = if b.hosts < r.hosts {
+                format!(" ({} hosts)", b.hosts)
             } else {
-                ""
+                String::new()
             };
             chart
                 .draw_series(std::iter::once(Text::new(
-                    format!("{}{mark}: {v:.0}", b.name),
+                    format!("{}{hosts}: {v:.0}", b.name),
                     (x + 0.1, v + top * 0.02),
                     ("sans-serif", 11),
                 )))

@@ -165,6 +165,27 @@ pub fn markdown(r: &Results) -> String {
         mib(verified),
         mib(read)
     );
+    if let Some(f) = &r.fidelity {
+        let _ = writeln!(s, "\n## Replay fidelity (`--fidelity`, `fidelity.json`)\n");
+        let _ = writeln!(
+            s,
+            "The real Debian VM ({}) booted through a recording herd: marker at {:.2} s, last read at {:.2} s, \
+             {:.1} MiB in {} requests. Its trace replayed as one VM: {:.2} s on the image file, {:.2} s through a \
+             herd root → leaf ({:.2}× and {:.2}× the recorded span), {:.1} MiB in {} requests (the trace merges \
+             sequential reads into extents of up to 1 MiB).",
+            f.accel.to_uppercase(),
+            f.real_boot_secs,
+            f.trace_span_secs,
+            mib(f.real_bytes),
+            f.real_requests,
+            f.replay_local_secs,
+            f.replay_leaf_secs,
+            f.replay_local_secs / f.trace_span_secs.max(1e-9),
+            f.replay_leaf_secs / f.trace_span_secs.max(1e-9),
+            mib(f.trace_bytes),
+            f.trace_requests
+        );
+    }
     let _ = writeln!(
         s,
         "\nCharts: `cdf.svg` (boot-time CDF), `timeline.svg` (VMs booted over time), `bars.svg` \
