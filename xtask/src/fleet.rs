@@ -223,6 +223,8 @@ impl Fleet {
             .stderr(std::fs::File::create(log)?)
             .env("NO_COLOR", "1");
         die_with_parent(&mut cmd);
+        // Its own process group: a shell's children (nbdcopy) go with it.
+        cmd.process_group(0);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {args:?} in {ns}"))?;
@@ -233,6 +235,13 @@ impl Fleet {
     /// Kills every process started so far (between baselines).
     pub fn kill_all(&mut self) {
         for c in &mut self.procs {
+            if let Ok(pgid) = i32::try_from(c.id()) {
+                // SAFETY: kill has no memory preconditions; the group is
+                // one this fleet made.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
         }
         for c in &mut self.procs {

@@ -110,11 +110,11 @@ pub struct Options {
     pub read_ahead: String,
     /// Hosts in the full-copy baseline; its makespan is extrapolated
     /// linearly to --hosts (the root's link bounds it).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub full_copy_hosts: usize,
     /// Hosts in the all-from-root baseline; its makespan is extrapolated to
     /// --hosts from the bytes the root's link must carry.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     pub all_from_root_hosts: usize,
     /// Baselines to run (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -791,9 +791,7 @@ fn run_baseline(
                 )?
                 .id();
         }
-        for i in 1..=hosts {
-            wait_metrics(i, Duration::from_secs(60), &env.dir)?;
-        }
+        wait_all_metrics((1..=hosts).collect(), Duration::from_secs(60), &env.dir)?;
     }
     let mut prewarm_secs = None;
     if b == Baseline::TreePrewarmed {
@@ -1062,6 +1060,30 @@ fn run_baseline(
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Waits until every host's herd answers on its metrics port, polling them
+/// all each round (one at a time would sleep once per host).
+fn wait_all_metrics(mut pending: Vec<usize>, timeout: Duration, dir: &Path) -> Result<()> {
+    let t = Instant::now();
+    while !pending.is_empty() {
+        fleet::check_interrupted()?;
+        pending.retain(|&i| metrics_of(i).is_err());
+        if let Some(&i) = pending.first() {
+            if t.elapsed() > timeout {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("herd-{i}.log"))).unwrap_or_default();
+                bail!(
+                    "{} herds did not start within {} s; host {i}'s log:\n{}",
+                    pending.len(),
+                    timeout.as_secs(),
+                    tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
 }
 
 /// Waits until host `i`'s herd answers on its metrics port.

@@ -166,7 +166,11 @@ fn bars(r: &Results, path: &Path) -> Result<()> {
                     color.filled(),
                 )))
                 .map_err(e)?;
-            let mark = if b.extrapolated_makespan_secs.is_some() { "*" } else { "" };
+            let mark = if b.extrapolated_makespan_secs.is_some() {
+                "*"
+            } else {
+                ""
+            };
             chart
                 .draw_series(std::iter::once(Text::new(
                     format!("{}{mark}: {v:.0}", b.name),
