@@ -282,6 +282,47 @@ fn kvm_works(disk: &Disk) -> bool {
     ok
 }
 
+/// qemu-system-x86_64's arguments to boot `drive` with the demo's kernel,
+/// serial console on stdout, no reboot.
+pub fn qemu_args(disk: &Disk, drive: &Path, format: &str, accel: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "-M",
+        "pc",
+        "-accel",
+        accel,
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.push("-kernel".into());
+    v.push(disk.kernel.display().to_string());
+    v.push("-initrd".into());
+    v.push(disk.initrd.display().to_string());
+    v.push("-append".into());
+    v.push("console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3".into());
+    v.push("-drive".into());
+    v.push(format!(
+        "file={},if=virtio,format={format},cache=unsafe",
+        drive.display()
+    ));
+    if accel == "kvm" {
+        v.push("-cpu".into());
+        v.push("host".into());
+    }
+    v
+}
+
 /// Boots `drive` and waits for the marker; returns seconds to marker.
 pub fn boot(
     disk: &Disk,
@@ -305,7 +346,6 @@ pub fn boot_wrapped(
     progress: Option<&indicatif::ProgressBar>,
     wrap: &[String],
 ) -> Result<f64> {
-    let mem = "512";
     let mut cmd = match wrap.split_first() {
         Some((prog, args)) => {
             let mut c = Command::new(prog);
@@ -314,32 +354,7 @@ pub fn boot_wrapped(
         }
         None => Command::new("qemu-system-x86_64"),
     };
-    cmd.args(["-M", "pc", "-accel", accel, "-m", mem, "-smp", "1"])
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&disk.kernel)
-        .arg("-initrd")
-        .arg(&disk.initrd)
-        .args([
-            "-append",
-            "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=virtio,format={format},cache=unsafe",
-            drive.display()
-        ));
-    if accel == "kvm" {
-        cmd.args(["-cpu", "host"]);
-    }
+    cmd.args(qemu_args(disk, drive, format, accel));
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -522,10 +537,11 @@ fn chain_boot(
 /// The storm that ends the demo: small enough for a few minutes on a fresh
 /// machine, every baseline.
 pub fn small_storm() -> Result<()> {
-    step("a small boot storm: 8 hosts x 4 replayed VMs, herd's tree against full copy and all-from-root");
+    step("a small boot storm: 8 hosts x 4 replayed VMs and a real one, herd's tree against full copy and all-from-root");
     let mut o = crate::bench::storm::Options::quick(work_dir("demo-storm"));
     o.hosts = 8;
     o.vms = 4;
     o.all_from_root_hosts = 8;
+    o.real_vms = 1;
     crate::bench::storm::run_bench(&o).map(drop)
 }

@@ -5,7 +5,7 @@
 //! of herd proxies, and boot profiles recorded, merged and prefetched on
 //! real boots.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::bench::dataplane;
 use crate::demo::{self, Accel};
@@ -253,6 +253,28 @@ fn storm_smoke() -> Result<()> {
         .collect();
     anyhow::ensure!(dirs.is_empty(), "work folders left: {dirs:?}");
     println!("{}", std::fs::read_to_string(out.join("README.md"))?);
+    // Real VMs in a storm: a tiny one on the real Debian image, a real
+    // qemu guest booting on host 1 beside the replays.
+    let mut o = storm::Options::quick(crate::util::work_dir("storm-smoke-real"));
+    o.hosts = 2;
+    o.vms = 2;
+    o.real_vms = 1;
+    o.baselines = vec![storm::Baseline::TreePrefetch];
+    let r = storm::run_bench(&o)?;
+    let b = r.baselines.first().context("no baseline ran")?;
+    anyhow::ensure!(
+        b.real_vm_boot_secs.len() == 1 && b.real_vm_boot_secs[0] > 0.0,
+        "the real VM did not boot: {:?}",
+        b.real_vm_boot_secs
+    );
+    anyhow::ensure!(
+        b.errors == 0 && b.mismatches == 0 && b.verified_bytes == b.bytes_read && b.bytes_read > 0,
+        "replays beside the real VM: {} errors, {} wrong, {} of {} bytes verified",
+        b.errors,
+        b.mismatches,
+        b.verified_bytes,
+        b.bytes_read
+    );
     Ok(())
 }
 

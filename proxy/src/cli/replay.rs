@@ -75,8 +75,13 @@ pub struct ImageArgs {
     #[arg(long, default_value_t = 1)]
     image_scale: u64,
     /// Where to write the image.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "onto")]
+    out: Option<PathBuf>,
+    /// Rebase onto this existing image instead of writing one (its size
+    /// must be the trace's × --image-scale): replays then check bytes with
+    /// --verify-image.
+    #[arg(long, conflicts_with = "out")]
+    onto: Option<PathBuf>,
     /// Where to write the rebased profile (scaled, this image's identity).
     #[arg(long)]
     profile_out: PathBuf,
@@ -304,7 +309,44 @@ fn image(a: &ImageArgs) -> Result<()> {
     let profile = load(&a.trace)?;
     let mut scaled = replay::scale_profile(&profile, a.image_scale)?;
     let size = scaled.image_size;
-    let tmp = a.out.with_extension("partial");
+    let target = match (&a.onto, &a.out) {
+        (Some(onto), _) => {
+            let have = std::fs::metadata(onto)
+                .with_context(|| format!("cannot read {}", onto.display()))?
+                .len();
+            anyhow::ensure!(
+                have == size,
+                "{} is {have} bytes, but the trace × {} is for {size}",
+                onto.display(),
+                a.image_scale
+            );
+            onto.clone()
+        }
+        (None, Some(out)) => {
+            write_pattern(out, a.seed, size)?;
+            out.clone()
+        }
+        (None, None) => bail!("give --out or --onto"),
+    };
+    let f = std::fs::File::open(&target)?;
+    scaled.identity = identity_of_file(&f, size)?;
+    std::fs::write(&a.profile_out, scaled.encode())
+        .with_context(|| format!("cannot write {}", a.profile_out.display()))?;
+    println!(
+        "{}: {} bytes; {}: {} extents, {} bytes",
+        target.display(),
+        size,
+        a.profile_out.display(),
+        scaled.extents.len(),
+        scaled.bytes()
+    );
+    Ok(())
+}
+
+/// Writes the synthetic image of `seed` (via a temporary name, so a
+/// half-written image is never taken for a whole one).
+fn write_pattern(out: &std::path::Path, seed: u64, size: u64) -> Result<()> {
+    let tmp = out.with_extension("partial");
     {
         let f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -313,7 +355,7 @@ fn image(a: &ImageArgs) -> Result<()> {
         let mut at = 0u64;
         while at < size {
             let n = usize::try_from((size - at).min(buf.len() as u64))?;
-            pattern::fill(a.seed, at, &mut buf[..n]);
+            pattern::fill(seed, at, &mut buf[..n]);
             w.write_all(&buf[..n])
                 .with_context(|| format!("cannot write {}", tmp.display()))?;
             at += n as u64;
@@ -323,19 +365,6 @@ fn image(a: &ImageArgs) -> Result<()> {
             .map_err(std::io::IntoInnerError::into_error)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &a.out)?;
-    let f = std::fs::File::open(&a.out)?;
-    scaled.identity = identity_of_file(&f, size)?;
-    std::fs::write(&a.profile_out, scaled.encode())
-        .with_context(|| format!("cannot write {}", a.profile_out.display()))?;
-    println!(
-        "{}: {} bytes (seed {}); {}: {} extents, {} bytes",
-        a.out.display(),
-        size,
-        a.seed,
-        a.profile_out.display(),
-        scaled.extents.len(),
-        scaled.bytes()
-    );
+    std::fs::rename(&tmp, out)?;
     Ok(())
 }

@@ -125,6 +125,12 @@ pub struct Options {
     /// Seed of the synthetic image.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Also boot this many real Debian VMs (qemu; TCG where KVM does not
+    /// work) on hosts 1..=N in the herd baselines, next to the replayed
+    /// ones. The golden image is then the real Debian image (the trace must
+    /// be of its size), and replays check bytes against it.
+    #[arg(long, default_value_t = 0)]
+    pub real_vms: usize,
     /// Kill the herd of host 1 (a relay in the tree) this many seconds into
     /// each storm (hook for the resilient-tree work; the report shows the
     /// effect).
@@ -160,6 +166,7 @@ impl Options {
             read_ahead: "0".into(),
             full_copy_hosts: 2,
             all_from_root_hosts: 6,
+            real_vms: 0,
             baselines: Vec::new(),
             trace: None,
             seed: 1,
@@ -242,6 +249,10 @@ pub struct BaselineResult {
     pub mismatches: u64,
     /// Seconds spent before the storm (pre-warming), not in the makespan.
     pub prewarm_secs: Option<f64>,
+    /// Real VMs (qemu) booted in the same storm: seconds to their boot
+    /// marker from the storm's start.
+    #[serde(default)]
+    pub real_vm_boot_secs: Vec<f64>,
     /// What the storm's relay kill hit, if one was asked for.
     pub killed_relay_at_secs: Option<f64>,
 }
@@ -321,6 +332,9 @@ enum Event {
         cpu_secs: f64,
     },
     Exited,
+    /// A real VM printed its boot marker this many seconds into the storm,
+    /// or (None) stopped without it.
+    RealVm(Option<f64>, String),
 }
 
 struct Env {
@@ -328,7 +342,10 @@ struct Env {
     dir: PathBuf,
     image: PathBuf,
     profile: PathBuf,
-    seed: u64,
+    /// How replays check bytes: the seed's pattern or the image file.
+    verify: [String; 2],
+    /// The Debian boot disk, when real VMs boot too.
+    disk: Option<crate::image::Disk>,
 }
 
 /// `cargo xtask bench storm`: the fidelity check with `--fidelity`, else a storm.
@@ -365,6 +382,9 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let link_bps = rate_bytes(&opts.link)?;
     let chunk = parse_size(&opts.chunk_size)?;
     crate::deps::ensure(&["iproute2", "libnbd-bin"])?;
+    if opts.real_vms > 0 {
+        crate::deps::ensure(&["qemu-system-x86", "qemu-utils"])?;
+    }
     fleet::check_capabilities()?;
     fleet::catch_interrupts();
     let herd = build_herd()?;
@@ -428,9 +448,29 @@ fn run_in(
         opts.image_scale,
         opts.seed
     );
-    let image = images.join(format!("{stem}.img"));
-    let profile = images.join(format!("{stem}.profile"));
-    if !(image.exists() && profile.exists()) {
+    let mut image = images.join(format!("{stem}.img"));
+    let mut profile = images.join(format!("{stem}.profile"));
+    let mut verify = ["--verify-seed".to_owned(), opts.seed.to_string()];
+    let mut disk = None;
+    if opts.real_vms > 0 {
+        anyhow::ensure!(
+            opts.image_scale == 1,
+            "--real-vms boots the real image: use --image-scale 1"
+        );
+        let d = crate::image::ensure(crate::image::Kind::Debian)?;
+        image = d.root.clone();
+        profile = dir.join("onto-debian.profile");
+        run(Command::new(herd)
+            .args(["replay", "image", "--trace"])
+            .arg(trace)
+            .arg("--onto")
+            .arg(&image)
+            .arg("--profile-out")
+            .arg(&profile))
+        .context("real VMs boot the Debian image: the trace must be of its size")?;
+        verify = ["--verify-image".to_owned(), image.display().to_string()];
+        disk = Some(d);
+    } else if !(image.exists() && profile.exists()) {
         step(&format!("writing the synthetic image {}", image.display()));
         run(Command::new(herd)
             .args(["replay", "image", "--trace"])
@@ -447,7 +487,8 @@ fn run_in(
         dir: dir.to_owned(),
         image: image.clone(),
         profile,
-        seed: opts.seed,
+        verify,
+        disk,
     };
     let image_bytes = std::fs::metadata(&image)?.len();
 
@@ -583,8 +624,8 @@ fn replay_args(env: &Env, opts: &Options, uri: &str, start_at_ms: Option<u64>) -
         opts.vms.to_string(),
         "--time-scale".into(),
         opts.time_scale.to_string(),
-        "--verify-seed".into(),
-        env.seed.to_string(),
+        env.verify[0].clone(),
+        env.verify[1].clone(),
         "--json".into(),
     ];
     if let Some(t) = start_at_ms {
@@ -876,7 +917,51 @@ fn run_baseline(
             let _ = tx.send(Event::Exited);
         });
     }
+    // Real VMs on the first hosts, started with the storm.
+    let real = if b == Baseline::FullCopy {
+        0
+    } else {
+        opts.real_vms.min(hosts)
+    };
+    if let Some(disk) = env.disk.as_ref().filter(|_| real > 0) {
+        let accel = crate::demo::auto_accel(disk);
+        let size = std::fs::metadata(&env.image)?.len();
+        for i in 1..=real {
+            let ov = env.dir.join(format!("vm-{i}.qcow2"));
+            crate::util::raw_overlay(
+                &ov,
+                &format!("nbd+unix:///herd?socket={}", sock(env, i).display()),
+                size,
+            )?;
+            let qemu = crate::demo::qemu_args(disk, &ov, "qcow2", accel).join("' '");
+            let script = format!(
+                "sleep {:.3}; exec qemu-system-x86_64 '{qemu}'",
+                (start_ms.saturating_sub(crate::util::unix_ms())) as f64 / 1000.0
+            );
+            let child = fleet.spawn(
+                i,
+                &["sh".into(), "-c".into(), script],
+                Stdio::piped(),
+                &env.dir.join(format!("vm-{i}.log")),
+            )?;
+            let stdout = child.stdout.take().context("qemu stdout")?;
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut last = String::new();
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.contains(crate::image::MARKER) {
+                        let secs = crate::util::unix_ms().saturating_sub(start_ms) as f64 / 1000.0;
+                        let _ = tx.send(Event::RealVm(Some(secs), String::new()));
+                        return;
+                    }
+                    last = line;
+                }
+                let _ = tx.send(Event::RealVm(None, last));
+            });
+        }
+    }
     drop(tx);
+    let mut real_boots = Vec::new();
 
     let total_vms = hosts * opts.vms;
     let pb = indicatif::ProgressBar::new(total_vms as u64);
@@ -903,7 +988,7 @@ fn run_baseline(
             _ => env.dir.join(format!("cache-{i}")),
         })
         .collect();
-    while exited < hosts {
+    while exited < hosts || real_boots.len() < real {
         fleet::check_interrupted()?;
         if Instant::now() > storm_deadline {
             bail!(
@@ -919,6 +1004,8 @@ fn run_baseline(
             }
             Ok(Event::Summary { cpu_secs }) => replay_cpu += cpu_secs,
             Ok(Event::Exited) => exited += 1,
+            Ok(Event::RealVm(Some(secs), _)) => real_boots.push(secs),
+            Ok(Event::RealVm(None, last)) => bail!("a real VM stopped before booting: {last}"),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
@@ -1053,6 +1140,7 @@ fn run_baseline(
         errors: sum("errors"),
         mismatches: sum("mismatches"),
         prewarm_secs,
+        real_vm_boot_secs: real_boots,
         killed_relay_at_secs: killed_at,
     })
 }

@@ -152,6 +152,26 @@ pub fn markdown(r: &Results) -> String {
             }
         }
     }
+    for b in r
+        .baselines
+        .iter()
+        .filter(|b| !b.real_vm_boot_secs.is_empty())
+    {
+        let real: Vec<String> = b
+            .real_vm_boot_secs
+            .iter()
+            .map(|t| format!("{t:.1}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "- {}: real Debian VMs (qemu) booted in {} s next to the replayed VMs' p50 {:.1} s (replays run \
+             the trace at time scale {}; a real boot is not stretched)",
+            b.name,
+            real.join(", "),
+            pct(&b.boot_secs, 0.5),
+            r.time_scale
+        );
+    }
     let (verified, read, errors): (u64, u64, u64) = r.baselines.iter().fold((0, 0, 0), |a, b| {
         (
             a.0 + b.verified_bytes,
