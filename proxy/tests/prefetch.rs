@@ -220,6 +220,13 @@ fn timed_demand_read(dir: &Path, name: &str, parent: &str, profile: Option<&Path
         );
     }
     let mut c = RawClient::connect(h.port, "herd");
+    if profile.is_none() {
+        // nbdkit's rate filter starts with a full token bucket, so a lone
+        // first read is not throttled at all (~9 ms) while one behind
+        // prefetch finds it drained: drain it here too, with reads far
+        // from the timed range, so both reads pay the same link.
+        c.read(40 << 20, 4 << 20);
+    }
     let t = Instant::now();
     c.read(60 << 20, 1 << 20);
     let took = t.elapsed();
