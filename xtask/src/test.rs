@@ -2,8 +2,9 @@
 //! formatting and lints, the workspace's unit and end-to-end tests (with
 //! `HERD_STRICT=1`, so a missing tool fails instead of skipping; the eBPF
 //! recorder's tests run as root, as CI does), real VM boots through a chain
-//! of herd proxies, and boot profiles recorded, merged and prefetched on
-//! real boots.
+//! of herd proxies, boot profiles recorded, merged and prefetched on real
+//! boots, and a quick boot storm on an emulated fleet (every baseline, plus
+//! a real VM beside replayed ones).
 
 use anyhow::{bail, Context, Result};
 
