@@ -9,7 +9,7 @@
 //! fraction of the image that crossed the tree; then a small boot storm
 //! (8 hosts × 4 replayed VMs, `bench storm`) with its live view and table.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -132,14 +132,11 @@ fn wait_port(port: u16, child: &mut Child, log: &Path) -> Result<()> {
 
 /// Reads one counter from a herd metrics endpoint.
 pub fn metric(port: u16, name: &str) -> Result<u64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).context("metrics endpoint unreachable")?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
+    let body = crate::util::http_get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "/metrics",
+    )
+    .context("metrics endpoint unreachable")?;
     Ok(prom_value(&body, name))
 }
 

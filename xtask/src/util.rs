@@ -112,9 +112,9 @@ pub fn ssh_root(key: &std::path::Path, host: &str, port: u16, cmd: &str) -> Resu
     )
 }
 
-/// One sample's value from Prometheus text (0 if absent). Counters are
+/// One sample's value from Prometheus text, if present. Counters are
 /// integral; the text format may still print them as "1e3".
-pub fn prom_value(text: &str, name: &str) -> u64 {
+pub fn prom_get(text: &str, name: &str) -> Option<u64> {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -123,7 +123,12 @@ pub fn prom_value(text: &str, name: &str) -> u64 {
                 .filter(|(k, _)| *k == name)
                 .and_then(|(_, v)| v.trim().parse::<f64>().ok())
         })
-        .map_or(0, |v| v as u64)
+        .map(|v| v as u64)
+}
+
+/// One sample's value from Prometheus text (0 if absent).
+pub fn prom_value(text: &str, name: &str) -> u64 {
+    prom_get(text, name).unwrap_or(0)
 }
 
 /// Loop-mounts the file system image `raw` at `mnt`, runs `f` on it and
@@ -164,16 +169,7 @@ pub fn median(v: &[f64]) -> f64 {
 /// One sample's value from Prometheus text; a missing metric is an error,
 /// so a renamed metric cannot pass for 0.
 pub fn prom_require(text: &str, name: &str) -> Result<u64> {
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            l.split_once(' ')
-                .filter(|(k, _)| *k == name)
-                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
-        })
-        .map(|v| v as u64)
-        .with_context(|| format!("metric {name} is missing"))
+    prom_get(text, name).with_context(|| format!("metric {name} is missing"))
 }
 
 /// GET `path` over HTTP/1.1 and return the body (metrics endpoints).

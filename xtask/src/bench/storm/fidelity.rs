@@ -38,23 +38,14 @@ pub struct Fidelity {
 }
 
 fn summary(herd: &Path, trace: &Path, uri: &str, image: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(herd)
-        .args(["replay", "run", "--json", "--trace"])
-        .arg(trace)
-        .args(["--uri", uri, "--verify-image"])
-        .arg(image)
-        .output()
-        .context("cannot run herd replay")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "replay against {uri} failed: {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("summary").cloned())
-        .context("replay printed no summary")
+    super::replay_summary(
+        Command::new(herd)
+            .args(["replay", "run", "--json", "--trace"])
+            .arg(trace)
+            .args(["--uri", uri, "--verify-image"])
+            .arg(image),
+        &format!("replay against {uri}"),
+    )
 }
 
 /// Records a real boot and replays it; `save` copies the trace into the repo.

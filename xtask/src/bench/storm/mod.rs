@@ -342,6 +342,7 @@ struct Env {
     dir: PathBuf,
     image: PathBuf,
     profile: PathBuf,
+    image_bytes: u64,
     /// How replays check bytes: the seed's pattern or the image file.
     verify: [String; 2],
     /// The Debian boot disk, when real VMs boot too.
@@ -485,12 +486,13 @@ fn run_in(
     let env = Env {
         herd: herd.to_owned(),
         dir: dir.to_owned(),
+        image_bytes: std::fs::metadata(&image)?.len(),
         image: image.clone(),
         profile,
         verify,
         disk,
     };
-    let image_bytes = std::fs::metadata(&image)?.len();
+    let image_bytes = env.image_bytes;
 
     step("replaying the trace with all data local (the lower bound's second term)");
     let local = local_replay(&env, opts)?;
@@ -635,24 +637,27 @@ fn replay_args(env: &Env, opts: &Options, uri: &str, start_at_ms: Option<u64>) -
     v
 }
 
-fn local_replay(env: &Env, opts: &Options) -> Result<Local> {
-    let args = replay_args(env, opts, &env.image.display().to_string(), None);
-    let out = Command::new(&args[0])
-        .args(&args[1..])
+/// Runs a `herd replay run --json` to the end and returns its summary line.
+pub fn replay_summary(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .context("cannot run herd replay")?;
     let text = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
-        "local replay failed: {}\n{text}",
+        "{what} failed: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let summary = text
-        .lines()
+    text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find_map(|v| v.get("summary").cloned())
-        .context("local replay printed no summary")?;
+        .with_context(|| format!("{what} printed no summary"))
+}
+
+fn local_replay(env: &Env, opts: &Options) -> Result<Local> {
+    let args = replay_args(env, opts, &env.image.display().to_string(), None);
+    let summary = replay_summary(Command::new(&args[0]).args(&args[1..]), "local replay")?;
     let get = |k: &str| {
         summary[k]
             .as_f64()
@@ -869,7 +874,7 @@ fn run_baseline(
                 let replay = replay_args(env, opts, &copy.display().to_string(), Some(start_ms));
                 let script = format!(
                     "truncate -s {size} {copy} && nbdcopy {src} {copy} && exec {replay}",
-                    size = std::fs::metadata(&env.image)?.len(),
+                    size = env.image_bytes,
                     copy = copy.display(),
                     src = root_url(0),
                     replay = replay.join(" ")
@@ -925,13 +930,12 @@ fn run_baseline(
     };
     if let Some(disk) = env.disk.as_ref().filter(|_| real > 0) {
         let accel = crate::demo::auto_accel(disk);
-        let size = std::fs::metadata(&env.image)?.len();
         for i in 1..=real {
             let ov = env.dir.join(format!("vm-{i}.qcow2"));
             crate::util::raw_overlay(
                 &ov,
                 &format!("nbd+unix:///herd?socket={}", sock(env, i).display()),
-                size,
+                env.image_bytes,
             )?;
             let qemu = crate::demo::qemu_args(disk, &ov, "qcow2", accel).join("' '");
             let script = format!(
