@@ -2,11 +2,14 @@
 //! crash the daemon.
 #![no_main]
 
-use herd::cache::bitmap;
+use herd::cache::bitmap::{self, Decoded};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Some(h)) = bitmap::decode_header(data) {
-        assert_eq!(bitmap::decode_header(&bitmap::encode_header(&h)), Ok(Some(h)));
+    if let Decoded::Current(h) = bitmap::decode_header(data) {
+        assert_eq!(
+            bitmap::decode_header(&bitmap::encode_header(&h)),
+            Decoded::Current(h)
+        );
     }
 });

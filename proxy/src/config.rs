@@ -18,6 +18,7 @@
 //! iscsi_digests = false  # offer CRC32C header/data digests
 //! iscsi_socket = "epoll" # or "uring": what drives the session socket
 //! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
+//! manifest = "/srv/golden.img.herd-manifest"  # root only: made by `herd manifest build`
 //! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
 //! prefetch = "profile"   # "none", "profile" (default) or "full" (profile, then all)
 //! prefetch_concurrency = 2  # upstream reads prefetch keeps in flight
@@ -65,6 +66,7 @@ pub struct FileConfig {
     pub iscsi_digests: Option<bool>,
     pub iscsi_socket: Option<String>,
     pub profile: Option<PathBuf>,
+    pub manifest: Option<PathBuf>,
     pub record_profile: Option<PathBuf>,
     pub prefetch: Option<String>,
     pub prefetch_concurrency: Option<usize>,
@@ -89,6 +91,9 @@ pub struct ServeConfig {
     pub iscsi: IscsiSettings,
     /// Boot profile to prefetch and hand to children (root).
     pub profile: Option<PathBuf>,
+    /// The image's manifest, made ahead of time (a root, or a node over a
+    /// server that is not herd); children get theirs from the parent.
+    pub manifest: Option<PathBuf>,
     /// Where the daemon-side recorder writes what clients read.
     pub record_profile: Option<PathBuf>,
     pub prefetch: PrefetchSettings,
@@ -218,6 +223,7 @@ impl FileConfig {
             iscsi_digests: other.iscsi_digests.or(self.iscsi_digests),
             iscsi_socket: other.iscsi_socket.or(self.iscsi_socket),
             profile: other.profile.or(self.profile),
+            manifest: other.manifest.or(self.manifest),
             record_profile: other.record_profile.or(self.record_profile),
             prefetch: other.prefetch.or(self.prefetch),
             prefetch_concurrency: other.prefetch_concurrency.or(self.prefetch_concurrency),
@@ -303,6 +309,7 @@ impl FileConfig {
         }
         Ok(ServeConfig {
             profile: self.profile,
+            manifest: self.manifest,
             record_profile: self.record_profile,
             prefetch,
             upstream,

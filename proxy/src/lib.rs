@@ -8,6 +8,7 @@
 //!                prefetch (profile order, demand first)          record::daemon
 //! ```
 //!
+//! `manifest` holds the per-chunk digests every fetch is checked against;
 //! `profile` is the boot-profile format; `record` the eBPF recorder that
 //! produces one from a real boot; `prefetch` moves a profile's chunks down
 //! the tree ahead of demand.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod export;
 pub mod io;
 pub mod iscsi;
+pub mod manifest;
 pub mod metrics;
 pub mod nbd;
 pub mod net;

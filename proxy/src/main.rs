@@ -12,6 +12,7 @@ use herd::cache::ChunkCache;
 use herd::config::{FileConfig, ServeConfig};
 use herd::export::nbd::{self as nbd_export, Export};
 use herd::io::Engine;
+use herd::manifest::Manifest;
 use herd::net::Listener;
 use herd::prefetch::propagate;
 use herd::prefetch::propagate::Published;
@@ -48,6 +49,12 @@ enum Command {
     /// Replay recorded boots as many emulated VMs (the boot-storm client).
     #[command(subcommand)]
     Replay(cli::replay::ReplayCmd),
+    /// Image manifests: the per-chunk digests every node checks fetches against.
+    #[command(subcommand)]
+    Manifest(cli::manifest::ManifestCmd),
+    /// Cache directories, offline.
+    #[command(subcommand)]
+    Cache(cli::cache::CacheCmd),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +129,10 @@ struct ServeArgs {
     /// from their parent).
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// The image's manifest, made by `herd manifest build` (a root, or a
+    /// node over qemu-nbd/nbdkit); children get theirs from the parent.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
     /// Record what this proxy's clients read into a profile.
     #[arg(long)]
     record_profile: Option<PathBuf>,
@@ -159,6 +170,7 @@ impl ServeArgs {
             iscsi_digests: self.iscsi_digests.then_some(true),
             iscsi_socket: self.iscsi_socket,
             profile: self.profile,
+            manifest: self.manifest,
             record_profile: self.record_profile,
             prefetch: self.prefetch,
             prefetch_concurrency: self.prefetch_concurrency,
@@ -192,6 +204,8 @@ fn main() -> std::process::ExitCode {
         Command::Record(r) => cli::record::record(&r),
         Command::Profile(p) => cli::profile::run(p),
         Command::Replay(r) => cli::replay::run(r),
+        Command::Manifest(m) => cli::manifest::run(m),
+        Command::Cache(c) => cli::cache::run(c),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -295,6 +309,54 @@ async fn connect_parent(
     }
 }
 
+/// The image's manifest: the parent's, for a herd parent; otherwise this
+/// node is a trust anchor and takes a given one, reuses its own, or builds
+/// it (before it listens: no manifest, no service).
+async fn obtain_manifest(cfg: &ServeConfig, upstream: &Arc<dyn Upstream>) -> Result<Manifest> {
+    let size = upstream.size();
+    let asked = std::time::Instant::now();
+    if let Some(m) = herd::manifest::fetch_from_parent(&cfg.upstream)
+        .await
+        .with_context(|| format!("parent {} sent no usable manifest", cfg.upstream))?
+    {
+        m.fits(
+            &format!("from parent {}", cfg.upstream),
+            size,
+            cfg.chunk_size,
+        )?;
+        if let Some(path) = &cfg.manifest {
+            let given = herd::manifest::load(path)?;
+            anyhow::ensure!(
+                given.identity() == m.identity(),
+                "--manifest {} is image {}, but parent {} serves image {}",
+                path.display(),
+                given.identity(),
+                cfg.upstream,
+                m.identity()
+            );
+        }
+        tracing::info!(
+            identity = %m.identity(),
+            chunks = m.chunks(),
+            bytes = m.bytes().len(),
+            ms = asked.elapsed().as_millis(),
+            "manifest from the parent"
+        );
+        return Ok(m);
+    }
+    let (m, origin) = herd::manifest::for_anchor(
+        Arc::clone(upstream),
+        &cfg.upstream,
+        cfg.manifest.as_deref(),
+        &cfg.cache_dir,
+        cfg.chunk_size,
+    )
+    .await
+    .with_context(|| format!("no manifest for {}", upstream.describe()))?;
+    tracing::info!(identity = %m.identity(), chunks = m.chunks(), ?origin, "manifest ready");
+    Ok(m)
+}
+
 async fn serve_async(cfg: ServeConfig) -> Result<()> {
     if let Some(addr) = &cfg.metrics {
         herd::metrics::install(addr)?;
@@ -303,7 +365,9 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     tracing::info!(backend = ?engine.backend(), "file I/O engine");
     let upstream = open_upstream(&cfg, &engine).await?;
     herd::metrics::image_size(upstream.size());
-    let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine)
+    let manifest = Arc::new(obtain_manifest(&cfg, &upstream).await?);
+    herd::metrics::image_identity(&manifest.identity().to_string());
+    let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine, manifest)
         .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
     tracing::info!(
         dir = %cfg.cache_dir.display(),
@@ -323,6 +387,13 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     } else {
         None
     };
+    if herd::manifest::manifest_url(&cfg.upstream).is_some() {
+        tokio::spawn(herd::manifest::watch_parent(
+            Arc::clone(&cache),
+            cfg.upstream.clone(),
+            Duration::from_secs(5),
+        ));
+    }
     let (profile_tx, profile_rx) = tokio::sync::watch::channel(None);
     if let (Some(path), Some(id)) = (&cfg.profile, &identity) {
         let published = load_profile(path, cache.size(), id)?;

@@ -52,6 +52,11 @@ fn describe() {
         Unit::Bytes,
         "of those, bytes sendfile'd from the cache's page cache without a copy"
     );
+    describe_counter!(
+        "herd_served_side_bytes_total",
+        Unit::Bytes,
+        "bytes of the side exports (herd-manifest, herd-profile) sent to NBD clients"
+    );
     describe_counter!("herd_served_requests_total", "NBD requests answered");
     describe_counter!(
         "herd_upstream_read_bytes_total",
@@ -92,10 +97,51 @@ fn describe() {
         Unit::Bytes,
         "size of the served image"
     );
+    describe_counter!(
+        "herd_chunk_digest_failures_total",
+        "chunks whose bytes did not match the manifest, by source (parent, image, cache)"
+    );
+    describe_counter!(
+        "herd_manifest_build_bytes_total",
+        Unit::Bytes,
+        "image bytes hashed while building the manifest"
+    );
+    describe_gauge!(
+        "herd_image_identity_info",
+        "1, labelled with the identity (BLAKE3 of the manifest) of the image served"
+    );
+    describe_gauge!(
+        "herd_parent_identity_mismatch",
+        "1 while the parent serves another image than this node"
+    );
+    // Present from the start, so a dashboard (or a test) reads a real 0.
+    for source in DIGEST_SOURCES {
+        counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
+    }
+}
+
+/// The sources a chunk's bytes can come from.
+pub const DIGEST_SOURCES: &[&str] = &["parent", "image", "cache"];
+
+/// A chunk from `source` failed its digest.
+pub fn digest_failure(source: &'static str) {
+    counter!("herd_chunk_digest_failures_total", "source" => source).increment(1);
+}
+pub fn manifest_built(bytes: u64) {
+    counter!("herd_manifest_build_bytes_total").increment(bytes);
+}
+pub fn image_identity(identity: &str) {
+    gauge!("herd_image_identity_info", "identity" => identity.to_owned()).set(1.0);
+}
+pub fn parent_identity_mismatch(yes: bool) {
+    gauge!("herd_parent_identity_mismatch").set(if yes { 1.0 } else { 0.0 });
 }
 
 pub fn served(bytes: u64) {
     counter!("herd_served_bytes_total").increment(bytes);
+}
+pub fn served_side(bytes: u64) {
+    counter!("herd_served_side_bytes_total").increment(bytes);
 }
 pub fn served_zero_copy(bytes: u64) {
     counter!("herd_served_zero_copy_bytes_total").increment(bytes);

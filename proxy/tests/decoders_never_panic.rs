@@ -4,6 +4,7 @@
 
 use herd::cache::bitmap;
 use herd::iscsi::{pdu, scsi, text};
+use herd::manifest::{Identity, Manifest};
 use herd::nbd::proto;
 use herd::profile::{self, Extent, ImageId, Profile};
 use rand::{Rng, RngCore, SeedableRng};
@@ -33,6 +34,10 @@ fn all_decoders(d: &[u8]) {
     let _ = scsi::parse_block_limits(d);
     let _ = scsi::parse_report_luns(d);
     let _ = Profile::decode(d);
+    if let Ok(m) = Manifest::decode(d) {
+        assert_eq!(m.bytes(), d);
+        let _ = m.bad_chunks(0, d);
+    }
     // Past the checksum too: the extent checks must hold on their own.
     let mut sealed = d.to_vec();
     profile::reseal(&mut sealed);
@@ -66,8 +71,14 @@ fn random_and_mutated_inputs_never_panic() {
             image_size: 1 << 30,
             chunk_size: 65536,
             chunks: 16384,
+            identity: Identity([3; 32]),
         })
         .to_vec(),
+    );
+    seeds.push(
+        Manifest::from_digests(3 << 12, 4096, &[[1; 32], [2; 32], [3; 32]])
+            .map(|m| m.bytes().to_vec())
+            .unwrap_or_default(),
     );
     let mut login = Vec::new();
     pdu::encode_login(
@@ -111,7 +122,7 @@ fn random_and_mutated_inputs_never_panic() {
     );
     for _ in 0..100_000 {
         let mut d = if rng.gen_bool(0.5) {
-            let mut d = vec![0u8; rng.gen_range(0..160)];
+            let mut d = vec![0u8; rng.gen_range(0..200)];
             rng.fill_bytes(&mut d);
             d
         } else {

@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::{assert_same_file, have, nbdcopy, random_image, scratch, Herd, RawClient};
-use herd::cache::bitmap::{decode_header, HEADER_LEN};
+use herd::cache::bitmap::{decode_header, Decoded, HEADER_LEN};
 use herd::nbd::proto;
 
 const MIB: usize = 1 << 20;
@@ -46,7 +46,9 @@ fn restarted_leaf_keeps_its_cache() {
 /// Every chunk the bitmap marks present must hold exactly the source bytes.
 fn assert_no_torn_chunk(cache: &std::path::Path, data: &[u8], chunk: usize) -> usize {
     let bmp = std::fs::read(cache.join("herd-cache.bitmap")).expect("bitmap");
-    let h = decode_header(&bmp).expect("version").expect("magic");
+    let Decoded::Current(h) = decode_header(&bmp) else {
+        panic!("not a current bitmap");
+    };
     let f = std::fs::File::open(cache.join("herd-cache.data")).expect("data");
     let mut present = 0;
     for c in 0..h.chunks as usize {

@@ -173,11 +173,14 @@ fn negotiation_options_follow_the_spec() {
         s.read_exact(&mut p).expect("payload");
         (r, p)
     };
-    // LIST: one SERVER entry, then ACK.
+    // LIST: the image and its manifest, then ACK.
     opt(&mut s, proto::OPT_LIST, &[]);
     let (r, p) = read_reply(&mut s);
     assert_eq!(r.reply, proto::REP_SERVER);
     assert_eq!(&p[4..], b"golden");
+    let (r, p) = read_reply(&mut s);
+    assert_eq!(r.reply, proto::REP_SERVER);
+    assert_eq!(&p[4..], b"herd-manifest");
     assert_eq!(read_reply(&mut s).0.reply, proto::REP_ACK);
     // Unknown option: ERR_UNSUP, negotiation continues.
     opt(&mut s, 42, b"x");
@@ -390,9 +393,10 @@ fn config_file_serves_like_flags() {
     assert_eq!(err, 0);
     assert_eq!(got, data[70_000..70_100]);
     let bmp = std::fs::read(dir.join("cache/herd-cache.bitmap")).expect("bitmap");
-    let hdr = herd::cache::bitmap::decode_header(&bmp)
-        .expect("v1")
-        .expect("magic");
+    let herd::cache::bitmap::Decoded::Current(hdr) = herd::cache::bitmap::decode_header(&bmp)
+    else {
+        panic!("not a current bitmap");
+    };
     assert_eq!(
         hdr.chunk_size,
         64 << 10,

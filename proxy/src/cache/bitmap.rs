@@ -1,20 +1,24 @@
 //! The persisted presence bitmap: one bit per chunk, set only after the
 //! chunk's data is durable in the data file.
 //!
-//! On-disk layout (`herd-cache.bitmap`, little-endian, version 1):
+//! On-disk layout (`herd-cache.bitmap`, little-endian, version 2):
 //!
 //! ```text
 //! offset  size  field
 //!      0     8  magic "HERDBMP\0"
-//!      8     4  version (1)
-//!     12     4  header length (64)
+//!      8     4  version (2)
+//!     12     4  header length (128)
 //!     16     8  image size in bytes
 //!     24     4  chunk size in bytes
 //!     28     4  reserved (0)
 //!     32     8  chunk count
-//!     40    24  reserved (0)
-//!     64     …  bitmap words, u64 each, bit i of word w = chunk 64*w+i
+//!     40    32  image identity (BLAKE3 of the image's manifest)
+//!     72    56  reserved (0)
+//!    128     …  bitmap words, u64 each, bit i of word w = chunk 64*w+i
 //! ```
+//!
+//! Version 1 (64-byte header, no identity) is recognised so the cache can
+//! start a fresh generation over it.
 //!
 //! A word is rewritten in place when one of its bits is set. A crash can
 //! lose a bit whose data was durable (the chunk is fetched again), never the
@@ -30,9 +34,11 @@ use std::sync::Mutex;
 
 use thiserror::Error;
 
+use crate::manifest::Identity;
+
 pub const MAGIC: [u8; 8] = *b"HERDBMP\0";
-pub const VERSION: u32 = 1;
-pub const HEADER_LEN: u32 = 64;
+pub const VERSION: u32 = 2;
+pub const HEADER_LEN: u32 = 128;
 
 #[derive(Debug, Error)]
 pub enum BitmapError {
@@ -61,6 +67,15 @@ pub enum BitmapError {
     },
     #[error("cache {path} is in use by another herd process")]
     Locked { path: PathBuf },
+    #[error(
+        "cache {path} holds image {}, this node serves image {serving}",
+        cached.map_or_else(|| "(unrecorded: a version-1 cache)".to_owned(), |c| c.to_string())
+    )]
+    OtherImage {
+        path: PathBuf,
+        cached: Option<Identity>,
+        serving: Identity,
+    },
 }
 
 /// Header fields that identify what a bitmap describes.
@@ -69,6 +84,19 @@ pub struct Header {
     pub image_size: u64,
     pub chunk_size: u32,
     pub chunks: u64,
+    pub identity: Identity,
+}
+
+/// What a header's bytes turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// Not a bitmap (bad magic or too short).
+    Foreign,
+    /// A version-1 bitmap: it never recorded which image it holds.
+    V1,
+    /// A version this herd does not know.
+    Unknown(u32),
+    Current(Header),
 }
 
 pub fn encode_header(h: &Header) -> [u8; HEADER_LEN as usize] {
@@ -79,14 +107,15 @@ pub fn encode_header(h: &Header) -> [u8; HEADER_LEN as usize] {
     b[16..24].copy_from_slice(&h.image_size.to_le_bytes());
     b[24..28].copy_from_slice(&h.chunk_size.to_le_bytes());
     b[32..40].copy_from_slice(&h.chunks.to_le_bytes());
+    b[40..72].copy_from_slice(&h.identity.0);
     b
 }
 
-/// Parses a header: `Ok(None)` for bad magic or a short buffer, `Err(v)`
-/// for an unknown version.
-pub fn decode_header(b: &[u8]) -> Result<Option<Header>, u32> {
-    if b.len() < HEADER_LEN as usize || b[..8] != MAGIC {
-        return Ok(None);
+/// Parses a header.
+#[must_use]
+pub fn decode_header(b: &[u8]) -> Decoded {
+    if b.len() < 16 || b[..8] != MAGIC {
+        return Decoded::Foreign;
     }
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u64_at = |i: usize| {
@@ -95,14 +124,20 @@ pub fn decode_header(b: &[u8]) -> Result<Option<Header>, u32> {
         u64::from_le_bytes(a)
     };
     let version = u32_at(8);
-    if version != VERSION || u32_at(12) != HEADER_LEN {
-        return Err(version);
+    match version {
+        1 => return Decoded::V1,
+        VERSION if u32_at(12) == HEADER_LEN && b.len() >= HEADER_LEN as usize => {}
+        VERSION => return Decoded::Foreign,
+        v => return Decoded::Unknown(v),
     }
-    Ok(Some(Header {
+    let mut identity = [0u8; 32];
+    identity.copy_from_slice(&b[40..72]);
+    Decoded::Current(Header {
         image_size: u64_at(16),
         chunk_size: u32_at(24),
         chunks: u64_at(32),
-    }))
+        identity: Identity(identity),
+    })
 }
 
 pub struct Bitmap {
@@ -121,8 +156,14 @@ impl Bitmap {
     /// exclusive lock so two daemons never share one cache.
     ///
     /// # Errors
-    /// Any `BitmapError`: I/O, foreign or mismatched file, or a held lock.
-    pub fn open(path: &Path, image_size: u64, chunk_size: u32) -> Result<Self, BitmapError> {
+    /// Any `BitmapError`: I/O, foreign or mismatched file, a held lock, or
+    /// `OtherImage` when it records another image (or none: version 1).
+    pub fn open(
+        path: &Path,
+        image_size: u64,
+        chunk_size: u32,
+        identity: Identity,
+    ) -> Result<Self, BitmapError> {
         let io = |op, source| BitmapError::Io {
             op,
             path: path.to_owned(),
@@ -133,6 +174,7 @@ impl Bitmap {
             image_size,
             chunk_size,
             chunks,
+            identity,
         };
         let nwords = usize::try_from(chunks.div_ceil(64)).unwrap_or(usize::MAX);
         let mut file = File::options()
@@ -160,19 +202,33 @@ impl Bitmap {
             let mut raw = Vec::new();
             file.read_to_end(&mut raw).map_err(|e| io("read", e))?;
             let header = match decode_header(&raw) {
-                Ok(Some(h)) => h,
-                Ok(None) => {
+                Decoded::Current(h) => h,
+                Decoded::Foreign => {
                     return Err(BitmapError::NotABitmap {
                         path: path.to_owned(),
                     })
                 }
-                Err(found) => {
+                Decoded::V1 => {
+                    return Err(BitmapError::OtherImage {
+                        path: path.to_owned(),
+                        cached: None,
+                        serving: identity,
+                    })
+                }
+                Decoded::Unknown(found) => {
                     return Err(BitmapError::Version {
                         path: path.to_owned(),
                         found,
                     })
                 }
             };
+            if header.identity != identity {
+                return Err(BitmapError::OtherImage {
+                    path: path.to_owned(),
+                    cached: Some(header.identity),
+                    serving: identity,
+                });
+            }
             if header != want {
                 return Err(BitmapError::Mismatch {
                     path: path.to_owned(),
@@ -281,6 +337,41 @@ impl Bitmap {
             })
     }
 
+    /// Marks `chunk` absent (its data was found damaged) and writes its
+    /// word. Losing this write is safe: the chunk is checked again on its
+    /// first read after a restart.
+    ///
+    /// # Errors
+    /// `Io` if the word cannot be written; the bit stays clear in memory.
+    pub fn clear(&self, chunk: u64) -> Result<(), BitmapError> {
+        let Some(word) = usize::try_from(chunk / 64)
+            .ok()
+            .filter(|_| chunk < self.chunks)
+            .and_then(|w| self.words.get(w))
+        else {
+            return Ok(());
+        };
+        let _g = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bit = 1u64 << (chunk % 64);
+        if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+            self.present.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.dirty.store(true, Ordering::Release);
+        self.file
+            .write_all_at(
+                &word.load(Ordering::Acquire).to_le_bytes(),
+                u64::from(HEADER_LEN) + chunk / 64 * 8,
+            )
+            .map_err(|source| BitmapError::Io {
+                op: "write",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Number of chunks present.
     #[must_use]
     pub fn count(&self) -> u64 {
@@ -307,6 +398,8 @@ impl Bitmap {
 mod tests {
     use super::*;
 
+    const ID: Identity = Identity([7; 32]);
+
     fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("herd-bmp-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&d);
@@ -319,21 +412,27 @@ mod tests {
             image_size: 1 << 30,
             chunk_size: 1 << 20,
             chunks: 1024,
+            identity: ID,
         };
         let b = encode_header(&h);
         assert_eq!(&b[..8], b"HERDBMP\0");
-        assert_eq!(decode_header(&b), Ok(Some(h)));
-        assert_eq!(decode_header(&b[..10]), Ok(None));
-        let mut v2 = b;
-        v2[8] = 2;
-        assert_eq!(decode_header(&v2), Err(2));
+        assert_eq!(&b[8..16], &[2, 0, 0, 0, 128, 0, 0, 0]);
+        assert_eq!(&b[40..72], &[7; 32]);
+        assert_eq!(decode_header(&b), Decoded::Current(h));
+        assert_eq!(decode_header(&b[..10]), Decoded::Foreign);
+        assert_eq!(decode_header(&b[..100]), Decoded::Foreign);
+        let mut v = b;
+        v[8] = 3;
+        assert_eq!(decode_header(&v), Decoded::Unknown(3));
+        v[8] = 1;
+        assert_eq!(decode_header(&v), Decoded::V1);
     }
 
     #[test]
     fn bits_persist_across_reopen() {
         let p = tmp("persist");
         {
-            let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("create");
+            let b = Bitmap::open(&p, 130 * 4096 + 1, 4096, ID).expect("create");
             assert_eq!(b.chunks(), 131);
             b.set(0).expect("set");
             b.set(64).expect("set");
@@ -341,7 +440,7 @@ mod tests {
             b.sync().expect("sync");
             assert_eq!(b.count(), 3);
         }
-        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("reopen");
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096, ID).expect("reopen");
         assert!(b.is_set(0) && b.is_set(64) && b.is_set(130));
         assert!(!b.is_set(1) && !b.is_set(131));
         assert_eq!(b.count(), 3);
@@ -350,14 +449,39 @@ mod tests {
         assert_eq!(b.count(), 3 + 9);
         b.sync().expect("sync");
         drop(b);
-        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096).expect("reopen");
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096, ID).expect("reopen");
         assert!((60..70).all(|c| b.is_set(c)) && !b.is_set(59) && !b.is_set(70));
         assert_eq!(b.count(), 12);
         drop(b);
         // A different image or chunk size is refused, not silently reused.
         assert!(matches!(
-            Bitmap::open(&p, 4096, 4096),
+            Bitmap::open(&p, 4096, 4096, ID),
             Err(BitmapError::Mismatch { .. })
+        ));
+        // Another identity is named as such.
+        assert!(matches!(
+            Bitmap::open(&p, 130 * 4096 + 1, 4096, Identity([8; 32])),
+            Err(BitmapError::OtherImage {
+                cached: Some(ID),
+                ..
+            })
+        ));
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096, ID).expect("reopen");
+        b.clear(64).expect("clear");
+        b.clear(64).expect("clear twice");
+        assert_eq!(b.count(), 11);
+        b.sync().expect("sync");
+        drop(b);
+        let b = Bitmap::open(&p, 130 * 4096 + 1, 4096, ID).expect("reopen");
+        assert!(!b.is_set(64) && b.is_set(0) && b.count() == 11);
+        drop(b);
+        // A version-1 file is recognised as such.
+        let mut raw = std::fs::read(&p).expect("read");
+        raw[8] = 1;
+        std::fs::write(&p, &raw).expect("write");
+        assert!(matches!(
+            Bitmap::open(&p, 130 * 4096 + 1, 4096, ID),
+            Err(BitmapError::OtherImage { cached: None, .. })
         ));
         let _ = std::fs::remove_file(&p);
     }
@@ -365,15 +489,15 @@ mod tests {
     #[test]
     fn second_opener_is_locked_out_and_garbage_refused() {
         let p = tmp("lock");
-        let _a = Bitmap::open(&p, 4096, 4096).expect("create");
+        let _a = Bitmap::open(&p, 4096, 4096, ID).expect("create");
         assert!(matches!(
-            Bitmap::open(&p, 4096, 4096),
+            Bitmap::open(&p, 4096, 4096, ID),
             Err(BitmapError::Locked { .. })
         ));
         let g = tmp("garbage");
         std::fs::write(&g, b"not a bitmap at all").expect("write");
         assert!(matches!(
-            Bitmap::open(&g, 4096, 4096),
+            Bitmap::open(&g, 4096, 4096, ID),
             Err(BitmapError::NotABitmap { .. })
         ));
         let _ = std::fs::remove_file(&p);

@@ -5,8 +5,8 @@
 //!  read(off, len) ─▶ chunks c..=d ─┬─ present ────────────────────────┐
 //!                                  ├─ being fetched ─▶ join its watch ─┤
 //!                                  └─ missing ─▶ spawn fetch:          │
-//!                                       upstream.read ─▶ write data    │
-//!                                       ─▶ fdatasync ─▶ set bit ───────┤
+//!                                       upstream.read ─▶ verify ─▶     │
+//!                                       write ─▶ fdatasync ─▶ set bit ─┤
 //!                                                                      ▼
 //!                                                pread(data file, off, len)
 //! ```
@@ -14,6 +14,11 @@
 //! The fetch runs in its own task, so a client that disconnects never
 //! cancels a fetch other readers joined. Order matters for crash safety:
 //! the bit is set only after the data is durable (see `bitmap`).
+//!
+//! Every fetched chunk is checked against the image's manifest before any
+//! reader sees it; a chunk that fails is read again, up to three reads,
+//! then its readers get an error. Chunks found on disk at start are checked
+//! on their first read (DESIGN.md, "Manifest v1 and verification").
 
 pub mod bitmap;
 
@@ -27,6 +32,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::io::{Engine, IoBuf};
+use crate::manifest::{Identity, Manifest};
 use crate::metrics as m;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -64,7 +70,18 @@ pub enum CacheError {
     Abandoned { chunk: u64 },
     #[error("a concurrent fetch of chunk {chunk} failed: {message}")]
     Joined { chunk: u64, message: String },
+    #[error("chunk {chunk} from {source_desc} failed its digest {reads} times; not served")]
+    Corrupt {
+        chunk: u64,
+        source_desc: String,
+        reads: u32,
+    },
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
 }
+
+/// Reads of a chunk, in all, before a digest failure becomes an error.
+pub const MAX_READS: u32 = 3;
 
 pub type CacheResult<T> = Result<T, CacheError>;
 
@@ -108,12 +125,19 @@ pub struct Stats {
     pub misses: AtomicU64,
     pub joins: AtomicU64,
     pub upstream_bytes: AtomicU64,
+    /// Chunks that failed their digest (fetched or read back from disk).
+    pub digest_failures: AtomicU64,
 }
 
 pub struct ChunkCache {
     upstream: Arc<dyn Upstream>,
+    manifest: Arc<Manifest>,
+    /// Chunks known good since this process opened the cache: fetched and
+    /// checked here, or read back from disk and checked once.
+    verified: Vec<AtomicU64>,
     engine: Engine,
     data: Arc<File>,
+    data_path: PathBuf,
     bitmap: Bitmap,
     chunk_size: u64,
     size: u64,
@@ -128,6 +152,9 @@ pub struct ChunkCache {
     /// upstream; prefetch only issues reads while this is 0.
     demand_inflight: AtomicU64,
     demand_idle: tokio::sync::Notify,
+    /// Woken when a fetched chunk fails its digest (the serve loop then
+    /// asks whether the parent changed image).
+    digest_failed: tokio::sync::Notify,
 }
 
 /// Who asked for a fetch: clients always go first.
@@ -138,16 +165,21 @@ enum Class {
 }
 
 impl ChunkCache {
-    /// Opens (or creates) the cache in `dir` for `upstream`.
+    /// Opens (or creates) the cache in `dir` for `upstream`, whose image
+    /// `manifest` describes. A directory holding another image starts a
+    /// fresh generation (emptied, with a warning naming both identities).
     ///
     /// # Errors
-    /// `Dir` if the directory or data file cannot be set up; `Bitmap` if the
-    /// bitmap is foreign, for another image, or locked by another daemon.
+    /// `Dir` if the directory or data file cannot be set up; `Manifest` if
+    /// the manifest does not fit the upstream or the chunk size; `Bitmap`
+    /// if the bitmap is foreign, for another chunk size, or locked by
+    /// another daemon.
     pub fn open(
         dir: &Path,
         upstream: Arc<dyn Upstream>,
         chunk_size: u32,
         engine: Engine,
+        manifest: Arc<Manifest>,
     ) -> CacheResult<Arc<Self>> {
         let dir_err = |source| CacheError::Dir {
             path: dir.to_owned(),
@@ -155,7 +187,9 @@ impl ChunkCache {
         };
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         let size = upstream.size();
-        let bitmap = Bitmap::open(&dir.join(BITMAP_FILE), size, chunk_size)?;
+        manifest.fits(&upstream.describe(), size, chunk_size)?;
+        let identity = manifest.identity();
+        let bpath = dir.join(BITMAP_FILE);
         let data = File::options()
             .read(true)
             .write(true)
@@ -163,16 +197,32 @@ impl ChunkCache {
             .truncate(false)
             .open(dir.join(DATA_FILE))
             .map_err(dir_err)?;
+        let bitmap = match Bitmap::open(&bpath, size, chunk_size, identity) {
+            Err(BitmapError::OtherImage { cached, .. }) => {
+                Self::fresh_generation(dir, &bpath, &data, cached, identity)?;
+                Bitmap::open(&bpath, size, chunk_size, identity)?
+            }
+            other => other?,
+        };
+        // The directory's copy, for `herd cache verify DIR`.
+        let mpath = dir.join(crate::manifest::CACHE_FILE);
+        if std::fs::read(&mpath).ok().as_deref() != Some(manifest.bytes()) {
+            crate::manifest::save(&mpath, &manifest)?;
+        }
         // Sparse: only fetched chunks take disk space.
         if data.metadata().map_err(dir_err)?.len() != size {
             data.set_len(size).map_err(dir_err)?;
         }
         m::cache_chunks_total(bitmap.chunks());
         m::cache_chunks_present(bitmap.count());
+        let words = usize::try_from(bitmap.chunks().div_ceil(64)).unwrap_or(0);
         Ok(Arc::new(Self {
             upstream,
+            manifest,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             engine,
             data: Arc::new(data),
+            data_path: dir.join(DATA_FILE),
             bitmap,
             chunk_size: u64::from(chunk_size),
             size,
@@ -183,12 +233,113 @@ impl ChunkCache {
             sync_lock: tokio::sync::Mutex::new(()),
             demand_inflight: AtomicU64::new(0),
             demand_idle: tokio::sync::Notify::new(),
+            digest_failed: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Empties a cache directory that holds another image (or an
+    /// unrecorded one): the data file is cut to nothing, the bitmap removed.
+    fn fresh_generation(
+        dir: &Path,
+        bitmap: &Path,
+        data: &File,
+        cached: Option<Identity>,
+        serving: Identity,
+    ) -> CacheResult<()> {
+        tracing::warn!(
+            dir = %dir.display(),
+            cached = %cached.map_or_else(|| "unrecorded (version-1 cache)".to_owned(), |c| c.to_string()),
+            serving = %serving,
+            "the cache holds another image; starting a fresh generation"
+        );
+        let dir_err = |source| CacheError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        data.set_len(0).map_err(dir_err)?;
+        data.sync_all().map_err(dir_err)?;
+        std::fs::remove_file(bitmap).map_err(dir_err)?;
+        Ok(())
     }
 
     #[must_use]
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    #[must_use]
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Returns at the next digest failure of a fetched chunk (at once if
+    /// one happened since the last call).
+    pub async fn digest_failure(&self) {
+        self.digest_failed.notified().await;
+    }
+
+    fn is_verified(&self, c: u64) -> bool {
+        usize::try_from(c / 64)
+            .ok()
+            .and_then(|w| self.verified.get(w))
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
+    }
+
+    fn mark_verified(&self, chunks: std::ops::Range<u64>) {
+        for c in chunks {
+            if let Some(w) = usize::try_from(c / 64)
+                .ok()
+                .and_then(|w| self.verified.get(w))
+            {
+                w.fetch_or(1 << (c % 64), Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The cache chunks (absolute numbers) of a run fetched at `offset`
+    /// whose bytes fail the manifest.
+    fn bad_chunks(&self, offset: u64, run: &[u8]) -> Vec<u64> {
+        let per = self.chunk_size / u64::from(self.manifest.chunk_size());
+        let mut bad: Vec<u64> = self
+            .manifest
+            .bad_chunks(offset, run)
+            .into_iter()
+            .map(|i| i / per.max(1))
+            .collect();
+        bad.dedup();
+        bad
+    }
+
+    /// Checks chunk `c`, present on disk but not yet checked by this
+    /// process. A damaged one is dropped (its bit cleared) so the next
+    /// lookup fetches it again; returns whether it was good.
+    async fn verify_on_disk(&self, c: u64) -> CacheResult<bool> {
+        let off = c * self.chunk_size;
+        let len = usize::try_from(self.chunk_size.min(self.size - off)).unwrap_or(0);
+        let buf = self.read_disk(off, len).await?;
+        if self.bad_chunks(off, &buf).is_empty() {
+            self.mark_verified(c..c + 1);
+            return Ok(true);
+        }
+        m::digest_failure("cache");
+        self.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(chunk = c, offset = off, data = %self.data_path.display(), "chunk damaged in the cache file; dropped, fetching it again");
+        self.bitmap.clear(c)?;
+        m::cache_chunks_present(self.bitmap.count());
+        Ok(false)
+    }
+
+    /// Checks every present, not yet checked chunk of the range.
+    async fn verify_range(&self, offset: u64, len: u64) -> CacheResult<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        for c in offset / self.chunk_size..=(offset + len - 1) / self.chunk_size {
+            if self.bitmap.is_set(c) && !self.is_verified(c) {
+                self.verify_on_disk(c).await?;
+            }
+        }
+        Ok(())
     }
 
     #[must_use]
@@ -232,6 +383,8 @@ impl ChunkCache {
     /// # Errors
     /// `OutOfRange` for a range past the end; fetch or data-file errors.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<Data> {
+        self.check_range(offset, len as u64)?;
+        self.verify_range(offset, len as u64).await?;
         let parts = self.resolve(offset, len as u64).await?;
         if parts.iter().all(|(_, p)| p.is_none()) {
             // Hit path: every chunk is on disk, one pread.
@@ -329,7 +482,7 @@ impl ChunkCache {
         let chunks = offset / self.chunk_size..=(offset + len as u64 - 1) / self.chunk_size;
         chunks
             .clone()
-            .all(|c| self.bitmap.is_set(c))
+            .all(|c| self.bitmap.is_set(c) && self.is_verified(c))
             .then_some(chunks)
     }
 
@@ -573,7 +726,7 @@ impl ChunkCache {
             self.demand_idle.notify_waiters();
         }
         let run = match fetched {
-            Ok(b) => Arc::new(b),
+            Ok(b) => b,
             Err(source) => {
                 let e = CacheError::Fetch {
                     chunk: start,
@@ -588,13 +741,15 @@ impl ChunkCache {
                 return;
             }
         };
-        self.stats
-            .upstream_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        m::upstream_read(len as u64);
-        if class == Class::Prefetch {
-            m::prefetch_bytes(len as u64);
+        self.count_fetched(len as u64, class);
+        // Hashed here, before any reader sees a byte: ~0.4 s of CPU per GiB
+        // (DESIGN.md, "Manifest v1 and verification").
+        let bad = self.bad_chunks(offset, &run);
+        if !bad.is_empty() {
+            return self.salvage(start, txs, &run, &bad, class).await;
         }
+        let run = Arc::new(run);
+        self.mark_verified(start..start + n);
         let cs = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
         for (i, tx) in txs.iter().enumerate() {
             let _ = tx.send(Some(Ok(Piece {
@@ -610,6 +765,106 @@ impl ChunkCache {
         for i in 0..n {
             self.forget(start + i);
         }
+    }
+
+    fn count_fetched(&self, len: u64, class: Class) {
+        self.stats.upstream_bytes.fetch_add(len, Ordering::Relaxed);
+        m::upstream_read(len);
+        if class == Class::Prefetch {
+            m::prefetch_bytes(len);
+        }
+    }
+
+    /// A fetched run in which some chunks failed their digests: the good
+    /// chunks are served and persisted one by one; each bad one is read
+    /// again on its own, up to [`MAX_READS`] reads in all, and its readers
+    /// get `Corrupt` if no read was good. Rare, so it copies.
+    async fn salvage(
+        &self,
+        start: u64,
+        txs: Vec<watch::Sender<FetchState>>,
+        run: &IoBuf,
+        bad: &[u64],
+        class: Class,
+    ) {
+        let cs = usize::try_from(self.chunk_size).unwrap_or(usize::MAX);
+        for (i, tx) in txs.into_iter().enumerate() {
+            let c = start + i as u64;
+            let at = i * cs;
+            let piece = if bad.contains(&c) {
+                self.digest_failed(c, 1);
+                self.refetch(c, class).await
+            } else {
+                run.get(at..run.len().min(at + cs))
+                    .map(IoBuf::from_slice)
+                    .ok_or(())
+            };
+            match piece {
+                Ok(bytes) => {
+                    let bytes = Arc::new(bytes);
+                    self.mark_verified(c..c + 1);
+                    let _ = tx.send(Some(Ok(Piece {
+                        run: Arc::clone(&bytes),
+                        at: 0,
+                    })));
+                    if let Err(e) = self.persist(c, 1, c * self.chunk_size, &bytes).await {
+                        tracing::warn!(chunk = c, error = %crate::error_chain(&e), "caching chunk failed");
+                    }
+                }
+                Err(()) => {
+                    let e = CacheError::Corrupt {
+                        chunk: c,
+                        source_desc: self.upstream.describe(),
+                        reads: MAX_READS,
+                    };
+                    tracing::error!(chunk = c, error = %e, "no good copy of the chunk; its reads fail with EIO");
+                    let _ = tx.send(Some(Err(crate::error_chain(&e))));
+                }
+            }
+            self.forget(c);
+        }
+    }
+
+    /// Reads chunk `c` again until it matches the manifest, up to
+    /// [`MAX_READS`] reads in all counting the one that already failed.
+    async fn refetch(&self, c: u64, class: Class) -> Result<IoBuf, ()> {
+        let off = c * self.chunk_size;
+        let len = usize::try_from(self.chunk_size.min(self.size - off)).unwrap_or(0);
+        for read in 2..=MAX_READS {
+            match self.upstream.read_at(off, len).await {
+                Ok(b) => {
+                    self.count_fetched(len as u64, class);
+                    if self.bad_chunks(off, &b).is_empty() {
+                        tracing::info!(
+                            chunk = c,
+                            read,
+                            "chunk read again and now matches its digest"
+                        );
+                        return Ok(b);
+                    }
+                    self.digest_failed(c, read);
+                }
+                Err(e) => {
+                    tracing::warn!(chunk = c, read, error = %crate::error_chain(&e), "reading a damaged chunk again failed");
+                }
+            }
+        }
+        Err(())
+    }
+
+    fn digest_failed(&self, c: u64, read: u32) {
+        let kind = self.upstream.source_kind();
+        m::digest_failure(kind);
+        self.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
+        self.digest_failed.notify_one();
+        tracing::error!(
+            chunk = c,
+            offset = c * self.chunk_size,
+            read,
+            source = kind,
+            from = %self.upstream.describe(),
+            "chunk failed its digest; discarded"
+        );
     }
 
     async fn persist(&self, start: u64, n: u64, offset: u64, buf: &Arc<IoBuf>) -> CacheResult<()> {

@@ -12,6 +12,9 @@ struct CountingUpstream {
     data: Vec<u8>,
     reads: AtomicU64,
     fail: std::sync::atomic::AtomicBool,
+    /// Reads covering this offset that still come back with a flipped byte.
+    corrupt_at: AtomicU64,
+    corrupt_reads: AtomicU64,
 }
 
 impl Upstream for CountingUpstream {
@@ -29,7 +32,17 @@ impl Upstream for CountingUpstream {
                 });
             }
             let o = usize::try_from(offset).expect("small");
-            Ok(IoBuf::from_slice(&self.data[o..o + len]))
+            let mut b = IoBuf::from_slice(&self.data[o..o + len]);
+            let at = self.corrupt_at.load(Ordering::SeqCst);
+            if (offset..offset + len as u64).contains(&at)
+                && self
+                    .corrupt_reads
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                b[usize::try_from(at - offset).expect("small")] ^= 0x40;
+            }
+            Ok(b)
         })
     }
     fn describe(&self) -> String {
@@ -47,14 +60,30 @@ fn setup(name: &str, size: usize) -> (PathBuf, Arc<CountingUpstream>, Engine) {
         data,
         reads: AtomicU64::new(0),
         fail: false.into(),
+        corrupt_at: AtomicU64::new(u64::MAX),
+        corrupt_reads: AtomicU64::new(0),
     });
     (dir, up, Engine::start(64, false).expect("engine"))
+}
+
+fn manifest_of(data: &[u8], chunk: u32) -> Arc<Manifest> {
+    let d: Vec<crate::manifest::Digest> = data
+        .chunks(chunk as usize)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect();
+    Arc::new(Manifest::from_digests(data.len() as u64, chunk, &d).expect("manifest"))
+}
+
+fn open(dir: &Path, up: &Arc<CountingUpstream>, chunk: u32, engine: Engine) -> Arc<ChunkCache> {
+    // 4 KiB digests under bigger cache chunks: the multiple case.
+    let m = manifest_of(&up.data, 4096);
+    ChunkCache::open(dir, up.clone(), chunk, engine, m).expect("open")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_fetch_each_chunk_once() {
     let (dir, up, engine) = setup("sf", 1 << 20);
-    let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine).expect("open");
+    let cache = open(&dir, &up, 64 << 10, engine);
     let mut tasks = Vec::new();
     for i in 0..16u64 {
         let c = Arc::clone(&cache);
@@ -81,7 +110,7 @@ async fn concurrent_readers_fetch_each_chunk_once() {
 async fn unaligned_and_spanning_reads_are_exact() {
     let size = 300_001;
     let (dir, up, engine) = setup("span", size);
-    let cache = ChunkCache::open(&dir, up.clone(), 4096, engine).expect("open");
+    let cache = open(&dir, &up, 4096, engine);
     for (off, len) in [
         (0u64, 1usize),
         (4095, 2),
@@ -108,7 +137,7 @@ async fn unaligned_and_spanning_reads_are_exact() {
 async fn reopen_keeps_chunks_and_failures_are_retried() {
     let (dir, up, engine) = setup("reopen", 256 << 10);
     {
-        let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine.clone()).expect("open");
+        let cache = open(&dir, &up, 64 << 10, engine.clone());
         cache.read(0, 70_000).await.expect("read");
         assert_eq!(
             cache.stats().upstream_bytes.load(Ordering::SeqCst),
@@ -118,7 +147,7 @@ async fn reopen_keeps_chunks_and_failures_are_retried() {
         cache.sync().expect("sync");
     }
     let reads_before = up.reads.load(Ordering::SeqCst);
-    let cache = ChunkCache::open(&dir, up.clone(), 64 << 10, engine).expect("reopen");
+    let cache = open(&dir, &up, 64 << 10, engine);
     assert_eq!(cache.chunks_present(), 2);
     let got = cache.read(0, 70_000).await.expect("read again");
     assert_eq!(&got[..], &up.data[..70_000]);
@@ -138,5 +167,108 @@ async fn reopen_keeps_chunks_and_failures_are_retried() {
     assert_eq!(&got[..], &up.data[200_000..200_010]);
     assert!(cache.settle(Duration::from_secs(10)).await);
     assert_eq!(cache.chunks_present(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_fetch_is_read_again_and_never_served() {
+    let (dir, up, engine) = setup("flip", 256 << 10);
+    let cache = open(&dir, &up, 64 << 10, engine);
+    // One bad read of chunk 1: the second read is good and served.
+    up.corrupt_at.store(70_000, Ordering::SeqCst);
+    up.corrupt_reads.store(1, Ordering::SeqCst);
+    let got = cache.read(0, 190_000).await.expect("read");
+    assert_eq!(&got[..], &up.data[..190_000]);
+    assert_eq!(cache.stats().digest_failures.load(Ordering::SeqCst), 1);
+    assert!(cache.settle(Duration::from_secs(10)).await);
+    assert_eq!(cache.chunks_present(), 3, "the run's chunks all persisted");
+    // Always bad: three reads, then an error for that chunk only.
+    up.corrupt_at.store(200_000, Ordering::SeqCst);
+    up.corrupt_reads.store(u64::MAX, Ordering::SeqCst);
+    let e = cache.read(196_608, 10).await.err().expect("EIO");
+    assert!(matches!(e, CacheError::Joined { .. }), "{e}");
+    assert!(e.to_string().contains("failed its digest 3 times"), "{e}");
+    assert_eq!(cache.stats().digest_failures.load(Ordering::SeqCst), 4);
+    assert!(cache.settle(Duration::from_secs(10)).await);
+    assert!(!cache.is_present(3));
+    let other = cache.read(0, 4096).await.expect("the rest is served");
+    assert_eq!(&other[..], &up.data[..4096]);
+    // Once the source is good again, the chunk is fetched and served.
+    up.corrupt_reads.store(0, Ordering::SeqCst);
+    let got = cache.read(196_608, 10).await.expect("recovered");
+    assert_eq!(&got[..], &up.data[196_608..196_618]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cache_file_is_caught_on_first_read_and_refetched() {
+    let (dir, up, engine) = setup("rot", 256 << 10);
+    {
+        let cache = open(&dir, &up, 64 << 10, engine.clone());
+        cache.read(0, 256 << 10).await.expect("warm");
+        assert!(cache.settle(Duration::from_secs(10)).await);
+        cache.sync().expect("sync");
+    }
+    // A bit flips in chunk 2 while the node is down.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(DATA_FILE))
+        .expect("data");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[up.data[150_000] ^ 1], 150_000).expect("flip");
+    drop(f);
+    let reads = up.reads.load(Ordering::SeqCst);
+    let cache = open(&dir, &up, 64 << 10, engine);
+    assert_eq!(cache.chunks_present(), 4);
+    // The fast hit paths decline an unchecked chunk.
+    assert!(cache.try_read_cached(150_000, 10).is_none());
+    let got = cache.read(140_000, 20_000).await.expect("read");
+    assert_eq!(&got[..], &up.data[140_000..160_000]);
+    assert_eq!(cache.stats().digest_failures.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        up.reads.load(Ordering::SeqCst),
+        reads + 1,
+        "only chunk 2 refetched"
+    );
+    // Checked chunks are plain hits from now on.
+    let got = cache.read(0, 256 << 10).await.expect("read all");
+    assert_eq!(&got[..], &up.data[..]);
+    assert_eq!(up.reads.load(Ordering::SeqCst), reads + 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_image_of_the_same_size_starts_a_fresh_generation() {
+    let (dir, up, engine) = setup("gen", 256 << 10);
+    {
+        let cache = open(&dir, &up, 64 << 10, engine.clone());
+        cache.read(0, 256 << 10).await.expect("warm");
+        assert!(cache.settle(Duration::from_secs(10)).await);
+        cache.sync().expect("sync");
+    }
+    let mut other: Vec<u8> = up.data.clone();
+    other[100_000] ^= 0xff;
+    let up2 = Arc::new(CountingUpstream {
+        data: other,
+        reads: AtomicU64::new(0),
+        fail: false.into(),
+        corrupt_at: AtomicU64::new(u64::MAX),
+        corrupt_reads: AtomicU64::new(0),
+    });
+    let cache = open(&dir, &up2, 64 << 10, engine.clone());
+    assert_eq!(cache.chunks_present(), 0, "nothing of the old image kept");
+    let got = cache.read(0, 256 << 10).await.expect("read");
+    assert_eq!(&got[..], &up2.data[..]);
+    assert_eq!(cache.stats().digest_failures.load(Ordering::SeqCst), 0);
+    assert!(cache.settle(Duration::from_secs(10)).await);
+    cache.sync().expect("sync");
+    drop(cache);
+    let kept = crate::manifest::load(&dir.join(crate::manifest::CACHE_FILE)).expect("copy");
+    assert_eq!(kept.identity(), manifest_of(&up2.data, 4096).identity());
+    // A manifest for another size is refused, naming both sizes.
+    let small = manifest_of(&up.data[..4096], 4096);
+    let e = ChunkCache::open(&dir, up2.clone(), 64 << 10, engine, small)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("4096 bytes"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -13,9 +13,10 @@ use tokio::sync::watch;
 use super::{plan, run};
 use crate::cache::ChunkCache;
 use crate::config::PrefetchSettings;
+use crate::manifest::ReadAllError;
 use crate::profile::Profile;
 use crate::upstream::nbd::NbdUpstream;
-use crate::upstream::{Upstream, UpstreamUrl};
+use crate::upstream::UpstreamUrl;
 
 /// The side export that carries the profile.
 pub const PROFILE_EXPORT: &str = "herd-profile";
@@ -56,25 +57,14 @@ async fn fetch(url: &UpstreamUrl) -> Result<Vec<u8>, String> {
     let up = NbdUpstream::connect(url.clone(), 1)
         .await
         .map_err(|e| crate::error_chain(&e))?;
-    let size = up.size();
-    if size > MAX_PROFILE_BYTES {
-        return Err(format!(
-            "parent's profile is {size} bytes, over {MAX_PROFILE_BYTES}"
-        ));
-    }
-    let mut out = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    let step = 8 << 20;
-    let mut at = 0;
-    while at < size {
-        let n = usize::try_from((size - at).min(step)).unwrap_or(0);
-        let buf = up
-            .read_at(at, n)
-            .await
-            .map_err(|e| crate::error_chain(&e))?;
-        out.extend_from_slice(&buf);
-        at += n as u64;
-    }
-    Ok(out)
+    crate::manifest::read_all(&up, MAX_PROFILE_BYTES)
+        .await
+        .map_err(|e| match e {
+            ReadAllError::Oversized(size) => {
+                format!("parent's profile is {size} bytes, over {MAX_PROFILE_BYTES}")
+            }
+            ReadAllError::Upstream(e) => crate::error_chain(&e),
+        })
 }
 
 /// A child's loop: ask the parent for its profile every [`POLL`], publish

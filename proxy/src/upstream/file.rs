@@ -121,6 +121,10 @@ impl Upstream for FileUpstream {
     fn describe(&self) -> String {
         format!("file:{}", self.path.display())
     }
+
+    fn source_kind(&self) -> &'static str {
+        "image"
+    }
 }
 
 #[cfg(test)]

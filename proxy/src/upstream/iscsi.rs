@@ -347,4 +347,8 @@ impl Upstream for IscsiUpstream {
     fn describe(&self) -> String {
         self.t.url()
     }
+
+    fn source_kind(&self) -> &'static str {
+        "image"
+    }
 }

@@ -48,6 +48,8 @@ pub enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{addr} has no export named `{export}`")]
+    NoSuchExport { addr: String, export: String },
     #[error("NBD handshake with {addr} failed: {reason}")]
     Handshake { addr: String, reason: String },
     #[error("parent answered errno {errno} for {len} bytes at offset {offset}")]
@@ -83,4 +85,10 @@ pub trait Upstream: Send + Sync {
 
     /// Short human description for logs ("file:/srv/golden.img").
     fn describe(&self) -> String;
+
+    /// What kind of source this is, for the digest-failure metric's label:
+    /// `image` (the image itself: a file or LUN) or `parent` (a server).
+    fn source_kind(&self) -> &'static str {
+        "parent"
+    }
 }

@@ -228,9 +228,14 @@ async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResul
                     Info::Other(_) => {}
                 }
             }
+            proto::REP_ERR_UNKNOWN => {
+                return Err(UpstreamError::NoSuchExport {
+                    addr: addr.to_owned(),
+                    export: export.to_owned(),
+                })
+            }
             e if e & proto::REP_FLAG_ERROR != 0 => {
                 let what = match e {
-                    proto::REP_ERR_UNKNOWN => "export not found",
                     proto::REP_ERR_UNSUP => "NBD_OPT_GO not supported",
                     proto::REP_ERR_POLICY => "refused by policy",
                     _ => "error",

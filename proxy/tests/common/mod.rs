@@ -54,6 +54,18 @@ pub fn random_image(path: &Path, size: usize) -> Vec<u8> {
     data
 }
 
+/// `herd manifest build IMG`: the manifest beside the image, as a root
+/// over a server that is not herd (nbdkit, qemu-nbd) is given it.
+pub fn build_manifest(img: &Path) -> PathBuf {
+    let out = img.with_extension("herd-manifest");
+    run(Command::new(HERD)
+        .args(["manifest", "build"])
+        .arg(img)
+        .arg("--out")
+        .arg(&out));
+    out
+}
+
 pub fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -123,6 +135,11 @@ impl Herd {
     /// Value of one Prometheus metric (0 if not yet recorded).
     pub fn metric(&self, name: &str) -> f64 {
         scrape(self.metrics, name)
+    }
+
+    /// A metric that must be exported; panics if it is absent.
+    pub fn metric_required(&self, name: &str) -> f64 {
+        scrape_required(self.metrics, name)
     }
 
     /// Polls a metric until it equals `want` (the cache persists chunks
@@ -195,7 +212,16 @@ impl Drop for Herd {
     }
 }
 
+/// A metric that must be exported (0 is a real value, absence a failure).
+pub fn scrape_required(port: u16, name: &str) -> f64 {
+    scrape_opt(port, name).unwrap_or_else(|| panic!("metric {name} is not exported"))
+}
+
 pub fn scrape(port: u16, name: &str) -> f64 {
+    scrape_opt(port, name).unwrap_or(0.0)
+}
+
+pub fn scrape_opt(port: u16, name: &str) -> Option<f64> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -206,13 +232,10 @@ pub fn scrape(port: u16, name: &str) -> f64 {
     .expect("send");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("read metrics");
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.trim().parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// A child process (peer server) killed on drop.
@@ -309,6 +332,17 @@ impl RawClient {
         let (_, errno, data) = self.reply(|_| len as usize);
         assert_eq!(errno, 0, "READ {offset}+{len} failed");
         data
+    }
+
+    /// One READ, waited for: its data, or the errno of an error reply.
+    pub fn try_read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.send(proto::CMD_READ, 7, offset, len, &[]);
+        let (_, errno, data) = self.reply(|_| len as usize);
+        if errno == 0 {
+            Ok(data)
+        } else {
+            Err(errno)
+        }
     }
 
     /// Reads one simple reply; returns (handle, errno, data) with `len`

@@ -148,7 +148,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             .await?;
             return Ok(None);
         }
-        let mut names = vec![self.export.name.clone()];
+        let mut names = vec![
+            self.export.name.clone(),
+            crate::manifest::MANIFEST_EXPORT.to_owned(),
+        ];
         if self.export.profile.borrow().is_some() {
             names.push(crate::prefetch::propagate::PROFILE_EXPORT.to_owned());
         }

@@ -15,14 +15,15 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::cache::{CacheError, ChunkCache};
+use crate::manifest::{Manifest, MANIFEST_EXPORT};
 use crate::nbd::proto;
 use crate::net::Listener;
 use crate::prefetch::propagate::{Published, Shared, PROFILE_EXPORT};
 use crate::record::daemon::ClientRecorder;
 
-/// What is exported: the image under a name, backed by the cache, and the
-/// boot profile (when this proxy has one) as the side export
-/// `herd-profile`.
+/// What is exported: the image under a name, backed by the cache, its
+/// manifest as the side export `herd-manifest`, and the boot profile (when
+/// this proxy has one) as the side export `herd-profile`.
 pub struct Export {
     pub name: String,
     pub description: String,
@@ -40,6 +41,36 @@ pub enum Backing {
     Image,
     /// The profile, as it was when the client connected.
     Profile(Arc<Published>),
+    /// The image's manifest.
+    Manifest(Arc<Manifest>),
+}
+
+impl Backing {
+    /// The bytes of a side export; `None` for the image.
+    #[must_use]
+    pub fn side_bytes(&self) -> Option<SideBytes> {
+        match self {
+            Self::Image => None,
+            Self::Profile(p) => Some(SideBytes::Profile(Arc::clone(p))),
+            Self::Manifest(m) => Some(SideBytes::Manifest(Arc::clone(m))),
+        }
+    }
+}
+
+/// A side export's bytes, held for the life of a connection.
+pub enum SideBytes {
+    Profile(Arc<Published>),
+    Manifest(Arc<Manifest>),
+}
+
+impl std::ops::Deref for SideBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Profile(p) => &p.bytes,
+            Self::Manifest(m) => m.bytes(),
+        }
+    }
 }
 
 impl Export {
@@ -63,6 +94,9 @@ impl Export {
         if name == PROFILE_EXPORT {
             return self.profile.borrow().clone().map(Backing::Profile);
         }
+        if name == MANIFEST_EXPORT {
+            return Some(Backing::Manifest(Arc::clone(self.cache.manifest())));
+        }
         None
     }
 
@@ -72,6 +106,7 @@ impl Export {
         match backing {
             Backing::Image => self.cache.size(),
             Backing::Profile(p) => p.bytes.len() as u64,
+            Backing::Manifest(m) => m.bytes().len() as u64,
         }
     }
 }
@@ -86,7 +121,9 @@ pub fn errno_for(e: &CacheError) -> u32 {
         | CacheError::Fetch { .. }
         | CacheError::Data { .. }
         | CacheError::Abandoned { .. }
-        | CacheError::Joined { .. } => proto::EIO,
+        | CacheError::Joined { .. }
+        | CacheError::Corrupt { .. }
+        | CacheError::Manifest(_) => proto::EIO,
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::zerocopy::ZeroCopy;
-use super::{errno_for, Backing, Export};
+use super::{errno_for, Export};
 use crate::cache::Data;
 use crate::io::IoBuf;
 use crate::metrics as m;
@@ -44,13 +44,19 @@ enum Reply {
 /// data file that the writer `sendfile`s.
 enum Payload {
     Buf(Data),
-    File { offset: u64, len: usize },
+    File {
+        offset: u64,
+        len: usize,
+    },
+    /// A side export's bytes (profile, manifest): counted apart from the
+    /// image's, so "bytes served" stays the image payload.
+    Side(Data),
 }
 
 impl Payload {
     fn len(&self) -> usize {
         match self {
-            Self::Buf(b) => b.len(),
+            Self::Buf(b) | Self::Side(b) => b.len(),
             Self::File { len, .. } => *len,
         }
     }
@@ -99,10 +105,8 @@ pub async fn run(
     ));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let size = export.size_of(&backing);
-    let profile = match &backing {
-        Backing::Profile(bytes) => Some(Arc::clone(bytes)),
-        Backing::Image => None,
-    };
+    // A side export (profile, manifest): bytes in memory, no cache.
+    let side = backing.side_bytes();
     let mut hdr = [0u8; proto::REQUEST_LEN];
     // End of this connection's previous READ: a READ starting there is
     // sequential and earns read-ahead when it misses.
@@ -139,15 +143,13 @@ pub async fn run(
                     }
                     continue;
                 }
-                if let Some(published) = &profile {
-                    let bytes = &published.bytes;
-                    // The profile side export: bytes in memory, no cache.
-                    // (The range was validated against the profile's length.)
+                if let Some(bytes) = &side {
+                    // (The range was validated against the side export's length.)
                     let at = usize::try_from(req.offset).unwrap_or(usize::MAX);
                     let data = (req.command == proto::CMD_READ)
                         .then(|| bytes.get(at..at.saturating_add(req.length as usize)))
                         .flatten()
-                        .map(|b| Payload::Buf(Data::Owned(IoBuf::from_slice(b))));
+                        .map(|b| Payload::Side(Data::Owned(IoBuf::from_slice(b))));
                     let ok = Reply::Ok {
                         handle: req.handle,
                         offset: req.offset,
@@ -413,16 +415,21 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                 );
             }
             w.push(&hdr).await?;
+            let side = matches!(data, Some(Payload::Side(_)));
             match data {
-                Some(Payload::Buf(d)) if d.len() >= LARGE => w.send_with(&d).await?,
-                Some(Payload::Buf(d)) => w.push(&d).await?,
+                Some(Payload::Buf(d) | Payload::Side(d)) if d.len() >= LARGE => {
+                    w.send_with(&d).await?;
+                }
+                Some(Payload::Buf(d) | Payload::Side(d)) => w.push(&d).await?,
                 Some(Payload::File { offset, len }) => {
                     w.send_file(offset, len).await?;
                     m::served_zero_copy(len as u64);
                 }
                 None => {}
             }
-            if len > 0 {
+            if len > 0 && side {
+                m::served_side(len as u64);
+            } else if len > 0 {
                 m::served(len as u64);
             }
         }
