@@ -148,6 +148,8 @@ fn bench_smoke() -> Result<()> {
         reps: None,
         out: Some(out.clone()),
         chunk_size: None,
+        baseline_herd: None,
+        herd_only: false,
     };
     dataplane::run_bench(&o)?;
     let text = std::fs::read_to_string(out.join("dataplane.json"))?;

@@ -43,6 +43,13 @@ pub struct Options {
     /// herd's chunk size for this run (default: herd's own default).
     #[arg(long)]
     pub chunk_size: Option<String>,
+    /// Another herd build (a binary), measured beside this one in the same
+    /// interleaved rounds: each row gains "herd ÷ baseline" (before/after).
+    #[arg(long)]
+    pub baseline_herd: Option<PathBuf>,
+    /// Only herd (and the baseline): skip the peers and the pinned runs.
+    #[arg(long)]
+    pub herd_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -146,6 +153,8 @@ pub struct Results {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Server {
     Herd,
+    HerdBase,
+    HerdRelayBase,
     Nbdkit,
     QemuNbdUring,
     QemuNbd,
@@ -161,6 +170,8 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Self::Herd => "herd (warm)",
+            Self::HerdBase => "herd baseline (warm)",
+            Self::HerdRelayBase => "herd baseline leaf->root",
             Self::Nbdkit => "nbdkit file",
             Self::QemuNbdUring => "qemu-nbd io_uring+nocache",
             Self::QemuNbd => "qemu-nbd default",
@@ -171,11 +182,31 @@ impl Server {
     }
 
     fn group(self) -> &'static str {
-        if Self::HIT.contains(&self) {
+        if Self::HIT.contains(&self) || self == Self::HerdBase {
             "hit"
         } else {
             "relay"
         }
+    }
+
+    /// The servers of one run, in round order: herd, its baseline build
+    /// if any, then the peers unless only herd is measured.
+    fn lineup(opts: &Options, group: &[Self]) -> Vec<Self> {
+        let mut v = Vec::new();
+        for &s in group {
+            let herd = matches!(s, Self::Herd | Self::HerdRelay);
+            if herd || !opts.herd_only {
+                v.push(s);
+            }
+            if opts.baseline_herd.is_some() {
+                match s {
+                    Self::Herd => v.push(Self::HerdBase),
+                    Self::HerdRelay => v.push(Self::HerdRelayBase),
+                    _ => {}
+                }
+            }
+        }
+        v
     }
 }
 
@@ -234,6 +265,7 @@ fn wait_port(port: u16) -> Result<()> {
 
 struct Env {
     herd: PathBuf,
+    baseline: Option<PathBuf>,
     image: PathBuf,
     scratch: PathBuf,
     chunk_size: Option<String>,
@@ -247,11 +279,11 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
         .with_context(|| format!("cannot start {cmd:?}"))
 }
 
-fn herd_serve(env: &Env, name: &str, upstream: &str, port: u16) -> Result<Child> {
+fn herd_serve(env: &Env, bin: &Path, name: &str, upstream: &str, port: u16) -> Result<Child> {
     let cache = env.scratch.join(format!("{name}-cache"));
     let _ = std::fs::remove_dir_all(&cache);
     spawn(
-        Command::new(&env.herd)
+        Command::new(bin)
             .args([
                 "serve",
                 "--upstream",
@@ -313,9 +345,16 @@ fn start(env: &Env, s: Server) -> Result<Running> {
     let port = free_port()?;
     let img = env.image.to_string_lossy().into_owned();
     let mut procs = Vec::new();
+    let bin = match s {
+        Server::HerdBase | Server::HerdRelayBase => env
+            .baseline
+            .as_deref()
+            .context("no --baseline-herd given")?,
+        _ => env.herd.as_path(),
+    };
     let export = match s {
-        Server::Herd => {
-            procs.push(herd_serve(env, "herd", &img, port)?);
+        Server::Herd | Server::HerdBase => {
+            procs.push(herd_serve(env, bin, "herd", &img, port)?);
             wait_port(port)?;
             // Warm: the hit path is what this row measures.
             run(Command::new("nbdcopy")
@@ -340,15 +379,16 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             procs.push(qemu_nbd(env, port, &["-r", "-f", "raw", &img], "qnbd.log")?);
             "bench"
         }
-        Server::HerdRelay => {
+        Server::HerdRelay | Server::HerdRelayBase => {
             let pport = free_port()?;
-            procs.push(herd_serve(env, "herd-root", &img, pport)?);
+            procs.push(herd_serve(env, bin, "herd-root", &img, pport)?);
             wait_port(pport)?;
             run(Command::new("nbdcopy")
                 .arg(format!("nbd://127.0.0.1:{pport}/herd"))
                 .arg("null:"))?;
             procs.push(herd_serve(
                 env,
+                bin,
                 "herd-leaf",
                 &format!("nbd://127.0.0.1:{pport}/herd"),
                 port,
@@ -539,8 +579,12 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let herd = build_herd()?;
     let scratch = crate::util::work_dir("bench");
     std::fs::create_dir_all(&scratch)?;
+    if let Some(b) = &opts.baseline_herd {
+        anyhow::ensure!(b.is_file(), "--baseline-herd {} is not a file", b.display());
+    }
     let env = Env {
         herd,
+        baseline: opts.baseline_herd.clone(),
         image: scratch.join(format!("image-{size_mib}M.raw")),
         scratch: scratch.clone(),
         chunk_size: opts.chunk_size.clone(),
@@ -551,14 +595,19 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         loopback_tcp_mib_s: loopback_ceiling(&env)?,
         memcpy_mib_s: memcpy_ceiling(),
     };
-    let servers: Vec<Server> = Server::HIT.into_iter().chain(Server::RELAY).collect();
+    let hit = Server::lineup(opts, &Server::HIT);
+    let servers: Vec<Server> = hit
+        .iter()
+        .copied()
+        .chain(Server::lineup(opts, &Server::RELAY))
+        .collect();
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let mut pinned: Vec<Vec<Vec<f64>>> =
-        vec![vec![Vec::new(); PLACEMENTS.len()]; Server::HIT.len()];
+    let pin_runs = cores >= 2 && !opts.herd_only;
+    let mut pinned: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
     let per_round = servers.len() * PATTERNS.len()
-        + if cores >= 2 {
-            Server::HIT.len() * PLACEMENTS.len()
+        + if pin_runs {
+            hit.len() * PLACEMENTS.len()
         } else {
             0
         };
@@ -584,8 +633,8 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         // waking an idle vCPU is dear its figure depends on whether the
         // scheduler put server and fio on one CPU: measure both placements
         // pinned, so the server's own cost shows without that lottery.
-        if cores >= 2 {
-            for (si, s) in Server::HIT.iter().enumerate() {
+        if pin_runs {
+            for (si, s) in hit.iter().enumerate() {
                 for (pi, (_, server_cpu)) in PLACEMENTS.iter().enumerate() {
                     pb.set_message(format!("round {} {} pinned", round + 1, s.name()));
                     let mode = Mode {
@@ -606,7 +655,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             cells.push(Cell::new(s, s.group(), p.name, unit, &samples[si][pi]));
         }
     }
-    for (si, s) in Server::HIT.iter().enumerate() {
+    for (si, s) in hit.iter().enumerate() {
         for (pi, (name, _)) in PLACEMENTS.iter().enumerate() {
             let v = &pinned[si][pi];
             if !v.is_empty() {

@@ -20,17 +20,38 @@ fn servers(r: &Results, group: &str) -> Vec<String> {
     v
 }
 
-/// herd's median ÷ the best peer's median for one group and pattern.
+fn is_baseline(name: &str) -> bool {
+    name.starts_with("herd baseline")
+}
+
+/// herd's median ÷ the best peer's median for one group and pattern (a
+/// baseline herd build is not a peer).
 pub fn ratio(r: &Results, group: &str, pattern: &str) -> Option<f64> {
     let names = servers(r, group);
-    let herd = names.iter().find(|n| n.starts_with("herd"))?;
+    let herd = names
+        .iter()
+        .find(|n| n.starts_with("herd") && !is_baseline(n))?;
     let h = cell(r, herd, pattern)?.median;
     let best = names
         .iter()
-        .filter(|n| *n != herd)
+        .filter(|n| !n.starts_with("herd"))
         .filter_map(|n| cell(r, n, pattern).map(|c| c.median))
         .fold(0.0, f64::max);
     (best > 0.0).then(|| h / best)
+}
+
+/// herd's median ÷ its baseline build's, when the run had one.
+pub fn ratio_to_baseline(r: &Results, group: &str, pattern: &str) -> Option<f64> {
+    let names = servers(r, group);
+    let herd = names
+        .iter()
+        .find(|n| n.starts_with("herd") && !is_baseline(n))?;
+    let base = names.iter().find(|n| is_baseline(n))?;
+    let (h, b) = (
+        cell(r, herd, pattern)?.median,
+        cell(r, base, pattern)?.median,
+    );
+    (b > 0.0).then(|| h / b)
 }
 
 pub fn markdown(r: &Results) -> String {
@@ -125,8 +146,15 @@ fn table_head(s: &mut String, first: &str, names: &[String]) {
     for n in names {
         let _ = write!(s, " {n} |");
     }
-    let _ = writeln!(s, " herd ÷ best peer |");
-    let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len()));
+    let _ = write!(s, " herd ÷ best peer |");
+    let extra = if names.iter().any(|n| is_baseline(n)) {
+        let _ = write!(s, " herd ÷ baseline |");
+        1
+    } else {
+        0
+    };
+    s.push('\n');
+    let _ = writeln!(s, "|---|{}---|", "---|".repeat(names.len() + extra));
 }
 
 /// One row: every server's median (min–max) for `pattern`, then herd's ratio.
@@ -149,8 +177,17 @@ fn table_row(
     }
     match ratio(r, group, pattern) {
         Some(x) => {
-            let _ = writeln!(s, " **{x:.2}** |");
+            let _ = write!(s, " **{x:.2}** |");
         }
-        None => s.push_str(" – |\n"),
+        None => s.push_str(" – |"),
     }
+    if names.iter().any(|n| is_baseline(n)) {
+        match ratio_to_baseline(r, group, pattern) {
+            Some(x) => {
+                let _ = write!(s, " **{x:.3}** |");
+            }
+            None => s.push_str(" – |"),
+        }
+    }
+    s.push('\n');
 }
