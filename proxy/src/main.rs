@@ -441,6 +441,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, "serving NBD");
         tokio::spawn(nbd_export::serve(l, Arc::clone(&export)));
     }
+    herd::metrics::serving();
     let syncer = Arc::clone(&cache);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -111,6 +111,10 @@ fn describe() {
         "1, labelled with the identity (BLAKE3 of the manifest) of the image served"
     );
     describe_gauge!(
+        "herd_serving",
+        "1 once the node listens for NBD clients (it has the image's manifest)"
+    );
+    describe_gauge!(
         "herd_parent_identity_mismatch",
         "1 while the parent serves another image than this node"
     );
@@ -132,6 +136,11 @@ pub fn manifest_built(bytes: u64) {
 }
 pub fn image_identity(identity: &str) {
     gauge!("herd_image_identity_info", "identity" => identity.to_owned()).set(1.0);
+}
+/// Every listener is bound: the node serves NBD (its metrics answer
+/// earlier, while it gets or builds the manifest).
+pub fn serving() {
+    gauge!("herd_serving").set(1.0);
 }
 pub fn parent_identity_mismatch(yes: bool) {
     gauge!("herd_parent_identity_mismatch").set(if yes { 1.0 } else { 0.0 });

@@ -114,6 +114,7 @@ fn a_byte_flipped_on_the_wire_is_caught_and_the_chunk_read_again() {
         &[],
     );
     assert_eq!(leaf.metric_required(PARENT), 0.0);
+    assert_eq!(leaf.metric_required("herd_serving"), 1.0);
     let out = dir.join("out.raw");
     nbdcopy(&leaf.url(), &out);
     assert_same_file(&out, &data);

@@ -1154,13 +1154,19 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Waits until every host's herd answers on its metrics port, polling them
+/// Whether host `i`'s herd serves NBD: its metrics answer before that,
+/// while it gets or builds the image's manifest.
+fn serving(i: usize) -> bool {
+    metrics_of(i).is_ok_and(|t| crate::util::prom_value(&t, "herd_serving") == 1)
+}
+
+/// Waits until every host's herd serves NBD, polling them
 /// all each round (one at a time would sleep once per host).
 fn wait_all_metrics(mut pending: Vec<usize>, timeout: Duration, dir: &Path) -> Result<()> {
     let t = Instant::now();
     while !pending.is_empty() {
         fleet::check_interrupted()?;
-        pending.retain(|&i| metrics_of(i).is_err());
+        pending.retain(|&i| !serving(i));
         if let Some(&i) = pending.first() {
             if t.elapsed() > timeout {
                 let log =
@@ -1178,11 +1184,11 @@ fn wait_all_metrics(mut pending: Vec<usize>, timeout: Duration, dir: &Path) -> R
     Ok(())
 }
 
-/// Waits until host `i`'s herd answers on its metrics port.
+/// Waits until host `i`'s herd serves NBD.
 fn wait_metrics(i: usize, timeout: Duration, dir: &Path) -> Result<()> {
     fleet::wait_for(timeout, &format!("herd on host {i} to start"), || {
         fleet::check_interrupted()?;
-        Ok(metrics_of(i).is_ok())
+        Ok(serving(i))
     })
     .with_context(|| {
         let log = std::fs::read_to_string(dir.join(format!("herd-{i}.log"))).unwrap_or_default();
