@@ -18,6 +18,7 @@ pub mod config;
 pub mod export;
 pub mod io;
 pub mod iscsi;
+pub mod le;
 pub mod manifest;
 pub mod metrics;
 pub mod nbd;

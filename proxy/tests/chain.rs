@@ -100,10 +100,7 @@ fn qemu_nbd_and_nbdkit_work_as_parents() {
             .spawn()
             .expect("nbdkit"),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_socket(&sock);
     let via_kit = Herd::start(
         &dir,
         "kleaf",

@@ -171,9 +171,7 @@ fn a_parent_that_always_serves_a_bad_chunk_fails_that_range_only() {
             .spawn()
             .expect("nbdkit"),
     );
-    while !sock.exists() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_socket(&sock);
     let leaf = Herd::start(
         &dir,
         "leaf",

@@ -34,6 +34,7 @@ use std::sync::Mutex;
 
 use thiserror::Error;
 
+use crate::le::{u32_at, u64_at};
 use crate::manifest::Identity;
 
 pub const MAGIC: [u8; 8] = *b"HERDBMP\0";
@@ -117,25 +118,19 @@ pub fn decode_header(b: &[u8]) -> Decoded {
     if b.len() < 16 || b[..8] != MAGIC {
         return Decoded::Foreign;
     }
-    let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let u64_at = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i..i + 8]);
-        u64::from_le_bytes(a)
-    };
-    let version = u32_at(8);
+    let version = u32_at(b, 8);
     match version {
         1 => return Decoded::V1,
-        VERSION if u32_at(12) == HEADER_LEN && b.len() >= HEADER_LEN as usize => {}
+        VERSION if u32_at(b, 12) == HEADER_LEN && b.len() >= HEADER_LEN as usize => {}
         VERSION => return Decoded::Foreign,
         v => return Decoded::Unknown(v),
     }
     let mut identity = [0u8; 32];
     identity.copy_from_slice(&b[40..72]);
     Decoded::Current(Header {
-        image_size: u64_at(16),
-        chunk_size: u32_at(24),
-        chunks: u64_at(32),
+        image_size: u64_at(b, 16),
+        chunk_size: u32_at(b, 24),
+        chunks: u64_at(b, 32),
         identity: Identity(identity),
     })
 }

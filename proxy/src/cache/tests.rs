@@ -17,6 +17,18 @@ struct CountingUpstream {
     corrupt_reads: AtomicU64,
 }
 
+impl CountingUpstream {
+    fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(Self {
+            data,
+            reads: AtomicU64::new(0),
+            fail: false.into(),
+            corrupt_at: AtomicU64::new(u64::MAX),
+            corrupt_reads: AtomicU64::new(0),
+        })
+    }
+}
+
 impl Upstream for CountingUpstream {
     fn size(&self) -> u64 {
         self.data.len() as u64
@@ -56,13 +68,7 @@ fn setup(name: &str, size: usize) -> (PathBuf, Arc<CountingUpstream>, Engine) {
     let data = (0..size)
         .map(|i| u8::try_from(i * 31 % 253).expect("fits"))
         .collect();
-    let up = Arc::new(CountingUpstream {
-        data,
-        reads: AtomicU64::new(0),
-        fail: false.into(),
-        corrupt_at: AtomicU64::new(u64::MAX),
-        corrupt_reads: AtomicU64::new(0),
-    });
+    let up = CountingUpstream::new(data);
     (dir, up, Engine::start(64, false).expect("engine"))
 }
 
@@ -247,13 +253,7 @@ async fn another_image_of_the_same_size_starts_a_fresh_generation() {
     }
     let mut other: Vec<u8> = up.data.clone();
     other[100_000] ^= 0xff;
-    let up2 = Arc::new(CountingUpstream {
-        data: other,
-        reads: AtomicU64::new(0),
-        fail: false.into(),
-        corrupt_at: AtomicU64::new(u64::MAX),
-        corrupt_reads: AtomicU64::new(0),
-    });
+    let up2 = CountingUpstream::new(other);
     let cache = open(&dir, &up2, 64 << 10, engine.clone());
     assert_eq!(cache.chunks_present(), 0, "nothing of the old image kept");
     let got = cache.read(0, 256 << 10).await.expect("read");

@@ -6,6 +6,8 @@ use std::fmt;
 
 use thiserror::Error;
 
+use crate::le::{u32_at, u64_at};
+
 pub const MAGIC: [u8; 8] = *b"HERDMAN\0";
 pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 64;
@@ -108,18 +110,6 @@ pub fn chunk_count(size: u64, chunk: u32) -> u64 {
 
 fn valid_chunk(chunk: u32) -> bool {
     chunk.is_power_of_two() && (MIN_CHUNK..=MAX_CHUNK).contains(&chunk)
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[i..i + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[i..i + 8]);
-    u64::from_le_bytes(a)
 }
 
 impl Manifest {

@@ -163,18 +163,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ManifestErro
 /// The parent's manifest export, for an NBD parent.
 #[must_use]
 pub fn manifest_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
-    match parent {
-        UpstreamUrl::NbdTcp { host, port, .. } => Some(UpstreamUrl::NbdTcp {
-            host: host.clone(),
-            port: *port,
-            export: MANIFEST_EXPORT.to_owned(),
-        }),
-        UpstreamUrl::NbdUnix { socket, .. } => Some(UpstreamUrl::NbdUnix {
-            socket: socket.clone(),
-            export: MANIFEST_EXPORT.to_owned(),
-        }),
-        UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. } => None,
-    }
+    parent.with_export(MANIFEST_EXPORT)
 }
 
 /// Reads the parent's manifest: `Ok(None)` if the parent has no

@@ -39,18 +39,7 @@ pub type Shared = Option<Arc<Published>>;
 /// The parent's profile export, for an NBD parent.
 #[must_use]
 pub fn profile_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
-    match parent {
-        UpstreamUrl::NbdTcp { host, port, .. } => Some(UpstreamUrl::NbdTcp {
-            host: host.clone(),
-            port: *port,
-            export: PROFILE_EXPORT.to_owned(),
-        }),
-        UpstreamUrl::NbdUnix { socket, .. } => Some(UpstreamUrl::NbdUnix {
-            socket: socket.clone(),
-            export: PROFILE_EXPORT.to_owned(),
-        }),
-        UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. } => None,
-    }
+    parent.with_export(PROFILE_EXPORT)
 }
 
 async fn fetch(url: &UpstreamUrl) -> Result<Vec<u8>, String> {

@@ -18,29 +18,12 @@
 //! ```
 
 use super::{Extent, ImageId, Profile, ProfileError};
+use crate::le::{u16_at, u32_at, u64_at};
 
 pub const MAGIC: [u8; 8] = *b"HERDPRF\0";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 96;
 const EXTENT_LEN: usize = 24;
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_le_bytes(a)
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 impl Profile {
     /// Serialises the profile.

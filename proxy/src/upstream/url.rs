@@ -147,6 +147,26 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+impl UpstreamUrl {
+    /// Another export of the same NBD server (the side exports a herd
+    /// parent serves beside the image); `None` for a file or a LUN.
+    #[must_use]
+    pub fn with_export(&self, export: &str) -> Option<Self> {
+        match self {
+            Self::NbdTcp { host, port, .. } => Some(Self::NbdTcp {
+                host: host.clone(),
+                port: *port,
+                export: export.to_owned(),
+            }),
+            Self::NbdUnix { socket, .. } => Some(Self::NbdUnix {
+                socket: socket.clone(),
+                export: export.to_owned(),
+            }),
+            Self::File(_) | Self::Iscsi { .. } => None,
+        }
+    }
+}
+
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -66,6 +66,19 @@ pub fn build_manifest(img: &Path) -> PathBuf {
     out
 }
 
+/// Waits (10 s at most) for a server to create its Unix socket.
+pub fn wait_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {} after 10 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
