@@ -118,6 +118,25 @@ fn describe() {
         "herd_parent_identity_mismatch",
         "1 while the parent serves another image than this node"
     );
+    describe_counter!(
+        "herd_upstream_failovers_total",
+        "reads re-issued to another parent after one failed or stalled"
+    );
+    describe_counter!(
+        "herd_upstream_down_total",
+        "times a parent was found down (lost, unreachable, probe unanswered)"
+    );
+    describe_counter!(
+        "herd_upstream_deadline_expiries_total",
+        "reads a parent left unanswered past the request timeout"
+    );
+    describe_gauge!(
+        "herd_upstream_active",
+        "1 for the parent reads go to now, 0 for the other parents, by parent"
+    );
+    counter!("herd_upstream_failovers_total").increment(0);
+    counter!("herd_upstream_down_total").increment(0);
+    counter!("herd_upstream_deadline_expiries_total").increment(0);
     // Present from the start, so a dashboard (or a test) reads a real 0.
     for source in DIGEST_SOURCES {
         counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
@@ -144,6 +163,23 @@ pub fn serving() {
 }
 pub fn parent_identity_mismatch(yes: bool) {
     gauge!("herd_parent_identity_mismatch").set(if yes { 1.0 } else { 0.0 });
+}
+
+pub fn upstream_failover() {
+    counter!("herd_upstream_failovers_total").increment(1);
+}
+pub fn upstream_down() {
+    counter!("herd_upstream_down_total").increment(1);
+}
+pub fn upstream_deadline() {
+    counter!("herd_upstream_deadline_expiries_total").increment(1);
+}
+pub fn upstream_active(parent: &str, active: bool) {
+    gauge!("herd_upstream_active", "parent" => parent.to_owned()).set(if active {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub fn served(bytes: u64) {

@@ -4,13 +4,17 @@
 //!            Upstream (size, read_at)
 //!            ├── FileUpstream   local file or block device, io_uring (the root)
 //!            ├── IscsiUpstream  iSCSI initiator to a LIO / tgt LUN (the root)
-//!            └── NbdUpstream    NBD client pool to a parent proxy / qemu-nbd / nbdkit
+//!            ├── NbdUpstream    NBD client pool to a parent proxy / qemu-nbd / nbdkit
+//!            └── FailoverUpstream  ordered NBD parents: a lost or stalled read
+//!                                  goes to the next (`failover`, `health`)
 //! ```
 //!
 //! The cache only ever asks for whole chunks, so an upstream sees few,
 //! large, aligned reads.
 
+pub mod failover;
 pub mod file;
+pub mod health;
 pub mod iscsi;
 pub mod nbd;
 pub mod url;

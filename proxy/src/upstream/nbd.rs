@@ -162,6 +162,18 @@ async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
         UpstreamUrl::NbdTcp { host, port, .. } => {
             let s = TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
+            // A parent whose host vanishes (power, link) never sends a RST:
+            // keepalive finds an idle connection dead in ~5 s, and the user
+            // timeout one with unacknowledged requests in 10 s. Failover
+            // reacts sooner (probes); this bounds what is left behind.
+            let sock = socket2::SockRef::from(&s);
+            sock.set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(2))
+                    .with_interval(Duration::from_secs(1))
+                    .with_retries(3),
+            )?;
+            sock.set_tcp_user_timeout(Some(Duration::from_secs(10)))?;
             Ok(Box::new(s))
         }
         UpstreamUrl::NbdUnix { socket, .. } => Ok(Box::new(UnixStream::connect(socket).await?)),
@@ -229,10 +241,16 @@ async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResul
                 }
             }
             proto::REP_ERR_UNKNOWN => {
+                // Leave politely, so the server does not log a dropped
+                // handshake for a child that asks before it has the export.
+                let mut abort = Vec::new();
+                proto::encode_option(proto::OPT_ABORT, &[], &mut abort);
+                let _ = s.write_all(&abort).await;
+                let _ = s.flush().await;
                 return Err(UpstreamError::NoSuchExport {
                     addr: addr.to_owned(),
                     export: export.to_owned(),
-                })
+                });
             }
             e if e & proto::REP_FLAG_ERROR != 0 => {
                 let what = match e {

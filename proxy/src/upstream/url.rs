@@ -148,6 +148,12 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl UpstreamUrl {
+    /// An NBD server (a parent), as opposed to the image itself.
+    #[must_use]
+    pub fn is_nbd(&self) -> bool {
+        matches!(self, Self::NbdTcp { .. } | Self::NbdUnix { .. })
+    }
+
     /// Another export of the same NBD server (the side exports a herd
     /// parent serves beside the image); `None` for a file or a LUN.
     #[must_use]
