@@ -16,6 +16,7 @@
 pub mod cache;
 pub mod config;
 pub mod export;
+pub mod fleet;
 pub mod io;
 pub mod iscsi;
 pub mod le;
