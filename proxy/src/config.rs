@@ -3,6 +3,17 @@
 //!
 //! ```toml
 //! upstream = "nbd://10.0.0.1:10809/golden"   # or a path, file://, nbd+unix://
+//! # upstream = ["nbd://10.0.0.1:10809/golden", "nbd://10.0.0.9:10809/golden"]
+//! #   several parents: a read that fails or stalls on one goes to the next
+//! fleet = "/etc/herd/fleet.toml"   # or "etcd://10.0.0.5:2379/herd": parents from membership
+//! node = "host7"          # this node's name in the fleet (default: the host name)
+//! advertise = "10.0.0.7:10809"  # where children reach this node (default: first TCP listen)
+//! fanout = 4             # children per node, published by an etcd fleet's root
+//! lease_ttl = 5           # seconds an etcd registration outlives its node
+//! request_timeout = 30.0  # seconds a parent may leave one read unanswered
+//! probe_interval = 0.25   # seconds between health probes of each parent
+//! probe_timeout = 0.75    # an unanswered probe marks the parent down
+//! rejoin_after = 5.0      # seconds a down parent must answer before it is used again
 //! listen = ["0.0.0.0:10809", "unix:/run/herd.sock"]
 //! cache_dir = "/var/cache/herd"
 //! export_name = "golden"
@@ -30,8 +41,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::fleet::Source;
 use crate::net::ListenAddr;
 use crate::size::parse_size;
+use crate::upstream::failover::FailoverSettings;
 use crate::upstream::UpstreamUrl;
 
 /// 64 KiB: a Debian boot moves 1.25x the bytes it reads at 64 KiB, 2.0x at
@@ -46,11 +59,40 @@ pub const DEFAULT_READ_AHEAD: u64 = 256 << 10;
 /// order, so a child outlives a parent that comes up a little later.
 pub const DEFAULT_PARENT_TIMEOUT: u64 = 30;
 
+/// One upstream or an ordered list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+/// Default lease time to live in etcd, seconds.
+pub const DEFAULT_LEASE_TTL: u64 = 5;
+
 /// The file as written: every key optional so flags can fill the gaps.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub upstream: Option<String>,
+    pub upstream: Option<OneOrMany>,
+    pub fleet: Option<String>,
+    pub node: Option<String>,
+    pub advertise: Option<String>,
+    pub lease_ttl: Option<u64>,
+    pub fanout: Option<u32>,
+    pub request_timeout: Option<f64>,
+    pub probe_interval: Option<f64>,
+    pub probe_timeout: Option<f64>,
+    pub rejoin_after: Option<f64>,
     pub listen: Option<Vec<String>>,
     pub cache_dir: Option<PathBuf>,
     pub export_name: Option<String>,
@@ -76,7 +118,18 @@ pub struct FileConfig {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub upstream: UpstreamUrl,
+    /// Given upstreams, in order (empty when the fleet supplies them).
+    pub upstreams: Vec<UpstreamUrl>,
+    /// Where membership comes from, if this node is in a fleet.
+    pub fleet: Option<Source>,
+    /// This node's name in the fleet.
+    pub node: String,
+    /// Where children reach this node (HOST:PORT).
+    pub advertise: Option<String>,
+    pub lease_ttl: std::time::Duration,
+    /// Children per node (an etcd fleet's root publishes it).
+    pub fanout: u32,
+    pub failover: FailoverSettings,
     pub listen: Vec<ListenAddr>,
     pub cache_dir: PathBuf,
     pub export_name: String,
@@ -208,6 +261,15 @@ impl FileConfig {
     pub fn merge(self, other: Self) -> Self {
         Self {
             upstream: other.upstream.or(self.upstream),
+            fleet: other.fleet.or(self.fleet),
+            node: other.node.or(self.node),
+            advertise: other.advertise.or(self.advertise),
+            lease_ttl: other.lease_ttl.or(self.lease_ttl),
+            fanout: other.fanout.or(self.fanout),
+            request_timeout: other.request_timeout.or(self.request_timeout),
+            probe_interval: other.probe_interval.or(self.probe_interval),
+            probe_timeout: other.probe_timeout.or(self.probe_timeout),
+            rejoin_after: other.rejoin_after.or(self.rejoin_after),
             listen: other.listen.filter(|l| !l.is_empty()).or(self.listen),
             cache_dir: other.cache_dir.or(self.cache_dir),
             export_name: other.export_name.or(self.export_name),
@@ -237,11 +299,80 @@ impl FileConfig {
     /// `Missing` or `Invalid`, naming the key.
     pub fn validate(self) -> Result<ServeConfig, ConfigError> {
         let inv = |key, message: String| ConfigError::Invalid { key, message };
-        let upstream = self
+        let fleet = self
+            .fleet
+            .as_deref()
+            .map(str::parse::<Source>)
+            .transpose()
+            .map_err(|e| inv("fleet", e.to_string()))?;
+        let upstreams = self
             .upstream
-            .ok_or(ConfigError::Missing("upstream"))?
-            .parse::<UpstreamUrl>()
-            .map_err(|e| inv("upstream", e.to_string()))?;
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .iter()
+            .map(|u| {
+                u.parse::<UpstreamUrl>()
+                    .map_err(|e| inv("upstream", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if upstreams.is_empty() && fleet.is_none() {
+            return Err(ConfigError::Missing("upstream"));
+        }
+        if upstreams.len() > 1 && !upstreams.iter().all(UpstreamUrl::is_nbd) {
+            return Err(inv(
+                "upstream",
+                "several upstreams must all be NBD parents (a file or LUN is a root's only upstream)".into(),
+            ));
+        }
+        let secs =
+            |key, v: Option<f64>, default: f64| -> Result<std::time::Duration, ConfigError> {
+                let v = v.unwrap_or(default);
+                if v.is_finite() && (0.01..=3600.0).contains(&v) {
+                    Ok(std::time::Duration::from_secs_f64(v))
+                } else {
+                    Err(inv(key, format!("{v} seconds is outside 0.01..=3600")))
+                }
+            };
+        let parent_timeout =
+            std::time::Duration::from_secs(self.parent_timeout.unwrap_or(DEFAULT_PARENT_TIMEOUT));
+        let d = FailoverSettings::default();
+        let connections_for_failover = self.connections.unwrap_or(DEFAULT_CONNECTIONS);
+        let failover = FailoverSettings {
+            connections: connections_for_failover,
+            request_timeout: secs(
+                "request_timeout",
+                self.request_timeout,
+                d.request_timeout.as_secs_f64(),
+            )?,
+            probe_interval: secs(
+                "probe_interval",
+                self.probe_interval,
+                d.probe_interval.as_secs_f64(),
+            )?,
+            probe_timeout: secs(
+                "probe_timeout",
+                self.probe_timeout,
+                d.probe_timeout.as_secs_f64(),
+            )?,
+            rejoin_after: secs(
+                "rejoin_after",
+                self.rejoin_after,
+                d.rejoin_after.as_secs_f64(),
+            )?,
+            give_up: parent_timeout,
+        };
+        if let Some(a) = &self.advertise {
+            crate::fleet::check_addr(a).map_err(|m| inv("advertise", m))?;
+        }
+        let lease_ttl = self.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
+        if !(1..=600).contains(&lease_ttl) {
+            return Err(inv("lease_ttl", format!("{lease_ttl} is outside 1..=600")));
+        }
+        let node = match self.node {
+            Some(n) if !n.is_empty() => n,
+            Some(_) => return Err(inv("node", "is empty".into())),
+            None => host_name(),
+        };
         let listen = self
             .listen
             .filter(|l| !l.is_empty())
@@ -312,7 +443,16 @@ impl FileConfig {
             manifest: self.manifest,
             record_profile: self.record_profile,
             prefetch,
-            upstream,
+            upstreams,
+            fleet,
+            node,
+            advertise: self.advertise,
+            lease_ttl: std::time::Duration::from_secs(lease_ttl),
+            fanout: match self.fanout.unwrap_or(crate::fleet::DEFAULT_FANOUT) {
+                0 => return Err(inv("fanout", "must be at least 1".into())),
+                n => n,
+            },
+            failover,
             listen,
             cache_dir,
             export_name: self
@@ -322,9 +462,7 @@ impl FileConfig {
             metrics: self.metrics,
             connections,
             direct_io: self.direct_io.unwrap_or(true),
-            parent_timeout: std::time::Duration::from_secs(
-                self.parent_timeout.unwrap_or(DEFAULT_PARENT_TIMEOUT),
-            ),
+            parent_timeout,
             read_ahead: match self.read_ahead {
                 None => DEFAULT_READ_AHEAD,
                 Some(s) => parse_size(&s)
@@ -353,6 +491,24 @@ impl FileConfig {
     }
 }
 
+/// This host's name, the default node name in a fleet.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "herd".to_owned())
+}
+
+impl ServeConfig {
+    /// The first given upstream: the image itself at a root, else the
+    /// first parent.
+    #[must_use]
+    pub fn first_upstream(&self) -> Option<&UpstreamUrl> {
+        self.upstreams.first()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,7 +532,7 @@ mod tests {
         let e = FileConfig::parse("upstreem = \"a\"\n").expect_err("unknown key");
         assert!(e.contains("upstreem"), "{e}");
         let e = FileConfig {
-            upstream: Some("x".into()),
+            upstream: Some(OneOrMany::One("x".into())),
             listen: Some(vec!["127.0.0.1:1".into()]),
             cache_dir: Some("/c".into()),
             chunk_size: Some("3000".into()),
@@ -393,9 +549,38 @@ mod tests {
     }
 
     #[test]
+    fn several_upstreams_and_failover_settings() {
+        let c = FileConfig::parse(
+            "upstream = [\"nbd://a:1/x\", \"nbd://b:2/x\"]\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\nprobe_timeout = 0.25\n",
+        )
+        .expect("parse")
+        .validate()
+        .expect("valid");
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(
+            c.failover.probe_timeout,
+            std::time::Duration::from_millis(250)
+        );
+        let e = FileConfig::parse(
+            "upstream = [\"/img\", \"nbd://b:2/x\"]\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n",
+        )
+        .expect("parse")
+        .validate()
+        .expect_err("file among parents");
+        assert!(e.to_string().contains("must all be NBD"), "{e}");
+        let e = FileConfig::parse(
+            "fleet = \"etcd://h:1/\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n",
+        )
+        .expect("parse")
+        .validate()
+        .expect_err("empty prefix");
+        assert!(e.to_string().contains("fleet"), "{e}");
+    }
+
+    #[test]
     fn flags_override_file() {
         let file = FileConfig {
-            upstream: Some("/a".into()),
+            upstream: Some(OneOrMany::One("/a".into())),
             export_name: Some("file".into()),
             ..FileConfig::default()
         };
@@ -405,6 +590,6 @@ mod tests {
         };
         let m = file.merge(flags);
         assert_eq!(m.export_name.as_deref(), Some("flag"));
-        assert_eq!(m.upstream.as_deref(), Some("/a"));
+        assert_eq!(m.upstream, Some(OneOrMany::One("/a".into())));
     }
 }

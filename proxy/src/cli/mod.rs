@@ -1,9 +1,10 @@
-//! One file per `herd` subcommand (`serve` lives in `main.rs`, with the
-//! runtime it sets up).
+//! One file per `herd` subcommand.
 
 pub mod cache;
+pub mod fleet;
 pub mod iscsi;
 pub mod manifest;
 pub mod profile;
 pub mod record;
 pub mod replay;
+pub mod serve;

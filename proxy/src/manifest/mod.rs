@@ -335,13 +335,17 @@ pub async fn build_logged(
 /// (DESIGN.md: a cache never mixes two images).
 pub async fn watch_parent(
     cache: Arc<crate::cache::ChunkCache>,
-    parent: UpstreamUrl,
+    parents: Arc<crate::upstream::failover::FailoverUpstream>,
     pause: std::time::Duration,
 ) {
     let ours = cache.manifest().identity();
     crate::metrics::parent_identity_mismatch(false);
     loop {
         cache.digest_failure().await;
+        let Some(parent) = parents.active() else {
+            tokio::time::sleep(pause).await;
+            continue;
+        };
         match fetch_from_parent(&parent).await {
             Ok(Some(m)) if m.identity() != ours => {
                 crate::metrics::parent_identity_mismatch(true);

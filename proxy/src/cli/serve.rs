@@ -1,0 +1,635 @@
+//! `herd serve`: the daemon. It opens the image (a root) or its parents
+//! (failover between them, from `--upstream` or fleet membership), gets the
+//! manifest, opens the cache and serves NBD.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use herd::cache::ChunkCache;
+use herd::config::{FileConfig, OneOrMany, ServeConfig};
+use herd::export::nbd::{self as nbd_export, Export};
+use herd::fleet::etcd::{Membership, Registration};
+use herd::fleet::{Member, Source};
+use herd::io::Engine;
+use herd::manifest::Manifest;
+use herd::net::Listener;
+use herd::prefetch::propagate;
+use herd::prefetch::propagate::Published;
+use herd::profile::{identity_of_upstream, ImageId, Profile};
+use herd::record::daemon::ClientRecorder;
+use herd::upstream::failover::FailoverUpstream;
+use herd::upstream::file::FileUpstream;
+use herd::upstream::iscsi::{IscsiTarget, IscsiUpstream};
+use herd::upstream::{Upstream, UpstreamUrl};
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with the same keys as these flags (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Image source: a path, file://PATH, nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=PATH. Repeat for alternate parents, in
+    /// order: a read that fails or stalls on one goes to the next.
+    #[arg(long)]
+    upstream: Vec<String>,
+    /// Fleet membership: a fleet TOML file or etcd://HOST:PORT[,HOST:PORT]/PREFIX.
+    /// Parents come from it (given upstreams follow as fallbacks).
+    #[arg(long)]
+    fleet: Option<String>,
+    /// This node's name in the fleet (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// Where children reach this node, HOST:PORT (default: the first TCP --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Seconds an etcd registration outlives a dead node (default 5).
+    #[arg(long)]
+    lease_ttl: Option<u64>,
+    /// Children per node, published by the root of an etcd fleet (default 4).
+    #[arg(long)]
+    fanout: Option<u32>,
+    /// Seconds a parent may leave one read unanswered before it goes to
+    /// the next parent (default 30; hung parents are caught sooner by probes).
+    #[arg(long)]
+    request_timeout: Option<f64>,
+    /// Seconds between health probes of each parent (default 0.25).
+    #[arg(long)]
+    probe_interval: Option<f64>,
+    /// Seconds after which an unanswered probe marks a parent down (default 0.75).
+    #[arg(long)]
+    probe_timeout: Option<f64>,
+    /// Seconds a down parent must answer probes before it is used again (default 5).
+    #[arg(long)]
+    rejoin_after: Option<f64>,
+    /// Where to serve: HOST:PORT or unix:PATH (repeatable).
+    #[arg(long)]
+    listen: Vec<String>,
+    /// Directory for the chunk cache (data file + bitmap).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Export name clients ask for ("" always works too).
+    #[arg(long)]
+    export_name: Option<String>,
+    /// Cache chunk size, a power of two from 4KiB to 32MiB (default 64KiB).
+    #[arg(long)]
+    chunk_size: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<String>,
+    /// NBD connections to the parent (default 4).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Seconds to keep retrying an unreachable parent at startup (default 30).
+    #[arg(long)]
+    parent_timeout: Option<u64>,
+    /// Bytes to fetch ahead of a sequential reader that misses (0: off;
+    /// default 256KiB).
+    #[arg(long)]
+    read_ahead: Option<String>,
+    /// Async worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// File holding the CHAP secret for iscsi://USER@… (else HERD_ISCSI_SECRET).
+    #[arg(long)]
+    iscsi_secret_file: Option<PathBuf>,
+    /// Our iSCSI initiator IQN.
+    #[arg(long)]
+    iscsi_initiator: Option<String>,
+    /// Offer CRC32C header and data digests to the iSCSI target.
+    #[arg(long)]
+    iscsi_digests: bool,
+    /// What drives the iSCSI session socket: epoll (default) or uring.
+    #[arg(long)]
+    iscsi_socket: Option<String>,
+    /// Read the local upstream through the page cache instead of O_DIRECT.
+    #[arg(long)]
+    no_direct_io: bool,
+    /// Boot profile to prefetch and pass down the tree (children learn it
+    /// from their parent).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// The image's manifest, made by `herd manifest build` (a root, or a
+    /// node over qemu-nbd/nbdkit); children get theirs from the parent.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Record what this proxy's clients read into a profile.
+    #[arg(long)]
+    record_profile: Option<PathBuf>,
+    /// What to fetch ahead of demand: none, profile (default), full.
+    #[arg(long)]
+    prefetch: Option<String>,
+    /// Upstream reads prefetch keeps in flight (default 2).
+    #[arg(long)]
+    prefetch_concurrency: Option<usize>,
+    /// Cap prefetch at this many bytes per second (e.g. 50MiB).
+    #[arg(long)]
+    prefetch_rate: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Result<ServeConfig> {
+        let upstream = match self.upstream.len() {
+            0 => None,
+            1 => self.upstream.into_iter().next().map(OneOrMany::One),
+            _ => Some(OneOrMany::Many(self.upstream)),
+        };
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let flags = FileConfig {
+            upstream,
+            fleet: self.fleet,
+            node: self.node,
+            advertise: self.advertise,
+            lease_ttl: self.lease_ttl,
+            fanout: self.fanout,
+            request_timeout: self.request_timeout,
+            probe_interval: self.probe_interval,
+            probe_timeout: self.probe_timeout,
+            rejoin_after: self.rejoin_after,
+            listen: Some(self.listen),
+            cache_dir: self.cache_dir,
+            export_name: self.export_name,
+            chunk_size: self.chunk_size,
+            metrics: self.metrics,
+            connections: self.connections,
+            direct_io: self.no_direct_io.then_some(false),
+            parent_timeout: self.parent_timeout,
+            read_ahead: self.read_ahead,
+            iscsi_secret_file: self.iscsi_secret_file,
+            iscsi_initiator: self.iscsi_initiator,
+            iscsi_recovery: None,
+            iscsi_digests: self.iscsi_digests.then_some(true),
+            iscsi_socket: self.iscsi_socket,
+            profile: self.profile,
+            manifest: self.manifest,
+            record_profile: self.record_profile,
+            prefetch: self.prefetch,
+            prefetch_concurrency: self.prefetch_concurrency,
+            prefetch_rate: self.prefetch_rate,
+        };
+        Ok(file.merge(flags).validate()?)
+    }
+}
+
+/// Runs the daemon until SIGTERM or Ctrl-C.
+///
+/// # Errors
+/// Bad settings, an unusable upstream, cache directory or listener.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let workers = args.workers;
+    let cfg = args.into_config()?;
+    // One worker per core by default, plus the io_uring thread for file
+    // I/O (DESIGN.md has the measurements behind this).
+    let workers = workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        })
+        .clamp(1, 256);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("herd-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve_async(cfg))
+}
+
+/// Opens the image itself: a file or a LUN (a root, a trust anchor).
+async fn open_anchor(
+    url: &UpstreamUrl,
+    cfg: &ServeConfig,
+    engine: &Engine,
+) -> Result<Arc<dyn Upstream>> {
+    Ok(match url {
+        UpstreamUrl::File(p) => {
+            let up = FileUpstream::open(p, engine.clone(), cfg.direct_io)
+                .with_context(|| format!("upstream file {} is unreadable", p.display()))?;
+            tracing::info!(path = %p.display(), size = up.size(), direct = up.is_direct(), "serving from local file");
+            Arc::new(up)
+        }
+        UpstreamUrl::Iscsi {
+            host,
+            port,
+            target,
+            lun,
+            user,
+        } => {
+            let chap = match user {
+                Some(u) => Some(herd::iscsi::Chap {
+                    user: u.clone(),
+                    secret: cfg.iscsi.secret()?,
+                }),
+                None => None,
+            };
+            let t = IscsiTarget {
+                portal: herd::iscsi::Portal {
+                    host: host.clone(),
+                    port: *port,
+                },
+                target: target.clone(),
+                lun: *lun,
+                initiator: cfg.iscsi.initiator.clone(),
+                chap,
+                recovery: cfg.iscsi.recovery,
+                socket: if cfg.iscsi.uring_socket {
+                    herd::iscsi::SocketMode::Uring(engine.clone())
+                } else {
+                    herd::iscsi::SocketMode::Epoll
+                },
+                digests: cfg.iscsi.digests,
+            };
+            let up = IscsiUpstream::connect(t).await.with_context(|| {
+                format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")
+            })?;
+            Arc::new(up)
+        }
+        other => anyhow::bail!("{other} is a parent, not an image"),
+    })
+}
+
+/// Where children reach this node: `--advertise`, else the first TCP listener.
+fn advertise(cfg: &ServeConfig) -> Result<String> {
+    if let Some(a) = &cfg.advertise {
+        return Ok(a.clone());
+    }
+    let tcp = cfg.listen.iter().find_map(|l| match l {
+        herd::net::ListenAddr::Tcp(a) => Some(a.clone()),
+        herd::net::ListenAddr::Unix(_) => None,
+    });
+    match tcp {
+        Some(a) if !a.starts_with("0.0.0.0:") && !a.starts_with("[::]:") => Ok(a),
+        Some(a) => {
+            anyhow::bail!("listening on {a}: give --advertise HOST:PORT, the address children use")
+        }
+        None => anyhow::bail!("a fleet node needs a TCP --listen (or --advertise)"),
+    }
+}
+
+/// The fleet's parents first, then the given ones, without repeats.
+fn combine(fleet: Vec<UpstreamUrl>, given: &[UpstreamUrl]) -> Vec<UpstreamUrl> {
+    let mut out = fleet;
+    for g in given {
+        if !out.contains(g) {
+            out.push(g.clone());
+        }
+    }
+    out
+}
+
+/// What the status record in etcd says about this node.
+type CacheSlot = Arc<std::sync::OnceLock<(Arc<ChunkCache>, Option<Arc<FailoverUpstream>>)>>;
+
+fn status_of(slot: &CacheSlot) -> serde_json::Value {
+    match slot.get() {
+        None => serde_json::json!({ "serving": false }),
+        Some((cache, parents)) => serde_json::json!({
+            "serving": true,
+            "present": cache.chunks_present(),
+            "total": cache.chunks_total(),
+            "active": parents.as_ref().and_then(|p| p.active()).map(|u| u.to_string()),
+        }),
+    }
+}
+
+/// Joins the fleet, if any: the parent list to start from (empty at a
+/// root) and, for etcd, the membership to follow.
+async fn join_fleet(
+    cfg: &ServeConfig,
+    is_root: bool,
+    slot: &CacheSlot,
+) -> Result<(Vec<UpstreamUrl>, Option<watch::Receiver<Membership>>)> {
+    let given: Vec<UpstreamUrl> = if is_root {
+        Vec::new()
+    } else {
+        cfg.upstreams.clone()
+    };
+    match &cfg.fleet {
+        None => Ok((given, None)),
+        Some(Source::File(path)) => {
+            let view = herd::fleet::file::load(path)?;
+            if is_root {
+                anyhow::ensure!(
+                    view.root.name == cfg.node,
+                    "this node serves the image itself, but fleet file {} names `{}` as the root, not `{}` (give --node)",
+                    path.display(),
+                    view.root.name,
+                    cfg.node
+                );
+                return Ok((given, None));
+            }
+            let ups = view.upstreams(&cfg.node);
+            anyhow::ensure!(
+                !ups.is_empty(),
+                "node `{}` is not a member of fleet file {} (give --node NAME)",
+                cfg.node,
+                path.display()
+            );
+            tracing::info!(node = %cfg.node, parent = ?view.tree.parent_of(&cfg.node), depth = view.tree.depth(&cfg.node), "fleet file read");
+            Ok((combine(ups, &given), None))
+        }
+        Some(source @ Source::Etcd { endpoints, prefix }) => {
+            let reg = Registration {
+                endpoints: endpoints.clone(),
+                prefix: prefix.clone(),
+                member: Member {
+                    name: cfg.node.clone(),
+                    addr: advertise(cfg)?,
+                    metrics: cfg.metrics.clone(),
+                    slot: 0,
+                },
+                root: is_root.then(|| (cfg.fanout, cfg.export_name.clone())),
+                ttl: cfg.lease_ttl,
+            };
+            let status_slot = Arc::clone(slot);
+            let mut rx = herd::fleet::etcd::join(reg, Arc::new(move || status_of(&status_slot)));
+            if is_root {
+                return Ok((given, Some(rx)));
+            }
+            let node = cfg.node.clone();
+            let view = {
+                let joined = tokio::time::timeout(
+                    JOIN_WAIT,
+                    rx.wait_for(|m| {
+                        m.view
+                            .as_ref()
+                            .is_some_and(|v| !v.upstreams(&node).is_empty())
+                    }),
+                )
+                .await;
+                match joined {
+                    Ok(Ok(m)) => m.view.clone(),
+                    _ => None,
+                }
+            };
+            match view {
+                Some(v) => {
+                    tracing::info!(node = %cfg.node, parent = ?v.tree.parent_of(&cfg.node), members = v.members.len(), "joined the fleet");
+                    Ok((combine(v.upstreams(&cfg.node), &given), Some(rx)))
+                }
+                None => {
+                    let why = rx
+                        .borrow()
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| format!("no answer in {JOIN_WAIT:?}"));
+                    anyhow::ensure!(
+                        !given.is_empty(),
+                        "fleet {source}: {why}; give --upstream to serve without it"
+                    );
+                    tracing::warn!(fleet = %source, error = %why, "fleet unreachable; serving from the given upstreams and joining when it answers");
+                    Ok((given, Some(rx)))
+                }
+            }
+        }
+    }
+}
+
+/// How long a node waits for etcd at startup before it falls back to the
+/// given upstreams.
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// Follows membership: every new view gives this node a new parent list.
+async fn follow_fleet(
+    mut rx: watch::Receiver<Membership>,
+    parents: Arc<FailoverUpstream>,
+    node: String,
+    given: Vec<UpstreamUrl>,
+) {
+    while rx.changed().await.is_ok() {
+        let view = rx.borrow_and_update().view.clone();
+        if let Some(v) = view {
+            let list = combine(v.upstreams(&node), &given);
+            if !list.is_empty() && list != parents.parents() {
+                parents.set_parents(list);
+            }
+        }
+    }
+}
+
+/// The image's manifest: the parent's, for a herd parent; otherwise this
+/// node is a trust anchor and takes a given one, reuses its own, or builds
+/// it (before it listens: no manifest, no service).
+async fn obtain_manifest(
+    cfg: &ServeConfig,
+    upstream: &Arc<dyn Upstream>,
+    source: &UpstreamUrl,
+) -> Result<Manifest> {
+    let size = upstream.size();
+    let asked = std::time::Instant::now();
+    if let Some(m) = herd::manifest::fetch_from_parent(source)
+        .await
+        .with_context(|| format!("parent {source} sent no usable manifest"))?
+    {
+        m.fits(&format!("from parent {source}"), size, cfg.chunk_size)?;
+        if let Some(path) = &cfg.manifest {
+            let given = herd::manifest::load(path)?;
+            anyhow::ensure!(
+                given.identity() == m.identity(),
+                "--manifest {} is image {}, but parent {} serves image {}",
+                path.display(),
+                given.identity(),
+                source,
+                m.identity()
+            );
+        }
+        tracing::info!(
+            identity = %m.identity(),
+            chunks = m.chunks(),
+            bytes = m.bytes().len(),
+            ms = asked.elapsed().as_millis(),
+            "manifest from the parent"
+        );
+        return Ok(m);
+    }
+    let (m, origin) = herd::manifest::for_anchor(
+        Arc::clone(upstream),
+        source,
+        cfg.manifest.as_deref(),
+        &cfg.cache_dir,
+        cfg.chunk_size,
+    )
+    .await
+    .with_context(|| format!("no manifest for {}", upstream.describe()))?;
+    tracing::info!(identity = %m.identity(), chunks = m.chunks(), ?origin, "manifest ready");
+    Ok(m)
+}
+
+async fn serve_async(cfg: ServeConfig) -> Result<()> {
+    if let Some(addr) = &cfg.metrics {
+        herd::metrics::install(addr)?;
+    }
+    let engine = Engine::start(256, false).context("cannot start the I/O engine")?;
+    tracing::info!(backend = ?engine.backend(), "file I/O engine");
+    let anchor = cfg.first_upstream().filter(|u| !u.is_nbd()).cloned();
+    let slot: CacheSlot = Arc::default();
+    let (parent_list, membership) = join_fleet(&cfg, anchor.is_some(), &slot).await?;
+    let (upstream, parents, source): (Arc<dyn Upstream>, _, _) = match &anchor {
+        Some(url) => (open_anchor(url, &cfg, &engine).await?, None, url.clone()),
+        None => {
+            let list: Vec<String> = parent_list.iter().map(ToString::to_string).collect();
+            let p = FailoverUpstream::connect(parent_list, cfg.failover)
+                .await
+                .with_context(|| {
+                    format!(
+                        "parents unreachable or refused the export: {}",
+                        list.join(", ")
+                    )
+                })?;
+            let active = p
+                .active()
+                .or_else(|| p.parents().into_iter().next())
+                .context("no parent")?;
+            tracing::info!(parent = %active, parents = ?list, size = p.size(), "connected to parent");
+            (Arc::clone(&p) as Arc<dyn Upstream>, Some(p), active)
+        }
+    };
+    if let (Some(rx), Some(p)) = (membership, &parents) {
+        tokio::spawn(follow_fleet(
+            rx,
+            Arc::clone(p),
+            cfg.node.clone(),
+            cfg.upstreams.clone(),
+        ));
+    }
+    herd::metrics::image_size(upstream.size());
+    let manifest = Arc::new(obtain_manifest(&cfg, &upstream, &source).await?);
+    herd::metrics::image_identity(&manifest.identity().to_string());
+    let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine, manifest)
+        .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
+    tracing::info!(
+        dir = %cfg.cache_dir.display(),
+        chunk_size = cfg.chunk_size,
+        present = cache.chunks_present(),
+        total = cache.chunks_total(),
+        "cache ready"
+    );
+    // The image's identity (32 sampled blocks read from the upstream) is
+    // needed to check a given profile and to stamp a recorded one.
+    let identity = if cfg.profile.is_some() || cfg.record_profile.is_some() {
+        Some(
+            identity_of_upstream(cache.upstream())
+                .await
+                .context("cannot read the image's identity samples")?,
+        )
+    } else {
+        None
+    };
+    let _ = slot.set((Arc::clone(&cache), parents.clone()));
+    if let Some(p) = &parents {
+        tokio::spawn(herd::manifest::watch_parent(
+            Arc::clone(&cache),
+            Arc::clone(p),
+            Duration::from_secs(5),
+        ));
+    }
+    let (profile_tx, profile_rx) = tokio::sync::watch::channel(None);
+    if let (Some(path), Some(id)) = (&cfg.profile, &identity) {
+        let published = load_profile(path, cache.size(), id)?;
+        let _ = profile_tx.send(Some(Arc::new(published)));
+    } else if let Some(p) = &parents {
+        tokio::spawn(propagate::poll_parent(
+            Arc::clone(p),
+            cache.size(),
+            profile_tx,
+        ));
+    }
+    tokio::spawn(propagate::follow(
+        Arc::clone(&cache),
+        profile_rx.clone(),
+        cfg.prefetch,
+    ));
+    let recorder = match (&cfg.record_profile, identity) {
+        (Some(path), Some(id)) => {
+            tracing::info!(path = %path.display(), "recording what clients read");
+            Some(Arc::new(ClientRecorder::new(
+                path.clone(),
+                cache.size(),
+                id,
+            )))
+        }
+        _ => None,
+    };
+    if let Some(rec) = recorder.clone() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                if let Err(e) = rec.save() {
+                    tracing::warn!(error = %e, "cannot write the recorded profile");
+                }
+            }
+        });
+    }
+    let export = Arc::new(Export {
+        name: cfg.export_name.clone(),
+        description: format!("herd proxy of {}", cache.upstream().describe()),
+        cache: Arc::clone(&cache),
+        read_ahead: cfg.read_ahead,
+        profile: profile_rx,
+        recorder: recorder.clone(),
+    });
+    for addr in &cfg.listen {
+        let l = Listener::bind(addr).await?;
+        tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, "serving NBD");
+        tokio::spawn(nbd_export::serve(l, Arc::clone(&export)));
+    }
+    herd::metrics::serving();
+    let syncer = Arc::clone(&cache);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if let Err(e) = syncer.sync() {
+                tracing::warn!(error = %herd::error_chain(&e), "bitmap sync failed");
+            }
+        }
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    if !cache.settle(Duration::from_secs(10)).await {
+        tracing::warn!("chunks still being cached at exit will be fetched again");
+    }
+    cache.sync().context("final bitmap sync failed")?;
+    if let Some(rec) = recorder {
+        rec.save().context("cannot write the recorded profile")?;
+        let p = rec.profile();
+        tracing::info!(
+            extents = p.extents.len(),
+            bytes = p.bytes(),
+            "recorded profile written"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the root's profile and refuses one recorded on another image.
+fn load_profile(path: &std::path::Path, size: u64, id: &ImageId) -> Result<Published> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
+    let p = Profile::decode(&bytes)
+        .with_context(|| format!("{} is not a usable profile", path.display()))?;
+    p.check_image(size, id)
+        .with_context(|| format!("profile {} does not fit this image", path.display()))?;
+    tracing::info!(path = %path.display(), extents = p.extents.len(), bytes = p.bytes(), "boot profile loaded");
+    Ok(Published { bytes, profile: p })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
