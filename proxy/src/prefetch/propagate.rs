@@ -1,8 +1,9 @@
 //! How a profile travels down the tree: every proxy that has one serves it
 //! as a second, read-only NBD export named [`PROFILE_EXPORT`] on the same
-//! listeners; a child polls its parent for that export and, when the bytes
-//! change, validates them, serves them to its own children and restarts
-//! its prefetch. Any NBD client can read it too
+//! listeners; a child reads it from its active parent, holds that
+//! connection (the parent closes it when its profile changes) and, when the
+//! bytes change, validates them, serves them to its own children and
+//! restarts its prefetch. Any NBD client can read it too
 //! (`nbdcopy nbd://parent/herd-profile boot.profile`).
 
 use std::sync::Arc;
@@ -15,14 +16,15 @@ use crate::cache::ChunkCache;
 use crate::config::PrefetchSettings;
 use crate::manifest::ReadAllError;
 use crate::profile::Profile;
+use crate::upstream::failover::FailoverUpstream;
 use crate::upstream::nbd::NbdUpstream;
-use crate::upstream::UpstreamUrl;
+use crate::upstream::{Upstream, UpstreamUrl};
 
 /// The side export that carries the profile.
 pub const PROFILE_EXPORT: &str = "herd-profile";
 /// Largest profile a child accepts from its parent (≈2.8 M extents).
 pub const MAX_PROFILE_BYTES: u64 = 64 << 20;
-/// How often a child asks its parent for the profile.
+/// How often a child checks its held profile connection.
 pub const POLL: Duration = Duration::from_secs(2);
 
 /// A validated profile, in both forms: the bytes the side export serves and
@@ -42,54 +44,91 @@ pub fn profile_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
     parent.with_export(PROFILE_EXPORT)
 }
 
-async fn fetch(url: &UpstreamUrl) -> Result<Vec<u8>, String> {
-    let up = NbdUpstream::connect(url.clone(), 1)
-        .await
-        .map_err(|e| crate::error_chain(&e))?;
-    crate::manifest::read_all(&up, MAX_PROFILE_BYTES)
-        .await
-        .map_err(|e| match e {
-            ReadAllError::Oversized(size) => {
-                format!("parent's profile is {size} bytes, over {MAX_PROFILE_BYTES}")
-            }
-            ReadAllError::Upstream(e) => crate::error_chain(&e),
-        })
+/// Longest pause between asks while the parent has no profile.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn describe(e: ReadAllError) -> String {
+    match e {
+        ReadAllError::Oversized(size) => {
+            format!("parent's profile is {size} bytes, over {MAX_PROFILE_BYTES}")
+        }
+        ReadAllError::Upstream(e) => crate::error_chain(&e),
+    }
 }
 
-/// A child's loop: ask the parent for its profile every [`POLL`], publish
-/// it when it changes. A parent without one simply answers "no such
-/// export"; the child keeps asking.
-pub async fn poll_parent(url: UpstreamUrl, image_size: u64, tx: watch::Sender<Shared>) {
-    let mut logged_missing = false;
+fn publish(bytes: Vec<u8>, image_size: u64, tx: &watch::Sender<Shared>) {
+    if tx.borrow().as_ref().is_some_and(|p| p.bytes == bytes) {
+        return;
+    }
+    match Profile::decode(&bytes) {
+        Ok(p) if p.image_size == image_size => {
+            tracing::info!(
+                extents = p.extents.len(),
+                bytes = p.bytes(),
+                "learnt the boot profile from the parent"
+            );
+            let _ = tx.send(Some(Arc::new(Published { bytes, profile: p })));
+        }
+        Ok(p) => tracing::warn!(
+            profile_size = p.image_size,
+            image_size,
+            "the parent's profile is for an image of another size; ignored"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the parent's profile is invalid; ignored"),
+    }
+}
+
+/// A child's loop: learn the active parent's profile and follow it.
+///
+/// Once read, the profile's connection is held: the parent closes it when
+/// its profile changes, and a small read every [`POLL`] on it notices that
+/// (and a parent restart) without a new connection. While the parent has
+/// no profile the child asks again with a new connection, backing off from
+/// [`POLL`] to a minute; a change of active parent starts over at once.
+pub async fn poll_parent(
+    parents: Arc<FailoverUpstream>,
+    image_size: u64,
+    tx: watch::Sender<Shared>,
+) {
+    let mut held: Option<(UpstreamUrl, NbdUpstream)> = None;
+    let mut backoff = POLL;
+    let mut asked: Option<(UpstreamUrl, tokio::time::Instant)> = None;
     loop {
-        match fetch(&url).await {
-            Ok(bytes) => {
-                let same = tx.borrow().as_ref().is_some_and(|p| p.bytes == bytes);
-                if !same {
-                    match Profile::decode(&bytes) {
-                        Ok(p) if p.image_size == image_size => {
-                            tracing::info!(
-                                extents = p.extents.len(),
-                                bytes = p.bytes(),
-                                "learnt the boot profile from the parent"
-                            );
-                            let _ = tx.send(Some(Arc::new(Published { bytes, profile: p })));
-                        }
-                        Ok(p) => tracing::warn!(
-                            profile_size = p.image_size,
-                            image_size,
-                            "the parent's profile is for an image of another size; ignored"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the parent's profile is invalid; ignored")
-                        }
-                    }
-                }
+        let url = parents.active().as_ref().and_then(profile_url);
+        if held.as_ref().map(|h| &h.0) != url.as_ref() {
+            held = None;
+        }
+        if let Some((_, up)) = &held {
+            if up.read_at(0, up.size().min(8) as usize).await.is_err() {
+                tracing::debug!("the parent's profile connection closed; asking again");
+                held = None;
+                asked = None;
             }
-            Err(e) => {
-                if !logged_missing {
-                    tracing::debug!(error = %e, "parent has no profile (yet)");
-                    logged_missing = true;
+        }
+        if let (None, Some(url)) = (&held, url) {
+            let due = asked
+                .as_ref()
+                .is_none_or(|(u, at)| *u != url || at.elapsed() >= backoff);
+            if due {
+                if asked.as_ref().is_some_and(|(u, _)| *u != url) {
+                    backoff = POLL;
+                }
+                asked = Some((url.clone(), tokio::time::Instant::now()));
+                match NbdUpstream::connect(url.clone(), 1).await {
+                    Ok(up) => match crate::manifest::read_all(&up, MAX_PROFILE_BYTES).await {
+                        Ok(bytes) => {
+                            publish(bytes, image_size, &tx);
+                            held = Some((url, up));
+                            backoff = POLL;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %describe(e), "cannot read the parent's profile")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %crate::error_chain(&e), next_in = ?backoff, "parent has no profile (yet)");
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                 }
             }
         }

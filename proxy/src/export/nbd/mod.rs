@@ -127,6 +127,27 @@ pub fn errno_for(e: &CacheError) -> u32 {
     }
 }
 
+enum HandshakeErrorRef<'a> {
+    Routine(&'a handshake::HandshakeError),
+    Other(&'a handshake::HandshakeError),
+}
+
+fn classify(e: &handshake::HandshakeError) -> HandshakeErrorRef<'_> {
+    match e {
+        handshake::HandshakeError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            HandshakeErrorRef::Routine(e)
+        }
+        _ => HandshakeErrorRef::Other(e),
+    }
+}
+
 /// Accepts connections until the listener fails; each runs in its own task
 /// so a misbehaving client only ever closes its own connection.
 pub async fn serve(listener: Listener, export: Arc<Export>) {
@@ -137,10 +158,19 @@ pub async fn serve(listener: Listener, export: Arc<Export>) {
                 let export = Arc::clone(&export);
                 tokio::spawn(async move {
                     tracing::debug!(%peer, "client connected");
-                    match transmission::run(stream, dup, &export).await {
+                    match transmission::run(stream, dup, &export)
+                        .await
+                        .as_ref()
+                        .map_err(classify)
+                    {
                         Ok(()) => tracing::debug!(%peer, "client disconnected"),
-                        Err(e) => {
-                            tracing::info!(%peer, error = %crate::error_chain(&e), "connection closed")
+                        // A peer that hangs up mid-handshake (a port
+                        // check, a probe) is routine: not worth a line each.
+                        Err(HandshakeErrorRef::Routine(e)) => {
+                            tracing::debug!(%peer, error = %crate::error_chain(e), "connection closed")
+                        }
+                        Err(HandshakeErrorRef::Other(e)) => {
+                            tracing::info!(%peer, error = %crate::error_chain(e), "connection closed")
                         }
                     }
                 });

@@ -111,8 +111,29 @@ pub async fn run(
     // End of this connection's previous READ: a READ starting there is
     // sequential and earns read-ahead when it misses.
     let mut last_end = u64::MAX;
+    // A profile connection ends when the profile changes: children hold
+    // it, and its closing tells them to read the new one.
+    let mut superseded = match &backing {
+        super::Backing::Profile(ours) => {
+            let ours = Arc::clone(ours);
+            let mut rx = export.profile.clone();
+            Some(Box::pin(async move {
+                let _ = rx
+                    .wait_for(|p| !p.as_ref().is_some_and(|p| Arc::ptr_eq(p, &ours)))
+                    .await;
+            }))
+        }
+        _ => None,
+    };
     let result = loop {
-        if let Err(e) = r.read_exact(&mut hdr).await {
+        let got = tokio::select! {
+            got = r.read_exact(&mut hdr) => got,
+            () = async { if let Some(s) = superseded.as_mut() { s.await } else { std::future::pending().await } } => {
+                tracing::debug!("profile changed; closing a connection to the old one");
+                break Ok(());
+            }
+        };
+        if let Err(e) = got {
             // A client that just closes without DISC is normal.
             break if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Ok(())
