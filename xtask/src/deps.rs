@@ -31,6 +31,10 @@ pub const PACKAGES: &[&str] = &[
     "iperf3",
     "tgt",
     "libiscsi-bin",
+    // Fleet membership: a real etcd in the tests; protoc for etcd-client's
+    // generated code (the herd binary's build needs it).
+    "etcd-server",
+    "protobuf-compiler",
 ];
 
 const SOURCES: &str = "Types: deb

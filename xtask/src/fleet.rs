@@ -63,7 +63,8 @@ pub struct Fleet {
     tag: String,
     sw: String,
     pub hosts: Vec<Host>,
-    procs: Vec<Child>,
+    /// Processes started, with the host each runs on.
+    procs: Vec<(usize, Child)>,
     monitor: String,
 }
 
@@ -228,13 +229,32 @@ impl Fleet {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {args:?} in {ns}"))?;
-        self.procs.push(child);
-        self.procs.last_mut().context("just pushed")
+        self.procs.push((i, child));
+        self.procs.last_mut().map(|(_, c)| c).context("just pushed")
     }
 
     /// Kills every process started so far (between baselines).
     pub fn kill_all(&mut self) {
-        for c in &mut self.procs {
+        self.kill_where(|_| true);
+    }
+
+    /// Kills every process except those on host `keep` (between rounds
+    /// that keep the root running).
+    pub fn kill_except(&mut self, keep: usize) {
+        self.kill_where(|h| h != keep);
+    }
+
+    /// The pid of the last process started on host `i` that still runs.
+    pub fn pid_of(&mut self, i: usize) -> Option<u32> {
+        self.procs
+            .iter_mut()
+            .rev()
+            .filter(|(h, _)| *h == i)
+            .find_map(|(_, c)| matches!(c.try_wait(), Ok(None)).then(|| c.id()))
+    }
+
+    fn kill_where(&mut self, which: impl Fn(usize) -> bool) {
+        for (_, c) in self.procs.iter_mut().filter(|(h, _)| which(*h)) {
             if let Ok(pgid) = i32::try_from(c.id()) {
                 // SAFETY: kill has no memory preconditions; the group is
                 // one this fleet made.
@@ -244,10 +264,10 @@ impl Fleet {
             }
             let _ = c.kill();
         }
-        for c in &mut self.procs {
+        for (_, c) in self.procs.iter_mut().filter(|(h, _)| which(*h)) {
             let _ = c.wait();
         }
-        self.procs.clear();
+        self.procs.retain(|(h, _)| !which(*h));
     }
 
     /// Byte counters of every host's link, from the switch's side.

@@ -85,6 +85,10 @@ pub fn run(opts: &Options) -> Result<()> {
             "storm_quick_every_byte_verified_root_egress_bounded_nothing_left",
             storm_smoke,
         ),
+        (
+            "failover_quick_every_fault_no_error_no_wrong_byte_nothing_left",
+            failover_smoke,
+        ),
         ("bench_dataplane_quick_produces_complete_json", bench_smoke),
         ("bench_iscsi_quick_produces_complete_json", iscsi_smoke),
         ("vagrantfile_validates", crate::vagrant::validate),
@@ -160,6 +164,30 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+/// Every fault of the failover bench, two rounds each, in namespaces with
+/// real herds: the bench itself fails on any read error, any wrong byte, or
+/// a fault the leaf did not fail over from; then nothing may be left.
+fn failover_smoke() -> Result<()> {
+    let o = crate::bench::failover::Options {
+        rounds: 2,
+        image_mib: 64,
+        link: "200mbit".into(),
+        faults: Vec::new(),
+        quick: true,
+    };
+    crate::bench::failover::run_bench(&o)?;
+    let ps = crate::util::output(std::process::Command::new("ps").args(["-eo", "args"]))?;
+    let stray: Vec<&str> = ps
+        .lines()
+        .filter(|l| (l.contains("herd serve") || l.contains("nbdkit")) && l.contains("/failover/"))
+        .collect();
+    anyhow::ensure!(stray.is_empty(), "processes left: {stray:?}");
+    let ns = crate::util::output(std::process::Command::new("ip").args(["netns", "list"]))?;
+    let mine = format!("hs{}-", std::process::id());
+    anyhow::ensure!(!ns.contains(&mine), "namespaces left: {ns}");
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! (the recorder bench has no peer: it reports its own event rate).
 
 pub mod dataplane;
+pub mod failover;
 pub mod iscsi;
 mod plot;
 pub mod recorder;
@@ -20,6 +21,9 @@ pub enum Suite {
     Iscsi(iscsi::Options),
     /// The eBPF recorder's event rate and drops under fio load (needs root).
     Recorder(recorder::Options),
+    /// Failover: how long a client's read stalls when a parent dies, hangs,
+    /// loses its link, returns errors, or the root restarts.
+    Failover(failover::Options),
     /// A boot storm on an emulated fleet: herd's tree against full copy and all-from-root.
     Storm(storm::Options),
 }
@@ -30,5 +34,6 @@ pub fn run(suite: &Suite) -> Result<()> {
         Suite::Iscsi(o) => iscsi::run_bench(o).map(drop),
         Suite::Recorder(o) => recorder::run_bench(o).map(drop),
         Suite::Storm(o) => storm::run_job(o),
+        Suite::Failover(o) => failover::run_bench(o),
     }
 }
