@@ -134,6 +134,11 @@ fn describe() {
         "herd_upstream_active",
         "1 for the parent reads go to now, 0 for the other parents, by parent"
     );
+    describe_counter!(
+        "herd_iscsi_ping_failures_total",
+        "NOP-Out pings the iSCSI target left unanswered (the session is then dropped)"
+    );
+    counter!("herd_iscsi_ping_failures_total").increment(0);
     counter!("herd_upstream_failovers_total").increment(0);
     counter!("herd_upstream_down_total").increment(0);
     counter!("herd_upstream_deadline_expiries_total").increment(0);
@@ -165,6 +170,9 @@ pub fn parent_identity_mismatch(yes: bool) {
     gauge!("herd_parent_identity_mismatch").set(if yes { 1.0 } else { 0.0 });
 }
 
+pub fn iscsi_ping_failure() {
+    counter!("herd_iscsi_ping_failures_total").increment(1);
+}
 pub fn upstream_failover() {
     counter!("herd_upstream_failovers_total").increment(1);
 }

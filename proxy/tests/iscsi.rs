@@ -140,6 +140,47 @@ fn read_across_target_restart(
     log
 }
 
+/// A target that hangs (SIGSTOP: no RST, no FIN) is found by NOP-Out
+/// pings: the session is dropped and, once the target runs again, the read
+/// in progress completes with the right bytes.
+#[test]
+fn a_hung_target_is_caught_by_nop_out_pings() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-nop");
+    let img = dir.join("lun.img");
+    let data = random_image(&img, 64 * MIB);
+    let t = Tgtd::start(&img, None);
+    let h = Herd::start(&dir, "root", &t.url(None), &[]);
+    assert_eq!(h.metric_required("herd_iscsi_ping_failures_total"), 0.0);
+    let out = dir.join("out.raw");
+    let mut reader = Command::new("nbdcopy")
+        .arg(h.url())
+        .arg(&out)
+        .spawn()
+        .expect("nbdcopy");
+    h.wait_metric_at_least(
+        "herd_upstream_read_bytes_total",
+        (8 * MIB) as f64,
+        Duration::from_secs(30),
+    );
+    t.signal("STOP");
+    // Two ping periods and a timeout: the ping must have gone unanswered.
+    h.wait_metric_at_least(
+        "herd_iscsi_ping_failures_total",
+        1.0,
+        Duration::from_secs(15),
+    );
+    assert!(h.metric_required("herd_iscsi_ping_failures_total") >= 1.0);
+    t.signal("CONT");
+    assert!(reader.wait().expect("wait").success(), "the read failed");
+    assert_same_file(&out, &data);
+    let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+    assert!(log.contains("did not answer a NOP-Out ping"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn target_restart_mid_read_is_invisible_to_the_reader() {
     if !have("tgtd") || !have("nbdcopy") {

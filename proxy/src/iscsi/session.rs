@@ -317,6 +317,40 @@ impl Session {
         Ok(true)
     }
 
+    /// Pings the target (NOP-Out with a task tag, RFC 7143 §11.18) and
+    /// waits for its NOP-In: proof that the target still processes PDUs.
+    ///
+    /// # Errors
+    /// `Lost` when the session is dead or dies meanwhile.
+    pub async fn ping(&self) -> Result<(), Fault> {
+        let (tx, rx) = oneshot::channel();
+        let mut out = Vec::new();
+        {
+            let mut st = self.lock();
+            if self.is_dead() {
+                return Err(Fault::Lost);
+            }
+            let itt = st.next_itt;
+            st.next_itt = st.next_itt.wrapping_add(1).max(1) % pdu::RESERVED_TAG;
+            // Immediate: it carries CmdSN but does not take one.
+            pdu::encode_nop_out(itt, pdu::RESERVED_TAG, st.cmd_sn, st.exp_stat_sn, &mut out);
+            st.pending.insert(
+                itt,
+                Pending {
+                    buf: IoBuf::zeroed(0),
+                    received: 0,
+                    tx,
+                },
+            );
+        }
+        let mut w = self.writer.lock().await;
+        if !self.send(&mut w, &out).await {
+            drop(w);
+            self.kill();
+        }
+        rx.await.unwrap_or(Err(Fault::Lost)).map(drop)
+    }
+
     /// Sends a NOP-Out answering a target ping.
     async fn pong(&self, ttt: u32) {
         let mut out = Vec::new();
@@ -499,9 +533,19 @@ async fn handle(s: &Session, pdu: TargetPdu, payload: &[u8]) -> bool {
                 s.complete(itt, |_, _| Err(Fault::Response(response)));
             }
         }
-        TargetPdu::NopIn { ttt, sn, .. } => {
+        TargetPdu::NopIn { itt, ttt, sn } => {
             s.update_sn(sn, true);
-            if ttt != pdu::RESERVED_TAG {
+            if itt != pdu::RESERVED_TAG {
+                // The answer to our ping.
+                s.complete(itt, |b, _| {
+                    Ok(Completion {
+                        status: scsi::GOOD,
+                        sense: None,
+                        data: b,
+                        residual: 0,
+                    })
+                });
+            } else if ttt != pdu::RESERVED_TAG {
                 s.pong(ttt).await;
             }
         }

@@ -64,9 +64,16 @@ pub enum CommandError {
     Short { got: usize, want: usize },
 }
 
+/// How often an idle or busy session is pinged, and how long the target
+/// has to answer: a target that hangs (the process stopped, its host gone
+/// without a RST) is dropped in at most 4 s and the reads in flight are
+/// reissued on a new login, instead of waiting for TCP to give up.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct IscsiUpstream {
     t: IscsiTarget,
-    session: Mutex<Option<Arc<Session>>>,
+    session: Arc<Mutex<Option<Arc<Session>>>>,
     cap: Capacity,
     max_xfer: usize,
 }
@@ -90,7 +97,7 @@ impl IscsiUpstream {
             .map_err(|e| iscsi_err(&t, e))?;
         let mut up = Self {
             t,
-            session: Mutex::new(Some(Arc::clone(&session))),
+            session: Arc::new(Mutex::new(Some(Arc::clone(&session)))),
             cap: Capacity {
                 blocks: 0,
                 block_size: 512,
@@ -138,6 +145,7 @@ impl IscsiUpstream {
             data_digest = session.params.data_digest,
             "iSCSI LUN ready"
         );
+        up.start_pinger();
         Ok(up)
     }
 
@@ -157,6 +165,28 @@ impl IscsiUpstream {
             op,
             source,
         }
+    }
+
+    /// Starts the NOP-Out pinger; it stops when the upstream is dropped.
+    fn start_pinger(&self) {
+        let slot = Arc::downgrade(&self.session);
+        let target = self.t.target.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PING_INTERVAL).await;
+                let Some(slot) = slot.upgrade() else { return };
+                // The live session, if any: the pinger never logs in itself.
+                let s = slot.lock().await.as_ref().filter(|s| !s.is_dead()).cloned();
+                drop(slot);
+                let Some(s) = s else { continue };
+                // A lost session (Err inside) is the readers' to re-login.
+                if tokio::time::timeout(PING_TIMEOUT, s.ping()).await.is_err() {
+                    crate::metrics::iscsi_ping_failure();
+                    tracing::warn!(%target, timeout = ?PING_TIMEOUT, "iSCSI target did not answer a NOP-Out ping; dropping the session and logging in again");
+                    s.kill();
+                }
+            }
+        });
     }
 
     async fn session(&self) -> UpstreamResult<Arc<Session>> {

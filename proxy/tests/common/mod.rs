@@ -529,6 +529,17 @@ impl Tgtd {
             let _ = c.wait();
         }
     }
+
+    /// Sends `sig` (e.g. "STOP", "CONT") to tgtd.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([&format!("-{sig}"), &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} tgtd");
+        }
+    }
 }
 
 impl Drop for Tgtd {
