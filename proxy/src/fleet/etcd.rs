@@ -100,6 +100,7 @@ pub async fn read_view(
     let mut root: Option<RootRecord> = None;
     let mut members = Vec::new();
     let mut status = Vec::new();
+    let mut owners = std::collections::HashMap::new();
     for kv in resp.kvs() {
         let Ok(key) = kv.key_str() else { continue };
         let Some(rel) = key.strip_prefix(prefix) else {
@@ -111,6 +112,10 @@ pub async fn read_view(
             if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
                 members.push(m);
             }
+        } else if let Some(n) = rel.strip_prefix("slots/") {
+            if let Ok(n) = n.parse::<u32>() {
+                owners.insert(n, String::from_utf8_lossy(kv.value()).into_owned());
+            }
         } else if let Some(name) = rel.strip_prefix("status/") {
             if let Ok(v) = serde_json::from_slice(kv.value()) {
                 status.push((name.to_owned(), v));
@@ -121,6 +126,9 @@ pub async fn read_view(
         endpoints: endpoints.join(","),
         prefix: prefix.to_owned(),
     })?;
+    // A member whose slot key names someone else (its old lease lapsed and
+    // a joiner took the slot) is left out until it registers again.
+    members.retain(|m: &Member| owners.get(&m.slot).is_none_or(|o| *o == m.name));
     members.sort_by_key(|m| m.slot);
     let view = View::new(root.member, members, root.fanout, root.export)?;
     Ok((view, status))
@@ -176,7 +184,16 @@ async fn claim_slot(
                 .and_then(|s| s.parse::<u32>().ok());
             if let Some(n) = n {
                 if kv.value() == reg.member.name.as_bytes() {
-                    // Ours from a lease that has not expired yet.
+                    // Ours from an earlier lease (a quick restart): move it
+                    // to this lease before the old one expires and frees it.
+                    client
+                        .put(
+                            kv.key(),
+                            reg.member.name.as_bytes(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                        .map_err(|e| etcd_err(&reg.endpoints, "refused a write", e))?;
                     return Ok(n);
                 }
                 taken.push(n);

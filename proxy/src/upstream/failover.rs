@@ -189,9 +189,12 @@ impl Parent {
     }
 
     /// Forgets the connections of a parent that went down: a read cut off
-    /// mid-request may have left half a request on one.
-    async fn reset(&self) {
-        *self.data.lock().await = None;
+    /// mid-request may have left half a request on one. Never waits: a
+    /// connect in progress (which holds the lock) makes a fresh pool anyway.
+    fn reset(&self) {
+        if let Ok(mut g) = self.data.try_lock() {
+            *g = None;
+        }
     }
 }
 
@@ -407,14 +410,14 @@ impl FailoverUpstream {
                     Err(Attempt::Failed(e)) => {
                         unreachable = true;
                         if p.failed(&crate::error_chain(&e)) {
-                            p.reset().await;
+                            p.reset();
                             self.update_active();
                         }
                         last = Some(e);
                     }
                     Err(Attempt::WentDown) => {
                         unreachable = true;
-                        p.reset().await;
+                        p.reset();
                         last = Some(UpstreamError::ConnectionLost {
                             addr: p.label.clone(),
                         });
@@ -423,7 +426,7 @@ impl FailoverUpstream {
                         unreachable = true;
                         crate::metrics::upstream_deadline();
                         if p.failed("read deadline passed") {
-                            p.reset().await;
+                            p.reset();
                             self.update_active();
                         }
                         last = Some(UpstreamError::Read {
@@ -476,7 +479,7 @@ async fn prober(me: std::sync::Weak<FailoverUpstream>) {
         }
         if changed {
             for p in parents.iter().filter(|p| !p.is_up()) {
-                p.reset().await;
+                p.reset();
             }
             if let Some(up) = me.upgrade() {
                 up.update_active();
