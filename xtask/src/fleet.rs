@@ -244,6 +244,11 @@ impl Fleet {
         self.kill_where(|h| h != keep);
     }
 
+    /// Kills every process on host `i` (the host dies).
+    pub fn kill_host(&mut self, i: usize) {
+        self.kill_where(|h| h == i);
+    }
+
     /// The pid of the last process started on host `i` that still runs.
     pub fn pid_of(&mut self, i: usize) -> Option<u32> {
         self.procs

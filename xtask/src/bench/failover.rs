@@ -89,6 +89,7 @@ struct Summary {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    version: u32,
     link: String,
     image_mib: usize,
     readers: usize,
@@ -468,6 +469,7 @@ pub fn run_bench(o: &Options) -> Result<()> {
         return Ok(());
     }
     let report = Report {
+        version: 1,
         link: o.link.clone(),
         image_mib: mib,
         readers: READERS,
@@ -481,9 +483,27 @@ pub fn run_bench(o: &Options) -> Result<()> {
         out.join("failover.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
-    std::fs::write(out.join("table.md"), &table)?;
+    std::fs::write(out.join("README.md"), readme(&report, &table))?;
     step(&format!("results in {}", out.display()));
     Ok(())
+}
+
+fn readme(r: &Report, table: &str) -> String {
+    format!(
+        "# Failover: how long a client's read stalls when a parent fails\n\n\
+         `cargo xtask bench failover`: root, relays A and B, and a leaf reading from\n\
+         [A, B, root] in network namespaces with {} links; {} readers stream a\n\
+         {} MiB image from the cold leaf in {} KiB reads, every byte checked. One\n\
+         second in, the fault hits A (or the root). Switch time: from the fault to\n\
+         the completion of the last read in flight when it hit. `None` is the same\n\
+         measure with no fault (a read's latency under this load). With {} rounds\n\
+         per fault, p99 is the largest round. Raw rounds: `failover.json`.\n\n{table}",
+        r.link,
+        r.readers,
+        r.image_mib,
+        r.read_bytes >> 10,
+        r.rounds.len() / r.summary.len().max(1),
+    )
 }
 
 /// Faults after which the leaf must have re-issued reads elsewhere (a

@@ -131,9 +131,10 @@ pub struct Options {
     /// be of its size), and replays check bytes against it.
     #[arg(long, default_value_t = 0)]
     pub real_vms: usize,
-    /// Kill the herd of host 1 (a relay in the tree) this many seconds into
-    /// each storm (hook for the resilient-tree work; the report shows the
-    /// effect).
+    /// Kill host 1 (the root's only child, the relay above every other
+    /// host in the tree) this many seconds into each storm: its herd and its
+    /// VMs die with it; its children fail over to their alternates (the
+    /// report shows the effect).
     #[arg(long)]
     pub kill_relay_at: Option<f64>,
     /// Give up on one storm after this many seconds.
@@ -255,6 +256,9 @@ pub struct BaselineResult {
     pub real_vm_boot_secs: Vec<f64>,
     /// What the storm's relay kill hit, if one was asked for.
     pub killed_relay_at_secs: Option<f64>,
+    /// VMs of the killed host that had not booted when it died.
+    #[serde(default)]
+    pub vms_lost_with_killed_host: usize,
 }
 
 /// A parsed rate like "100mbit" in bytes per second.
@@ -307,6 +311,22 @@ pub fn tree_parent(i: usize, fanout: usize) -> usize {
     } else {
         1 + (i - 2) / fanout.max(1)
     }
+}
+
+/// Where host `i` reads from in the tree: its parent, that parent's
+/// parent, then the root (the order `herd` fleets use).
+#[must_use]
+pub fn tree_upstreams(i: usize, fanout: usize) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut n = i;
+    while n != 0 && v.len() < 2 {
+        n = tree_parent(n, fanout);
+        v.push(n);
+    }
+    if v.last() != Some(&0) {
+        v.push(0);
+    }
+    v
 }
 
 /// Depth of host `i` under the root.
@@ -826,8 +846,16 @@ fn run_baseline(
     if b != Baseline::FullCopy {
         // Parents before children, so each finds its parent listening.
         for (i, pid) in pids.iter_mut().enumerate().skip(1) {
-            let up = root_url(if flat { 0 } else { tree_parent(i, opts.fanout) });
-            let args = herd_args(env, opts, i, &up, &[]);
+            let ups = if flat {
+                vec![0]
+            } else {
+                tree_upstreams(i, opts.fanout)
+            };
+            let alternates: Vec<String> = ups[1..]
+                .iter()
+                .flat_map(|&u| ["--upstream".to_owned(), root_url(u)])
+                .collect();
+            let args = herd_args(env, opts, i, &root_url(ups[0]), &alternates);
             *pid = fleet
                 .spawn(
                     i,
@@ -1016,7 +1044,8 @@ fn run_baseline(
         let now_ms = crate::util::unix_ms();
         if let (Some(at), None) = (opts.kill_relay_at, killed_at) {
             if now_ms >= start_ms + (at * 1000.0) as u64 && b != Baseline::FullCopy {
-                let _ = run(Command::new("kill").args(["-9", &pids[1].to_string()]));
+                // The host dies: its herd and its VMs.
+                fleet.kill_host(1);
                 killed_at = Some(at);
             }
         }
@@ -1146,6 +1175,12 @@ fn run_baseline(
         prewarm_secs,
         real_vm_boot_secs: real_boots,
         killed_relay_at_secs: killed_at,
+        vms_lost_with_killed_host: if killed_at.is_some() {
+            opts.vms
+                .saturating_sub(reps.iter().filter(|r| r.0 == 1).count())
+        } else {
+            0
+        },
     })
 }
 
@@ -1199,6 +1234,15 @@ fn wait_metrics(i: usize, timeout: Duration, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_hosts_list_parent_grandparent_then_root() {
+        assert_eq!(tree_upstreams(1, 4), vec![0]);
+        assert_eq!(tree_upstreams(2, 4), vec![1, 0]);
+        assert_eq!(tree_upstreams(6, 4), vec![1, 0]);
+        assert_eq!(tree_upstreams(7, 4), vec![2, 1, 0]);
+        assert_eq!(tree_upstreams(30, 4), vec![8, 2, 0]);
+    }
 
     #[test]
     fn the_root_has_one_child_and_the_tree_below_it_has_fanout_children() {

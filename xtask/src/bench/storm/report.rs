@@ -172,6 +172,21 @@ pub fn markdown(r: &Results) -> String {
             r.time_scale
         );
     }
+    for b in r
+        .baselines
+        .iter()
+        .filter(|b| b.killed_relay_at_secs.is_some())
+    {
+        let _ = writeln!(
+            s,
+            "- {}: host 1 (the relay above every other host) was killed at {:.1} s; {} of its VMs died with it, and the VMs of every other host saw {} errors and {} wrong reads",
+            b.name,
+            b.killed_relay_at_secs.unwrap_or(0.0),
+            b.vms_lost_with_killed_host,
+            b.errors,
+            b.mismatches
+        );
+    }
     let (verified, read, errors): (u64, u64, u64) = r.baselines.iter().fold((0, 0, 0), |a, b| {
         (
             a.0 + b.verified_bytes,
