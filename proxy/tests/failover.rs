@@ -274,6 +274,35 @@ fn a_root_restart_is_a_pause_not_an_error() {
     assert_eq!(active(&leaf, port), 1.0);
 }
 
+/// A fleet powers on at once: a child whose tree parent is still starting
+/// waits for it instead of loading the root; one whose parent never comes
+/// falls back to the next after a grace period (twice the rejoin window).
+#[test]
+fn at_start_a_child_waits_for_its_tree_parent_then_takes_an_alternate() {
+    let dir = scratch("failover-start");
+    let img = dir.join("golden.img");
+    random_image(&img, 8 << 20);
+    let root = herd(&dir, "root", &[img.display().to_string()], free_port(), &[]);
+    let a_port = free_port();
+    let ups = [nbd(a_port), root.url()];
+    let leaf = {
+        let (d, u) = (dir.clone(), ups.clone());
+        std::thread::spawn(move || herd(&d, "leaf", &u, free_port(), &[]))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let _a = herd(&dir, "a", &[root.url()], a_port, &[]);
+    let leaf = leaf.join().unwrap();
+    assert_eq!(active(&leaf, a_port), 1.0);
+    assert_eq!(leaf.metric_required("herd_upstream_down_total"), 0.0);
+    // A first parent that never comes: the root serves after the grace.
+    let dead = free_port();
+    let t = Instant::now();
+    let lone = herd(&dir, "lone", &[nbd(dead), root.url()], free_port(), &[]);
+    assert!(t.elapsed() >= Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(active(&lone, root.port), 1.0);
+    assert_eq!(lone.metric_required("herd_upstream_down_total"), 1.0);
+}
+
 fn fleet_file(dir: &Path, ports: &[(String, u16, u16)], fanout: u32) -> PathBuf {
     let mut text = format!("fanout = {fanout}\n\n");
     for (i, (name, port, metrics)) in ports.iter().enumerate() {

@@ -241,13 +241,22 @@ impl FailoverUpstream {
                 source: std::io::Error::other("no parents given"),
             });
         };
-        let deadline = tokio::time::Instant::now() + settings.give_up;
+        let started = tokio::time::Instant::now();
+        let deadline = started + settings.give_up;
+        // A fleet starts all at once: while the tree parent may still be
+        // starting, wait for it rather than load an alternate (the root).
+        let grace = settings.rejoin_after * 2;
         let mut wait = Duration::from_millis(100);
-        let size = 'found: loop {
+        let (size, found) = 'found: loop {
             let mut last = None;
-            for p in &parents {
+            let tried = if started.elapsed() < grace {
+                1
+            } else {
+                parents.len()
+            };
+            for (i, p) in parents.iter().enumerate().take(tried) {
                 match p.data(settings.connections, None).await {
-                    Ok(up) => break 'found up.size(),
+                    Ok(up) => break 'found (up.size(), i),
                     Err(e @ UpstreamError::Connect { .. }) => last = Some(e),
                     Err(e) if parents.len() == 1 => return Err(e),
                     Err(e) => {
@@ -266,6 +275,12 @@ impl FailoverUpstream {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
         };
+        // Parents that did not answer are down until they have answered
+        // probes for `rejoin_after`: reads and the manifest go to the one
+        // that did.
+        for p in &parents[..found] {
+            p.failed("unreachable at start");
+        }
         let me = Arc::new(Self {
             parents: RwLock::new(Arc::new(parents)),
             settings,
