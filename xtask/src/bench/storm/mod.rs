@@ -256,6 +256,13 @@ pub struct BaselineResult {
     pub real_vm_boot_secs: Vec<f64>,
     /// What the storm's relay kill hit, if one was asked for.
     pub killed_relay_at_secs: Option<f64>,
+    /// Times a herd found a parent down (summed over hosts): with no kill,
+    /// anything above 0 is a false alarm of the health probes.
+    #[serde(default)]
+    pub parents_down: u64,
+    /// Reads herds re-issued to another parent (summed over hosts).
+    #[serde(default)]
+    pub failovers: u64,
     /// VMs of the killed host that had not booted when it died.
     #[serde(default)]
     pub vms_lost_with_killed_host: usize,
@@ -1081,16 +1088,24 @@ fn run_baseline(
     // Failed replays say why in their logs.
     let booted_hosts: std::collections::BTreeSet<usize> = reps.iter().map(|r| r.0).collect();
     for i in 1..=hosts {
-        if !booted_hosts.contains(&i) {
+        // The killed host's VMs died with it.
+        let died = killed_at.is_some() && i == 1;
+        if !booted_hosts.contains(&i) && !died {
             let log = std::fs::read_to_string(env.dir.join(format!("replay-{i}.log")))
                 .unwrap_or_default();
             bail!("host {i}'s VMs did not boot:\n{}", tail(&log, 20));
         }
     }
+    // Every VM of every host that lived reported.
+    let (expected, reported) = if killed_at.is_some() {
+        let others = reps.iter().filter(|r| r.0 != 1).count();
+        (total_vms - opts.vms, others)
+    } else {
+        (total_vms, reps.len())
+    };
     anyhow::ensure!(
-        reps.len() == total_vms,
-        "{} of {total_vms} VMs reported",
-        reps.len()
+        reported == expected,
+        "{reported} of {expected} VMs reported"
     );
 
     // Counters after the storm.
@@ -1101,6 +1116,7 @@ fn run_baseline(
     // Pre-warming moved the working set before the storm: it counts.
     let root_egress = prom_require(&root_metrics, "herd_served_bytes_total")?;
     let mut level_bytes: BTreeMap<usize, u64> = BTreeMap::new();
+    let (mut parents_down, mut failovers) = (0u64, 0u64);
     let mut rss = vec![peak_rss(pids[0]).unwrap_or(0)];
     let mut cache_max = 0u64;
     for i in 1..=hosts {
@@ -1112,6 +1128,8 @@ fn run_baseline(
             let level = if flat { 1 } else { tree_level(i, opts.fanout) };
             *level_bytes.entry(level).or_default() +=
                 prom_require(&m, "herd_upstream_read_bytes_total")?;
+            parents_down += prom_require(&m, "herd_upstream_down_total")?;
+            failovers += prom_require(&m, "herd_upstream_failovers_total")?;
             rss.push(peak_rss(pids[i]).unwrap_or(0));
         }
         let p = &cache_dirs[i - 1];
@@ -1175,6 +1193,8 @@ fn run_baseline(
         prewarm_secs,
         real_vm_boot_secs: real_boots,
         killed_relay_at_secs: killed_at,
+        parents_down,
+        failovers,
         vms_lost_with_killed_host: if killed_at.is_some() {
             opts.vms
                 .saturating_sub(reps.iter().filter(|r| r.0 == 1).count())

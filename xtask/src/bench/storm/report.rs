@@ -152,6 +152,13 @@ pub fn markdown(r: &Results) -> String {
             }
         }
     }
+    for b in r.baselines.iter().filter(|b| b.name != "full-copy") {
+        let _ = writeln!(
+            s,
+            "- {}: herds found a parent down {} times and re-issued {} reads to another parent",
+            b.name, b.parents_down, b.failovers
+        );
+    }
     for b in r
         .baselines
         .iter()
