@@ -34,6 +34,12 @@ fn all_decoders(d: &[u8]) {
     let _ = scsi::parse_block_limits(d);
     let _ = scsi::parse_report_luns(d);
     let _ = Profile::decode(d);
+    // Fleet files are text an operator writes, and etcd values JSON a
+    // member wrote: neither may panic a node.
+    if let Ok(text) = std::str::from_utf8(d) {
+        let _ = herd::fleet::file::parse(std::path::Path::new("f"), text);
+    }
+    let _ = serde_json::from_slice::<herd::fleet::Member>(d);
     if let Ok(m) = Manifest::decode(d) {
         assert_eq!(m.bytes(), d);
         let _ = m.bad_chunks(0, d);
@@ -99,6 +105,11 @@ fn random_and_mutated_inputs_never_panic() {
     login[0] = pdu::OP_LOGIN_RESP;
     seeds.push(login);
     seeds.push(b"TargetName=iqn.x\0CHAP_C=0x0102ff\0".to_vec());
+    seeds.push(
+        b"fanout = 2\n[root]\nname = \"r\"\naddr = \"10.0.0.1:10809\"\n[[node]]\nname = \"a\"\naddr = \"10.0.0.2:1\"\nparent = \"b\"\n[[node]]\nname = \"b\"\naddr = \"h:2\"\n"
+            .to_vec(),
+    );
+    seeds.push(br#"{"name":"a","addr":"10.0.0.2:10809","slot":3}"#.to_vec());
     seeds.push(
         Profile {
             granule: 4096,
