@@ -333,18 +333,22 @@ fn node<'a>(status: &'a [serde_json::Value], name: &str) -> &'a serde_json::Valu
     status.iter().find(|n| n["name"] == name).unwrap()
 }
 
-/// A herd whose metrics port is chosen by the caller (the fleet lists it).
+/// A herd whose metrics port is chosen by the caller (the fleet lists it);
+/// without `upstream`, its parents come from the fleet alone.
 fn fleet_herd(
     dir: &Path,
     name: &str,
-    upstream: &str,
+    upstream: Option<&str>,
     port: u16,
     metrics: u16,
     extra: &[&str],
 ) -> Herd {
     let log = dir.join(format!("{name}.log"));
+    let up: Vec<&str> = upstream.map_or_else(Vec::new, |u| vec!["--upstream", u]);
     let child = Command::new(HERD)
-        .args(["serve", "--upstream", upstream, "--chunk-size", "64KiB"])
+        .arg("serve")
+        .args(up)
+        .args(["--chunk-size", "64KiB"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .arg("--cache-dir")
         .arg(dir.join(format!("{name}-cache")))
@@ -387,7 +391,7 @@ fn a_static_fleet_file_gives_parents_and_alternates() {
         nodes.push(fleet_herd(
             &dir,
             name,
-            &up,
+            Some(&up),
             *port,
             *metrics,
             &["--fleet", fs],
@@ -513,28 +517,10 @@ fn etcd_membership_builds_the_tree_survives_etcd_and_takes_joiners() {
     let src = format!("etcd://127.0.0.1:{eport}/herd-test");
     let fleet = ["--fleet", &src, "--lease-ttl", "2", "--fanout", "1"];
     let (rp, rm) = (free_port(), free_port());
-    let _root = fleet_herd(&dir, "root", &img.display().to_string(), rp, rm, &fleet);
+    let _root = fleet_herd(&dir, "root", Some(img.to_str().unwrap()), rp, rm, &fleet);
     // Members get their parents from etcd alone: no --upstream.
-    let member = |name: &str, port: u16, metrics: u16| {
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(HERD)
-            .args(["serve", "--chunk-size", "64KiB", "--node", name])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--cache-dir")
-            .arg(dir.join(format!("{name}-cache")))
-            .args(["--metrics", &format!("127.0.0.1:{metrics}")])
-            .args(fleet)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        wait_port(port);
-        Herd {
-            child,
-            port,
-            metrics,
-            log,
-        }
-    };
+    let member =
+        |name: &str, port: u16, metrics: u16| fleet_herd(&dir, name, None, port, metrics, &fleet);
     let (p1, m1, p2, m2) = (free_port(), free_port(), free_port(), free_port());
     let _n1 = member("n1", p1, m1);
     let n2 = member("n2", p2, m2);
