@@ -1259,7 +1259,8 @@ mod tests {
     fn tree_hosts_list_parent_grandparent_then_root() {
         assert_eq!(tree_upstreams(1, 4), vec![0]);
         assert_eq!(tree_upstreams(2, 4), vec![1, 0]);
-        assert_eq!(tree_upstreams(6, 4), vec![1, 0]);
+        assert_eq!(tree_upstreams(5, 4), vec![1, 0]);
+        assert_eq!(tree_upstreams(6, 4), vec![2, 1, 0]);
         assert_eq!(tree_upstreams(7, 4), vec![2, 1, 0]);
         assert_eq!(tree_upstreams(30, 4), vec![8, 2, 0]);
     }
