@@ -153,6 +153,22 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// The value at fraction `p` (0..=1) of a sorted sample, nearest rank; 0
+/// for none.
+#[must_use]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)]
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 /// The median of a sample (mean of the two middle values for an even count;
 /// 0 for none).
 pub fn median(v: &[f64]) -> f64 {

@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use super::storm::{self, METRICS_PORT, NBD_PORT};
 use crate::demo::build_herd;
 use crate::fleet::{self, host_addr, Fleet};
-use crate::util::{root, run, step, work_dir};
+use crate::util::{percentile, prom_require, root, run, step, work_dir};
 
-const NBD_PORT: u16 = 10809;
-const METRICS_PORT: u16 = 9100;
 const READ: usize = 1 << 20;
 const READERS: usize = 4;
 
@@ -163,35 +162,11 @@ fn herd_args(env: &Env, i: usize, upstreams: &[String], extra: &[&str]) -> Vec<S
 }
 
 fn wait_serving(i: usize) -> Result<()> {
-    let addr = std::net::SocketAddr::from((host_addr(i), METRICS_PORT));
     fleet::wait_for(
         Duration::from_secs(60),
         &format!("host {i} to serve"),
-        || {
-            Ok(crate::util::http_get(addr, "/metrics")
-                .ok()
-                .and_then(|m| crate::util::prom_get(&m, "herd_serving"))
-                == Some(1))
-        },
+        || Ok(storm::serving(i)),
     )
-}
-
-fn metric(i: usize, name: &str) -> Result<u64> {
-    let addr = std::net::SocketAddr::from((host_addr(i), METRICS_PORT));
-    crate::util::prom_require(&crate::util::http_get(addr, "/metrics")?, name)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn one_round(fleet: &mut Fleet, env: &Env, fault: Fault) -> Result<Round> {
@@ -306,7 +281,7 @@ fn one_round(fleet: &mut Fleet, env: &Env, fault: Fault) -> Result<Round> {
     for h in handles {
         logs.extend(rt.block_on(h)??);
     }
-    let failovers = metric(3, "herd_upstream_failovers_total")?;
+    let failovers = prom_require(&storm::metrics_of(3)?, "herd_upstream_failovers_total")?;
     // Undo what outlives the processes.
     if fault == Fault::Sigstop {
         signal_pid(a_pid, libc::SIGCONT);

@@ -41,8 +41,8 @@ use crate::fleet::{self, host_addr, Fleet};
 use crate::util::{http_get, prom_require, root, run, step, work_dir};
 
 /// Port of every herd's NBD listener and metrics endpoint inside its host.
-const NBD_PORT: u16 = 10809;
-const METRICS_PORT: u16 = 9100;
+pub(crate) const NBD_PORT: u16 = 10809;
+pub(crate) const METRICS_PORT: u16 = 9100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -748,7 +748,8 @@ fn sock(env: &Env, i: usize) -> PathBuf {
     env.dir.join(format!("h{i}.sock"))
 }
 
-fn metrics_of(i: usize) -> Result<String> {
+/// Host `i`'s herd metrics, as Prometheus text.
+pub(crate) fn metrics_of(i: usize) -> Result<String> {
     http_get(
         std::net::SocketAddr::from((host_addr(i), METRICS_PORT)),
         "/metrics",
@@ -1211,7 +1212,8 @@ fn tail(s: &str, n: usize) -> String {
 
 /// Whether host `i`'s herd serves NBD: its metrics answer before that,
 /// while it gets or builds the image's manifest.
-fn serving(i: usize) -> bool {
+/// Whether host `i`'s herd listens for NBD clients.
+pub(crate) fn serving(i: usize) -> bool {
     metrics_of(i).is_ok_and(|t| crate::util::prom_value(&t, "herd_serving") == 1)
 }
 

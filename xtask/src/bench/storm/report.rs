@@ -4,17 +4,10 @@
 use std::fmt::Write;
 
 use super::{BaselineResult, Results};
+use crate::util::percentile;
 
 fn mib(b: u64) -> f64 {
     b as f64 / 1_048_576.0
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i.min(v.len() - 1)]
 }
 
 /// Makespan at the full host count (extrapolated where it ran on fewer).
@@ -88,8 +81,8 @@ pub fn markdown(r: &Results) -> String {
             b.name,
             b.hosts,
             makespan(b) / r.lower_bound_secs,
-            pct(&b.boot_secs, 0.5),
-            pct(&b.boot_secs, 0.99),
+            percentile(&b.boot_secs, 0.5),
+            percentile(&b.boot_secs, 0.99),
             mib(b.root_egress_bytes),
             b.root_egress_bytes as f64 / r.working_set_bytes.max(1) as f64,
             if levels.is_empty() { "–".into() } else { levels },
@@ -175,7 +168,7 @@ pub fn markdown(r: &Results) -> String {
              the trace at time scale {}; a real boot is not stretched)",
             b.name,
             real.join(", "),
-            pct(&b.boot_secs, 0.5),
+            percentile(&b.boot_secs, 0.5),
             r.time_scale
         );
     }
