@@ -125,11 +125,12 @@ fn tree(dir: &Path) -> Tree {
     }
 }
 
+fn active_metric(parent: u16) -> String {
+    format!("herd_upstream_active{{parent=\"{}\"}}", nbd(parent))
+}
+
 fn active(h: &Herd, parent: u16) -> f64 {
-    h.metric_required(&format!(
-        "herd_upstream_active{{parent=\"{}\"}}",
-        nbd(parent)
-    ))
+    h.metric_required(&active_metric(parent))
 }
 
 /// The root read each byte of the image from its disk once: a failover
@@ -163,26 +164,15 @@ fn a_hung_relay_is_found_by_its_probe_and_readers_move_on() {
     let t = tree(&dir);
     let r = Readers::start(t.leaf.port, &t.data);
     r.wait_progress(16 << 20);
-    let pid = t.a.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    t.a.signal("STOP");
     r.finish();
     assert_eq!(t.leaf.metric_required("herd_upstream_down_total"), 1.0);
     assert_eq!(active(&t.leaf, t.b.port), 1.0);
     // Woken again, the relay is taken back only after answering probes
     // for the rejoin window (5 s), then reads go to it again.
-    assert!(Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while active(&t.leaf, t.a.port) != 1.0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    t.a.signal("CONT");
+    t.leaf
+        .wait_metric_at_least(&active_metric(t.a.port), 1.0, Duration::from_secs(20));
     assert_eq!(active(&t.leaf, t.a.port), 1.0, "relay not taken back");
     let log = std::fs::read_to_string(&t.leaf.log).unwrap();
     let back = log.lines().find(|l| l.contains("taken back")).unwrap();
@@ -267,10 +257,7 @@ fn a_root_restart_is_a_pause_not_an_error() {
     assert!(leaf.metric_required("herd_upstream_down_total") >= 1.0);
     // The restarted root is active again once it has answered probes for
     // the rejoin window.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while active(&leaf, port) != 1.0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    leaf.wait_metric_at_least(&active_metric(port), 1.0, Duration::from_secs(20));
     assert_eq!(active(&leaf, port), 1.0);
 }
 

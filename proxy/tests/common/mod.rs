@@ -182,6 +182,11 @@ impl Herd {
         let _ = self.child.wait();
     }
 
+    /// Sends `sig` (e.g. "STOP", "CONT") to the daemon.
+    pub fn signal(&self, sig: &str) {
+        signal(self.child.id(), sig);
+    }
+
     /// SIGTERM, then waits for a graceful exit (10 s at most).
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
@@ -223,6 +228,15 @@ impl Drop for Herd {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Sends `sig` (e.g. "STOP", "CONT") to `pid`; panics if kill fails.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{sig} {pid}");
 }
 
 /// A metric that must be exported (0 is a real value, absence a failure).
@@ -533,11 +547,7 @@ impl Tgtd {
     /// Sends `sig` (e.g. "STOP", "CONT") to tgtd.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let ok = Command::new("kill")
-                .args([&format!("-{sig}"), &c.id().to_string()])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "kill -{sig} tgtd");
+            signal(c.id(), sig);
         }
     }
 }
