@@ -281,9 +281,11 @@ fn combine(fleet: Vec<UpstreamUrl>, given: &[UpstreamUrl]) -> Vec<UpstreamUrl> {
     out
 }
 
-/// What the status record in etcd says about this node.
+/// The cache and parents, once open: the node joins its fleet before it has
+/// them, and its status record reports them from then on.
 type CacheSlot = Arc<std::sync::OnceLock<(Arc<ChunkCache>, Option<Arc<FailoverUpstream>>)>>;
 
+/// What the status record in etcd says about this node.
 fn status_of(slot: &CacheSlot) -> serde_json::Value {
     match slot.get() {
         None => serde_json::json!({ "serving": false }),

@@ -157,7 +157,8 @@ impl Parent {
         }
     }
 
-    /// Records a failure; returns whether the parent just went down.
+    /// Records a failure; returns whether the parent just went down (its
+    /// pool is then dropped: see [`Parent::reset`]).
     fn failed(&self, why: &str) -> bool {
         let change = self
             .health
@@ -167,6 +168,7 @@ impl Parent {
         if change == Some(Change::WentDown) {
             tracing::warn!(parent = %self.label, reason = why, "parent is down; reads go to the next upstream");
             crate::metrics::upstream_down();
+            self.reset();
             self.downs.send_modify(|g| *g += 1);
             true
         } else {
@@ -425,7 +427,6 @@ impl FailoverUpstream {
                     Err(Attempt::Failed(e)) => {
                         unreachable = true;
                         if p.failed(&crate::error_chain(&e)) {
-                            p.reset();
                             self.update_active();
                         }
                         last = Some(e);
@@ -441,7 +442,6 @@ impl FailoverUpstream {
                         unreachable = true;
                         crate::metrics::upstream_deadline();
                         if p.failed("read deadline passed") {
-                            p.reset();
                             self.update_active();
                         }
                         last = Some(UpstreamError::Read {
@@ -493,9 +493,6 @@ async fn prober(me: std::sync::Weak<FailoverUpstream>) {
             changed |= r.unwrap_or(false);
         }
         if changed {
-            for p in parents.iter().filter(|p| !p.is_up()) {
-                p.reset();
-            }
             if let Some(up) = me.upgrade() {
                 up.update_active();
             }
