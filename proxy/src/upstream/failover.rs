@@ -398,7 +398,8 @@ impl FailoverUpstream {
         let started = tokio::time::Instant::now();
         let mut wait = Duration::from_millis(50);
         let mut last: Option<UpstreamError> = None;
-        let mut previous: Option<String> = None;
+        // The parent of the previous attempt (an Arc: no allocation per read).
+        let mut previous: Option<Arc<Parent>> = None;
         loop {
             let mut unreachable = false;
             let parents = self.snapshot();
@@ -409,10 +410,10 @@ impl FailoverUpstream {
                 .chain(parents.iter().filter(|p| !p.is_up()));
             for p in order {
                 let up = p.is_up();
-                if previous.as_deref().is_some_and(|prev| prev != p.label) {
+                if previous.as_ref().is_some_and(|prev| !Arc::ptr_eq(prev, p)) {
                     crate::metrics::upstream_failover();
                 }
-                previous = Some(p.label.clone());
+                previous = Some(Arc::clone(p));
                 match self.attempt(p, offset, len, up).await {
                     Ok(buf) => {
                         if !up && p.answered() {
