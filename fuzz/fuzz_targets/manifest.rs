@@ -16,9 +16,11 @@ fuzz_target!(|data: &[u8]| {
                 d
             })
             .collect();
-        let again = Manifest::from_digests(m.image_size(), m.chunk_size(), &digests);
+        let again =
+            Manifest::with_allocation(m.image_size(), m.chunk_size(), &digests, &m.allocation());
         assert_eq!(again.as_ref().map(Manifest::bytes), Ok(data));
         // Checking arbitrary bytes against it must not panic either.
         let _ = m.bad_chunks(0, data);
+        let _ = m.block_status(0, m.image_size(), 64);
     }
 });

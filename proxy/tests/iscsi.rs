@@ -5,7 +5,10 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_same_file, have, nbdcopy, random_image, scratch, Herd, Tgtd};
+use common::{
+    assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scratch, sparse_image, Herd,
+    Tgtd,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -264,4 +267,39 @@ fn io_uring_socket_mode_reads_byte_identical_across_a_restart() {
         4,
         Duration::from_millis(500),
     );
+}
+
+#[test]
+fn a_thin_lun_tells_the_root_where_its_data_is() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-thin");
+    let img = dir.join("lun.img");
+    let m = MIB as u64;
+    let data = sparse_image(&img, 32 * m, &[(4 * m, m), (20 * m + 4096, 128 << 10)], &[]);
+    let want = data_chunk_bytes(&data, 64 << 10);
+    let chunk = ["--chunk-size", "64KiB"];
+    let t = Tgtd::start(&img, None);
+    // As LIO answers: no provisioning information, so the root reads all.
+    let thick = Herd::start(&dir, "thick", &t.url(None), &chunk);
+    assert_eq!(
+        thick.metric_required("herd_manifest_build_bytes_total"),
+        data.len() as f64
+    );
+    // Thin, with unmapped blocks reading as zeros: GET LBA STATUS.
+    t.thin_provisioning();
+    let thin = Herd::start(&dir, "thin", &t.url(None), &chunk);
+    assert_eq!(
+        thin.metric_required("herd_manifest_build_bytes_total"),
+        want as f64
+    );
+    let out = dir.join("out.raw");
+    nbdcopy(&thin.url(), &out);
+    assert_same_file(&out, &data);
+    assert_eq!(
+        thin.metric_required("herd_upstream_read_bytes_total"),
+        want as f64
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -56,11 +56,13 @@ pub fn run(cmd: ManifestCmd) -> Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "identity {}\nimage size {} bytes, {} chunks of {} bytes, BLAKE3-256",
+                    "identity {}\nimage size {} bytes, {} chunks of {} bytes, BLAKE3-256\n{} chunks all zeros, {} bytes of data",
                     m.identity(),
                     m.image_size(),
                     m.chunks(),
-                    m.chunk_size()
+                    m.chunk_size(),
+                    m.zero_chunks(),
+                    m.data_bytes()
                 );
             }
             Ok(())
@@ -74,6 +76,9 @@ fn summary(m: &Manifest) -> serde_json::Value {
         "image_size": m.image_size(),
         "chunk_size": m.chunk_size(),
         "chunks": m.chunks(),
+        "zero_chunks": m.zero_chunks(),
+        "data_bytes": m.data_bytes(),
+        "allocation_granule": m.granule(),
         "algorithm": "blake3-256",
         "version": manifest::format::VERSION,
     })
@@ -127,9 +132,14 @@ fn build(image: &str, out: Option<PathBuf>, chunk: &str, direct: bool, json: boo
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let started = Instant::now();
-        let m = manifest::build::build(Arc::clone(&up), chunk_size, |done| bar.set_position(done))
-            .await
-            .with_context(|| format!("cannot build the manifest of {image}"))?;
+        let mut read = 0;
+        let m = manifest::build::build(Arc::clone(&up), chunk_size, |done, total| {
+            read = done;
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await
+        .with_context(|| format!("cannot build the manifest of {image}"))?;
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64();
         manifest::save(&out, &m)?;
@@ -138,20 +148,24 @@ fn build(image: &str, out: Option<PathBuf>, chunk: &str, direct: bool, json: boo
             s.save(&manifest::stamp::path_for(&out))?;
         }
         #[allow(clippy::cast_precision_loss)]
-        let rate = size as f64 / f64::from(1 << 20) / secs.max(1e-9);
+        let rate = read as f64 / f64::from(1 << 20) / secs.max(1e-9);
         if json {
             let mut v = summary(&m);
             v["out"] = serde_json::json!(out.display().to_string());
             v["seconds"] = serde_json::json!(secs);
             v["mib_per_s"] = serde_json::json!(rate);
+            v["read_bytes"] = serde_json::json!(read);
             println!("{v}");
         } else {
             println!(
-                "{}: identity {}, {} chunks of {} bytes, {:.1} MiB/s ({secs:.2} s)",
+                "{}: identity {}, {} chunks of {} bytes ({} all zeros), read {} MiB of {} at {:.1} MiB/s ({secs:.2} s)",
                 out.display(),
                 m.identity(),
                 m.chunks(),
                 m.chunk_size(),
+                m.zero_chunks(),
+                read >> 20,
+                size >> 20,
                 rate
             );
         }

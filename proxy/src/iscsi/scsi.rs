@@ -1,6 +1,6 @@
 //! SCSI commands herd issues (SPC-4 / SBC-3) and the parsing of their
 //! results: CDB builders and pure parsers for capacity, INQUIRY, VPD pages,
-//! REPORT LUNS and sense data.
+//! REPORT LUNS, GET LBA STATUS and sense data.
 
 /// Status byte values.
 pub const GOOD: u8 = 0x00;
@@ -45,6 +45,47 @@ pub fn read_capacity16() -> [u8; 16] {
     c
 }
 
+/// GET LBA STATUS (SERVICE ACTION IN(16), action 0x12, SBC-3 5.7) from
+/// `lba`, with `alloc` bytes for the answer.
+#[must_use]
+pub fn get_lba_status(lba: u64, alloc: u32) -> [u8; 16] {
+    let mut c = cdb(&[0x9e, 0x12]);
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+/// One LBA status descriptor: `blocks` blocks from `lba` are mapped
+/// (status 0), deallocated (1) or anchored (2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbaStatus {
+    pub lba: u64,
+    pub blocks: u32,
+    pub status: u8,
+}
+
+pub const LBA_MAPPED: u8 = 0;
+pub const LBA_DEALLOCATED: u8 = 1;
+
+/// The descriptors of GET LBA STATUS parameter data: a 4-byte parameter
+/// data length, 4 reserved bytes, then 16 bytes a descriptor. A short
+/// buffer keeps the whole descriptors it holds.
+#[must_use]
+pub fn parse_lba_status(b: &[u8]) -> Option<Vec<LbaStatus>> {
+    let len = usize::try_from(be32(b, 0)?).ok()?;
+    let end = b.len().min(len.saturating_add(4));
+    let body = b.get(8..end)?;
+    Some(
+        body.chunks_exact(16)
+            .map(|d| LbaStatus {
+                lba: u64::from_be_bytes(d[0..8].try_into().unwrap_or_default()),
+                blocks: u32::from_be_bytes(d[8..12].try_into().unwrap_or_default()),
+                status: d[12] & 0x0f,
+            })
+            .collect(),
+    )
+}
+
 #[must_use]
 pub fn read16(lba: u64, blocks: u32) -> [u8; 16] {
     let mut c = [0u8; 16];
@@ -62,11 +103,15 @@ pub fn report_luns(alloc: u32) -> [u8; 16] {
     c
 }
 
-/// Block count and size.
+/// Block count and size, and (READ CAPACITY(16) only) logical block
+/// provisioning: `thin` (LBPME) and `zeroed` (LBPRZ: unmapped blocks read
+/// as zeros).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
     pub blocks: u64,
     pub block_size: u32,
+    pub thin: bool,
+    pub zeroed: bool,
 }
 
 impl Capacity {
@@ -83,9 +128,12 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 #[must_use]
 pub fn parse_capacity16(b: &[u8]) -> Option<Capacity> {
     let last = u64::from_be_bytes(b.get(0..8)?.try_into().ok()?);
+    let prov = b.get(14).copied().unwrap_or(0);
     Some(Capacity {
         blocks: last.checked_add(1)?,
         block_size: be32(b, 8)?,
+        thin: prov & 0x80 != 0,
+        zeroed: prov & 0x40 != 0,
     })
 }
 
@@ -94,6 +142,8 @@ pub fn parse_capacity10(b: &[u8]) -> Option<Capacity> {
     Some(Capacity {
         blocks: u64::from(be32(b, 0)?) + 1,
         block_size: be32(b, 4)?,
+        thin: false,
+        zeroed: false,
     })
 }
 
@@ -227,9 +277,46 @@ mod tests {
         b[8..12].copy_from_slice(&512u32.to_be_bytes());
         let c = parse_capacity16(&b).expect("valid");
         assert_eq!(c.bytes(), 64 << 20);
+        assert!(!c.thin && !c.zeroed);
+        // Byte 14: LBPME (0x80) and LBPRZ (0x40), as tgtd sets them for a
+        // thin-provisioned LUN.
+        b[14] = 0xc0;
+        let c = parse_capacity16(&b).expect("valid");
+        assert!(c.thin && c.zeroed);
         let c10 = parse_capacity10(&[0, 1, 0xff, 0xff, 0, 0, 2, 0]).expect("valid");
         assert_eq!(c10.blocks, 0x2_0000);
         assert!(parse_capacity16(&b[..5]).is_none());
+    }
+
+    #[test]
+    fn get_lba_status_cdb_and_data() {
+        let c = get_lba_status(0x10, 4096);
+        assert_eq!(&c[..2], &[0x9e, 0x12]);
+        assert_eq!(&c[2..10], &[0, 0, 0, 0, 0, 0, 0, 0x10]);
+        assert_eq!(&c[10..14], &[0, 0, 0x10, 0]);
+        // SBC-3 table 57/58: parameter data length (8 + 16n - 4 = 36 for
+        // two descriptors), reserved, then LBA, block count, status.
+        let mut b = vec![0, 0, 0, 36, 0, 0, 0, 0];
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0]);
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 1, 0, 1, 0, 0, 0]);
+        assert_eq!(
+            parse_lba_status(&b),
+            Some(vec![
+                LbaStatus {
+                    lba: 0,
+                    blocks: 8,
+                    status: LBA_MAPPED
+                },
+                LbaStatus {
+                    lba: 8,
+                    blocks: 256,
+                    status: LBA_DEALLOCATED
+                }
+            ])
+        );
+        // Truncated by the allocation length: the whole descriptors only.
+        assert_eq!(parse_lba_status(&b[..30]).map(|d| d.len()), Some(1));
+        assert_eq!(parse_lba_status(&b[..3]), None);
     }
 
     #[test]

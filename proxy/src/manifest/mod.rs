@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-pub use self::format::{Digest, FormatError, Identity, Manifest};
+pub use self::format::{AllocMap, Digest, FormatError, Identity, Manifest};
 use crate::upstream::nbd::NbdUpstream;
 use crate::upstream::{Upstream, UpstreamError, UpstreamUrl};
 
@@ -308,13 +308,13 @@ pub async fn build_logged(
     tracing::info!(image = %upstream.describe(), size, "building the image's manifest");
     let mut last = 0u64;
     let mut reported = 0u64;
-    let m = build::build(upstream, chunk_size, |done| {
+    let m = build::build(upstream, chunk_size, |done, total| {
         crate::metrics::manifest_built(done - last);
         last = done;
-        let decile = done * 10 / size.max(1);
+        let decile = done * 10 / total.max(1);
         if decile > reported {
             reported = decile;
-            tracing::info!(done, size, "manifest {}0 %", decile);
+            tracing::info!(done, total, "manifest {}0 %", decile);
         }
     })
     .await?;

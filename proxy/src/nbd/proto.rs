@@ -43,11 +43,14 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
@@ -70,11 +73,21 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+// Command flags.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// The one metadata context herd serves, and its flags.
+pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
+pub const STATE_HOLE: u32 = 1;
+pub const STATE_ZERO: u32 = 2;
+
 /// Structured reply flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
@@ -255,6 +268,88 @@ pub fn decode_info_request(buf: &[u8]) -> ProtoResult<InfoRequest> {
     }
     let infos = rest.chunks_exact(2).map(|c| be_u16(c, 0)).collect();
     Ok(InfoRequest { name, infos })
+}
+
+/// Payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: an
+/// export name and the context queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub export: String,
+    pub queries: Vec<String>,
+}
+
+fn put_string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&u32::try_from(s.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A length-prefixed string at the front of `buf`, and what follows it.
+fn take_string(buf: &[u8]) -> Option<(Result<String, ProtoError>, &[u8])> {
+    let len = usize::try_from(be_u32(buf.get(..4)?, 0)).ok()?;
+    let bytes = buf.get(4..4usize.checked_add(len)?)?;
+    let s = std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| ProtoError::BadName);
+    Some((s, &buf[4 + len..]))
+}
+
+pub fn encode_meta_context_request(req: &MetaContextRequest) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_string(&req.export, &mut out);
+    out.extend_from_slice(
+        &u32::try_from(req.queries.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    for q in &req.queries {
+        put_string(q, &mut out);
+    }
+    out
+}
+
+/// # Errors
+/// `BadOptionPayload` when lengths and counts do not add up to the
+/// payload exactly; `BadName` for a string that is not UTF-8.
+pub fn decode_meta_context_request(buf: &[u8]) -> ProtoResult<MetaContextRequest> {
+    let bad = || ProtoError::BadOptionPayload { len: buf.len() };
+    let (export, rest) = take_string(buf).ok_or_else(bad)?;
+    let export = export?;
+    let count = be_u32(rest.get(..4).ok_or_else(bad)?, 0);
+    let mut rest = &rest[4..];
+    // Each query takes at least its 4-byte length: a count the payload
+    // cannot hold is refused before anything is allocated for it.
+    if u64::from(count) * 4 > rest.len() as u64 {
+        return Err(bad());
+    }
+    let mut queries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (q, more) = take_string(rest).ok_or_else(bad)?;
+        queries.push(q?);
+        rest = more;
+    }
+    if !rest.is_empty() {
+        return Err(bad());
+    }
+    Ok(MetaContextRequest { export, queries })
+}
+
+/// Payload of NBD_REP_META_CONTEXT: the context id, then its name.
+pub fn encode_meta_context_reply(id: u32, name: &str) -> Vec<u8> {
+    let mut out = id.to_be_bytes().to_vec();
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// # Errors
+/// `BadOptionPayload` under 4 bytes, `BadName` for a name not UTF-8.
+pub fn decode_meta_context_reply(buf: &[u8]) -> ProtoResult<(u32, String)> {
+    let id = be_u32(
+        buf.get(..4)
+            .ok_or(ProtoError::BadOptionPayload { len: buf.len() })?,
+        0,
+    );
+    let name = std::str::from_utf8(&buf[4..]).map_err(|_| ProtoError::BadName)?;
+    Ok((id, name.to_owned()))
 }
 
 /// Header of an option reply from the server.
@@ -463,6 +558,47 @@ pub fn encode_structured_error(handle: u64, error: u32, msg: &str, out: &mut Vec
     out.extend_from_slice(msg);
 }
 
+/// A complete `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `len` bytes at `offset`
+/// read as zeros.
+pub fn encode_offset_hole(flags: u16, handle: u64, offset: u64, len: u32, out: &mut Vec<u8>) {
+    encode_structured_header(flags, REPLY_TYPE_OFFSET_HOLE, handle, 12, out);
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// A complete `NBD_REPLY_TYPE_BLOCK_STATUS` chunk with the DONE flag:
+/// context `id` and its (length, flags) descriptors.
+pub fn encode_block_status(handle: u64, id: u32, descs: &[(u32, u32)], out: &mut Vec<u8>) {
+    let len = u32::try_from(4 + 8 * descs.len()).unwrap_or(u32::MAX);
+    encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, handle, len, out);
+    out.extend_from_slice(&id.to_be_bytes());
+    for (l, f) in descs {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
+}
+
+/// The payload of a `NBD_REPLY_TYPE_BLOCK_STATUS` chunk: context id and
+/// descriptors.
+///
+/// # Errors
+/// `BadOptionPayload` unless the length is 4 + a positive multiple of 8
+/// and every descriptor length is non-zero, as the spec demands.
+pub fn decode_block_status(buf: &[u8]) -> ProtoResult<(u32, Vec<(u32, u32)>)> {
+    let bad = ProtoError::BadOptionPayload { len: buf.len() };
+    if buf.len() < 12 || !(buf.len() - 4).is_multiple_of(8) {
+        return Err(bad);
+    }
+    let descs: Vec<(u32, u32)> = buf[4..]
+        .chunks_exact(8)
+        .map(|d| (be_u32(d, 0), be_u32(d, 4)))
+        .collect();
+    if descs.iter().any(|&(l, _)| l == 0) {
+        return Err(bad);
+    }
+    Ok((be_u32(buf, 0), descs))
+}
+
 /// Printable name of a command, for logs.
 pub fn command_name(cmd: u16) -> &'static str {
     match cmd {
@@ -488,11 +624,14 @@ pub fn option_name(opt: u32) -> &'static str {
         OPT_INFO => "INFO",
         OPT_GO => "GO",
         OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
         _ => "UNKNOWN",
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -676,5 +815,95 @@ mod tests {
         let mut b = Vec::new();
         encode_export_name_reply(10, 3, true, &mut b);
         assert_eq!(b.len(), 10);
+    }
+
+    #[test]
+    fn meta_context_request_bytes() {
+        // SET_META_CONTEXT for export "herd", one query "base:allocation",
+        // laid out as proto.md gives it: name length, name, query count,
+        // then each query's length and bytes.
+        let mut wire = vec![0, 0, 0, 4];
+        wire.extend_from_slice(b"herd");
+        wire.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 15]);
+        wire.extend_from_slice(b"base:allocation");
+        let req = decode_meta_context_request(&wire).unwrap();
+        assert_eq!(req.export, "herd");
+        assert_eq!(req.queries, vec!["base:allocation".to_owned()]);
+        assert_eq!(encode_meta_context_request(&req), wire);
+        // Zero queries (LIST: "everything") and an empty export name.
+        let none = decode_meta_context_request(&[0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        assert!(none.export.is_empty() && none.queries.is_empty());
+        // A query running past the payload, a trailing byte, a count the
+        // payload cannot hold, bad UTF-8: refused, never a panic.
+        let bad = |b: &[u8]| decode_meta_context_request(b).unwrap_err();
+        assert!(matches!(
+            bad(&wire[..wire.len() - 1]),
+            ProtoError::BadOptionPayload { .. }
+        ));
+        let mut long = wire.clone();
+        long.push(0);
+        assert!(matches!(bad(&long), ProtoError::BadOptionPayload { .. }));
+        assert!(matches!(
+            bad(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            ProtoError::BadOptionPayload { .. }
+        ));
+        assert_eq!(bad(&[0, 0, 0, 1, 0xff, 0, 0, 0, 0]), ProtoError::BadName);
+        assert!(matches!(bad(&[0, 0]), ProtoError::BadOptionPayload { .. }));
+        // NBD_REP_META_CONTEXT: id then name.
+        let rep = encode_meta_context_reply(1, "base:allocation");
+        assert_eq!(&rep[..4], &[0, 0, 0, 1]);
+        assert_eq!(&rep[4..], b"base:allocation");
+        assert_eq!(
+            decode_meta_context_reply(&rep).unwrap(),
+            (1, "base:allocation".to_owned())
+        );
+        assert!(decode_meta_context_reply(&[0, 0]).is_err());
+    }
+
+    #[test]
+    fn block_status_and_hole_chunks() {
+        // NBD_REPLY_TYPE_BLOCK_STATUS: 20-byte structured header (DONE,
+        // type 5, length 4 + 8n), context id, (length, flags) pairs.
+        let mut out = Vec::new();
+        encode_block_status(
+            0x1122,
+            7,
+            &[(65536, 0), (4096, STATE_HOLE | STATE_ZERO)],
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 5, 0, 0, 0, 0, 0, 0, 0x11, 0x22, 0, 0, 0,
+                20, //
+                0, 0, 0, 7, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 3
+            ]
+        );
+        assert_eq!(
+            decode_block_status(&out[20..]).unwrap(),
+            (7, vec![(65536, 0), (4096, 3)])
+        );
+        // No descriptor, a partial one, a zero length: invalid by the spec.
+        assert!(decode_block_status(&out[20..24]).is_err());
+        assert!(decode_block_status(&out[20..30]).is_err());
+        assert!(decode_block_status(&[0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 3]).is_err());
+        // NBD_REPLY_TYPE_OFFSET_HOLE: length 12, offset, hole size.
+        let mut hole = Vec::new();
+        encode_offset_hole(REPLY_FLAG_DONE, 9, 1 << 20, 4096, &mut hole);
+        assert_eq!(
+            hole,
+            [
+                0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 12, //
+                0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0x10, 0
+            ]
+        );
+        assert!(matches!(
+            decode_reply_header(&hole).unwrap(),
+            ReplyHeader::Structured {
+                kind: REPLY_TYPE_OFFSET_HOLE,
+                len: 12,
+                ..
+            }
+        ));
     }
 }

@@ -516,4 +516,16 @@ impl Upstream for FailoverUpstream {
             .or_else(|| self.snapshot().first().map(|p| p.url.clone()))
             .map_or_else(|| "(no parent)".into(), |u| u.to_string())
     }
+
+    fn extents(&self) -> super::ExtentsFuture<'_> {
+        let url = self
+            .active()
+            .or_else(|| self.snapshot().first().map(|p| p.url.clone()));
+        Box::pin(async move {
+            match url {
+                Some(url) => super::nbd_map::extents(&url, self.size).await,
+                None => Ok(None),
+            }
+        })
+    }
 }

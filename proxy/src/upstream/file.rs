@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult};
+use super::{Extents, ExtentsFuture, ReadFuture, Upstream, UpstreamError, UpstreamResult};
 use crate::io::buf::ALIGN;
 use crate::io::{Engine, IoBuf};
 
@@ -125,6 +125,49 @@ impl Upstream for FileUpstream {
     fn source_kind(&self) -> &'static str {
         "image"
     }
+
+    fn extents(&self) -> ExtentsFuture<'_> {
+        let (file, size, path) = (Arc::clone(&self.buffered), self.size, self.path.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || data_extents(&file, size))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|source| UpstreamError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })
+        })
+    }
+}
+
+/// The file's data extents by `SEEK_DATA`/`SEEK_HOLE`; `None` where the
+/// file system cannot say. A block device answers "all data".
+fn data_extents(file: &File, size: u64) -> std::io::Result<Extents> {
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
+    let mut out = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < size {
+        let at = i64::try_from(pos).map_err(std::io::Error::other)?;
+        let data = match lseek(file, at, Whence::SeekData) {
+            Ok(d) => d.unsigned_abs(),
+            // No data after `pos`: the rest is a hole.
+            Err(Errno::ENXIO) => break,
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) if pos == 0 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let from = i64::try_from(data).map_err(std::io::Error::other)?;
+        let hole = lseek(file, from, Whence::SeekHole)
+            .map_err(std::io::Error::from)?
+            .unsigned_abs()
+            .min(size);
+        if hole <= data {
+            break;
+        }
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -173,5 +216,27 @@ mod tests {
             FileUpstream::open(Path::new("/nonexistent/herd"), engine, true),
             Err(UpstreamError::Open { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sparse_files_report_their_data_extents() {
+        use std::os::unix::fs::FileExt;
+        let dir = std::env::var("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let path = dir.join(format!("herd-file-sparse-{}", std::process::id()));
+        let f = File::create(&path).expect("create");
+        f.set_len(8 << 20).expect("size");
+        f.write_all_at(&[1u8; 8192], 1 << 20).expect("write");
+        f.write_all_at(&[2u8; 4096], (8 << 20) - 4096)
+            .expect("write");
+        f.sync_all().expect("sync");
+        let engine = Engine::start(8, false).expect("engine");
+        let up = FileUpstream::open(&path, engine, false).expect("open");
+        let got = up.extents().await.expect("extents");
+        let _ = std::fs::remove_file(&path);
+        // File systems may round extents out to their block; these writes
+        // are block-aligned, so every one names exactly what was written.
+        assert_eq!(got, Some(vec![(1 << 20, 8192), ((8 << 20) - 4096, 4096)]));
     }
 }

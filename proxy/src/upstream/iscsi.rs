@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult};
+use super::{Extents, ExtentsFuture, ReadFuture, Upstream, UpstreamError, UpstreamResult};
 use crate::io::IoBuf;
 use crate::iscsi::scsi::{self, Capacity, Sense};
 use crate::iscsi::session::{Completion, Fault};
@@ -70,6 +70,8 @@ pub enum CommandError {
 /// reissued on a new login, instead of waiting for TCP to give up.
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes asked of GET LBA STATUS at a time: 4095 descriptors.
+const LBA_STATUS_ALLOC: u32 = 64 << 10;
 
 pub struct IscsiUpstream {
     t: IscsiTarget,
@@ -101,6 +103,8 @@ impl IscsiUpstream {
             cap: Capacity {
                 blocks: 0,
                 block_size: 512,
+                thin: false,
+                zeroed: false,
             },
             max_xfer: 0,
         };
@@ -278,6 +282,67 @@ impl IscsiUpstream {
         }
     }
 
+    /// The LUN's mapped ranges by GET LBA STATUS, when the LUN says its
+    /// unmapped blocks read as zeros (LBPME and LBPRZ in READ CAPACITY(16):
+    /// tgtd with `thin_provisioning`). LIO answers GET LBA STATUS with
+    /// ILLEGAL REQUEST (its SERVICE ACTION IN(16) knows READ CAPACITY(16)
+    /// and REPORT REFERRALS only): then `None`, and the root reads it all.
+    async fn lba_status(&self) -> UpstreamResult<Extents> {
+        if !(self.cap.thin && self.cap.zeroed) {
+            tracing::info!(target = %self.t.target, "the LUN does not report unmapped blocks as zeros (LBPME/LBPRZ); reading all of it");
+            return Ok(None);
+        }
+        let bs = u64::from(self.cap.block_size);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut lba = 0u64;
+        while lba < self.cap.blocks {
+            let c = match self
+                .command(
+                    "GET LBA STATUS",
+                    scsi::get_lba_status(lba, LBA_STATUS_ALLOC),
+                    LBA_STATUS_ALLOC as usize,
+                )
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(target = %self.t.target, error = %crate::error_chain(&e), "no GET LBA STATUS; reading all of the LUN");
+                    return Ok(None);
+                }
+            };
+            let descs = scsi::parse_lba_status(&c.data).unwrap_or_default();
+            let before = lba;
+            for d in descs {
+                // Descriptors must continue where the last ended.
+                if d.lba != lba || d.blocks == 0 {
+                    break;
+                }
+                let blocks = u64::from(d.blocks).min(self.cap.blocks - lba);
+                if d.status != scsi::LBA_DEALLOCATED {
+                    match out.last_mut() {
+                        Some((o, n)) if *o + *n == lba * bs => *n += blocks * bs,
+                        _ => out.push((lba * bs, blocks * bs)),
+                    }
+                }
+                lba += blocks;
+                if lba >= self.cap.blocks {
+                    break;
+                }
+            }
+            if lba == before {
+                tracing::warn!(target = %self.t.target, lba, "GET LBA STATUS made no progress; reading all of the LUN");
+                return Ok(None);
+            }
+        }
+        tracing::info!(
+            target = %self.t.target,
+            extents = out.len(),
+            mapped_bytes = out.iter().map(|e| e.1).sum::<u64>(),
+            "allocation from GET LBA STATUS"
+        );
+        Ok(Some(out))
+    }
+
     async fn simple(&self, cdb: [u8; 16], len: usize) -> UpstreamResult<Completion> {
         self.command("command", cdb, len).await
     }
@@ -380,5 +445,9 @@ impl Upstream for IscsiUpstream {
 
     fn source_kind(&self) -> &'static str {
         "image"
+    }
+
+    fn extents(&self) -> ExtentsFuture<'_> {
+        Box::pin(self.lba_status())
     }
 }

@@ -17,6 +17,7 @@ pub mod file;
 pub mod health;
 pub mod iscsi;
 pub mod nbd;
+pub mod nbd_map;
 pub mod url;
 
 use std::future::Future;
@@ -79,6 +80,11 @@ pub type UpstreamResult<T> = Result<T, UpstreamError>;
 
 pub type ReadFuture<'a> = Pin<Box<dyn Future<Output = UpstreamResult<IoBuf>> + Send + 'a>>;
 
+/// Byte ranges (offset, length) that may hold data; the rest of the image
+/// reads as zeros. `None`: the source cannot tell.
+pub type Extents = Option<Vec<(u64, u64)>>;
+pub type ExtentsFuture<'a> = Pin<Box<dyn Future<Output = UpstreamResult<Extents>> + Send + 'a>>;
+
 /// A read-only source of image bytes.
 pub trait Upstream: Send + Sync {
     /// Image size in bytes.
@@ -94,5 +100,12 @@ pub trait Upstream: Send + Sync {
     /// `image` (the image itself: a file or LUN) or `parent` (a server).
     fn source_kind(&self) -> &'static str {
         "parent"
+    }
+
+    /// Where the image may hold data, if the source can say (a sparse
+    /// file's `SEEK_DATA`, a server's block status). Asked once, by the
+    /// manifest builder, which then reads only those ranges.
+    fn extents(&self) -> ExtentsFuture<'_> {
+        Box::pin(std::future::ready(Ok(None)))
     }
 }

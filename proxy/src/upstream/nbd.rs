@@ -157,7 +157,7 @@ async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
     }
 }
 
-async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
+pub(super) async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
     match url {
         UpstreamUrl::NbdTcp { host, port, .. } => {
             let s = TcpStream::connect((host.as_str(), *port)).await?;
@@ -185,6 +185,12 @@ async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStream> {
 
 /// Runs the client side of the fixed newstyle handshake up to transmission.
 async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResult<ExportInfo> {
+    greet(s, addr).await?;
+    go(s, export, addr).await
+}
+
+/// Reads the greeting and sends the client flags: options may follow.
+pub(super) async fn greet(s: &mut BoxStream, addr: &str) -> UpstreamResult<()> {
     let fail = |reason: String| UpstreamError::Handshake {
         addr: addr.to_owned(),
         reason,
@@ -201,7 +207,18 @@ async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResul
     if flags & proto::FLAG_NO_ZEROES != 0 {
         cflags |= proto::FLAG_C_NO_ZEROES;
     }
-    let mut out = cflags.to_be_bytes().to_vec();
+    s.write_all(&cflags.to_be_bytes()).await.map_err(io)?;
+    Ok(())
+}
+
+/// NBD_OPT_GO for `export`: on success the stream is in transmission.
+pub(super) async fn go(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResult<ExportInfo> {
+    let fail = |reason: String| UpstreamError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
+    let mut out = Vec::new();
     let req = InfoRequest {
         name: export.to_owned(),
         infos: vec![proto::INFO_BLOCK_SIZE],
@@ -490,5 +507,9 @@ impl Upstream for NbdUpstream {
 
     fn describe(&self) -> String {
         self.url.to_string()
+    }
+
+    fn extents(&self) -> super::ExtentsFuture<'_> {
+        Box::pin(super::nbd_map::extents(&self.url, self.info.size))
     }
 }

@@ -54,6 +54,42 @@ pub fn random_image(path: &Path, size: usize) -> Vec<u8> {
     data
 }
 
+/// A sparse image of `size` bytes: random data in `extents` (4 KiB
+/// aligned, not chunk aligned), explicit zeros written in `zeros`, holes
+/// elsewhere. Returns its bytes.
+pub fn sparse_image(
+    path: &Path,
+    size: u64,
+    extents: &[(u64, u64)],
+    zeros: &[(u64, u64)],
+) -> Vec<u8> {
+    use rand::RngCore;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut img = vec![0u8; usize::try_from(size).expect("size")];
+    for &(off, len) in extents {
+        let r = usize::try_from(off).expect("off")..usize::try_from(off + len).expect("end");
+        rand::thread_rng().fill_bytes(&mut img[r.clone()]);
+        f.write_all_at(&img[r], off).expect("write extent");
+    }
+    for &(off, len) in zeros {
+        f.write_all_at(&vec![0u8; usize::try_from(len).expect("len")], off)
+            .expect("write zeros");
+    }
+    f.sync_all().expect("sync image");
+    img
+}
+
+/// Bytes in `chunk`-sized chunks that hold any non-zero byte: what a
+/// cache of such chunks has to move.
+pub fn data_chunk_bytes(img: &[u8], chunk: usize) -> u64 {
+    img.chunks(chunk)
+        .filter(|c| c.iter().any(|&b| b != 0))
+        .map(|c| c.len() as u64)
+        .sum()
+}
+
 /// `herd manifest build IMG`: the manifest beside the image, as a root
 /// over a server that is not herd (nbdkit, qemu-nbd) is given it.
 pub fn build_manifest(img: &Path) -> PathBuf {
@@ -520,6 +556,23 @@ impl Tgtd {
             ]);
         }
         wait_port(self.port);
+    }
+
+    /// Marks LUN 1 thin-provisioned: READ CAPACITY(16) then reports
+    /// LBPME and LBPRZ, and GET LBA STATUS the backing file's holes.
+    pub fn thin_provisioning(&self) {
+        self.adm(&[
+            "--op",
+            "update",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "--params",
+            "thin_provisioning=1",
+        ]);
     }
 
     /// Makes the target prefer CRC32C header and data digests.
