@@ -76,6 +76,10 @@ fn describe() {
     describe_gauge!("herd_cache_chunks_present", "chunks held in the cache");
     describe_gauge!("herd_cache_chunks_total", "chunks in the image");
     describe_gauge!(
+        "herd_cache_chunks_zero",
+        "chunks that are all zeros by the manifest: never fetched nor stored"
+    );
+    describe_gauge!(
         "herd_prefetch_chunks_total",
         "chunks the current prefetch plan covers"
     );
@@ -222,6 +226,10 @@ pub fn cache_chunks_present(n: u64) {
     gauge!("herd_cache_chunks_present").set(n as f64);
 }
 #[allow(clippy::cast_precision_loss)]
+pub fn cache_chunks_zero(n: u64) {
+    gauge!("herd_cache_chunks_zero").set(n as f64);
+}
+
 pub fn cache_chunks_total(n: u64) {
     gauge!("herd_cache_chunks_total").set(n as f64);
 }

@@ -18,7 +18,11 @@
 //! Every fetched chunk is checked against the image's manifest before any
 //! reader sees it; a chunk that fails is read again, up to three reads,
 //! then its readers get an error. Chunks found on disk at start are checked
-//! on their first read (DESIGN.md, "Manifest v1 and verification").
+//! on their first read (DESIGN.md, "Manifest and verification").
+//!
+//! A chunk whose manifest digest is the digest of zeros (a hole, or zeros
+//! written out) is never fetched, written or read from disk: its readers
+//! get zeros from memory (DESIGN.md, "Holes").
 
 pub mod bitmap;
 
@@ -114,6 +118,23 @@ struct Piece {
 
 type FetchState = Option<Result<Piece, String>>;
 
+/// Where one chunk of a read comes from.
+enum Part {
+    /// On disk, in the data file.
+    Disk,
+    /// All zeros by the manifest: nothing to read.
+    Zero,
+    /// Fetched, not yet persisted: from memory.
+    Mem(Piece),
+}
+
+/// A chunk as `begin_range` found it.
+enum Claim {
+    Present,
+    Zero,
+    Fetch(watch::Receiver<FetchState>),
+}
+
 /// Adjacent missing chunks are fetched with one upstream read of at most
 /// this many bytes.
 const MAX_RUN_BYTES: u64 = 1 << 20;
@@ -135,6 +156,9 @@ pub struct ChunkCache {
     /// Chunks known good since this process opened the cache: fetched and
     /// checked here, or read back from disk and checked once.
     verified: Vec<AtomicU64>,
+    /// Chunks that are all zeros by the manifest (bit per chunk).
+    zero: Vec<u64>,
+    zero_count: u64,
     engine: Engine,
     data: Arc<File>,
     data_path: PathBuf,
@@ -216,10 +240,14 @@ impl ChunkCache {
         m::cache_chunks_total(bitmap.chunks());
         m::cache_chunks_present(bitmap.count());
         let words = usize::try_from(bitmap.chunks().div_ceil(64)).unwrap_or(0);
+        let (zero, zero_count) = zero_chunks(&manifest, u64::from(chunk_size), bitmap.chunks());
+        m::cache_chunks_zero(zero_count);
         Ok(Arc::new(Self {
             upstream,
             manifest,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            zero,
+            zero_count,
             engine,
             data: Arc::new(data),
             data_path: dir.join(DATA_FILE),
@@ -276,6 +304,41 @@ impl ChunkCache {
     /// one happened since the last call).
     pub async fn digest_failure(&self) {
         self.digest_failed.notified().await;
+    }
+
+    /// Whether cache chunk `c` is all zeros by the manifest.
+    #[must_use]
+    pub fn is_zero(&self, c: u64) -> bool {
+        usize::try_from(c / 64)
+            .ok()
+            .and_then(|w| self.zero.get(w))
+            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+    }
+
+    /// Chunks that are all zeros (never fetched nor stored).
+    #[must_use]
+    pub fn chunks_zero(&self) -> u64 {
+        self.zero_count
+    }
+
+    /// The range cut where chunks of zeros begin and end: (offset, length,
+    /// all zeros?) pieces in order, covering exactly `offset..offset+len`.
+    #[must_use]
+    pub fn zero_spans(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let c = at / self.chunk_size;
+            let next = ((c + 1) * self.chunk_size).min(end);
+            let z = self.is_zero(c);
+            match out.last_mut() {
+                Some((_, n, lz)) if *lz == z => *n += next - at,
+                _ => out.push((at, next - at, z)),
+            }
+            at = next;
+        }
+        out
     }
 
     fn is_verified(&self, c: u64) -> bool {
@@ -335,7 +398,7 @@ impl ChunkCache {
             return Ok(());
         }
         for c in offset / self.chunk_size..=(offset + len - 1) / self.chunk_size {
-            if self.bitmap.is_set(c) && !self.is_verified(c) {
+            if self.bitmap.is_set(c) && !self.is_verified(c) && !self.is_zero(c) {
                 self.verify_on_disk(c).await?;
             }
         }
@@ -386,16 +449,20 @@ impl ChunkCache {
         self.check_range(offset, len as u64)?;
         self.verify_range(offset, len as u64).await?;
         let parts = self.resolve(offset, len as u64).await?;
-        if parts.iter().all(|(_, p)| p.is_none()) {
+        if parts.iter().all(|(_, p)| matches!(p, Part::Disk)) {
             // Hit path: every chunk is on disk, one pread.
             return self.read_disk(offset, len).await.map(Data::Owned);
+        }
+        if parts.iter().all(|(_, p)| matches!(p, Part::Zero)) {
+            return Ok(Data::Owned(IoBuf::zeroed(len)));
         }
         if let Some(shared) = self.within_one_run(offset, len, &parts) {
             // Typical miss: the range lies in one fetched run; no copy.
             return Ok(shared);
         }
-        // Every byte belongs to one of the range's chunks and is copied in.
-        let mut out = IoBuf::scratch(len);
+        // Every byte belongs to one of the range's chunks and is copied in
+        // (zero chunks are left as they are).
+        let mut out = IoBuf::zeroed(len);
         let end = offset + len as u64;
         for (chunk, part) in parts {
             let c0 = chunk * self.chunk_size;
@@ -403,14 +470,15 @@ impl ChunkCache {
             let dst = usize::try_from(from - offset).unwrap_or(0)
                 ..usize::try_from(to - offset).unwrap_or(0);
             match part {
-                Some(piece) => {
+                Part::Mem(piece) => {
                     let src = piece.at + usize::try_from(from - c0).unwrap_or(0);
                     out[dst.clone()].copy_from_slice(&piece.run[src..src + dst.len()]);
                 }
-                None => {
+                Part::Disk => {
                     let piece = self.read_disk(from, dst.len()).await?;
                     out[dst].copy_from_slice(&piece);
                 }
+                Part::Zero => {}
             }
         }
         Ok(Data::Owned(out))
@@ -418,18 +486,13 @@ impl ChunkCache {
 
     /// `Some` when every chunk of the range comes from the same fetched
     /// run, at consecutive places: the reply can borrow the run.
-    fn within_one_run(
-        &self,
-        offset: u64,
-        len: usize,
-        parts: &[(u64, Option<Piece>)],
-    ) -> Option<Data> {
-        let (c0, Some(first)) = parts.first()? else {
+    fn within_one_run(&self, offset: u64, len: usize, parts: &[(u64, Part)]) -> Option<Data> {
+        let (c0, Part::Mem(first)) = parts.first()? else {
             return None;
         };
         let cs = usize::try_from(self.chunk_size).ok()?;
         for (i, (_, p)) in parts.iter().enumerate() {
-            let p = p.as_ref()?;
+            let Part::Mem(p) = p else { return None };
             if !Arc::ptr_eq(&p.run, &first.run) || p.at != first.at + i * cs {
                 return None;
             }
@@ -482,7 +545,7 @@ impl ChunkCache {
         let chunks = offset / self.chunk_size..=(offset + len as u64 - 1) / self.chunk_size;
         chunks
             .clone()
-            .all(|c| self.bitmap.is_set(c) && self.is_verified(c))
+            .all(|c| self.bitmap.is_set(c) && self.is_verified(c) && !self.is_zero(c))
             .then_some(chunks)
     }
 
@@ -551,10 +614,10 @@ impl ChunkCache {
         drop(self.begin_range(first, last, false, Class::Demand));
     }
 
-    /// Whether chunk `c` is on disk.
+    /// Whether chunk `c` needs no fetch: on disk, or all zeros.
     #[must_use]
     pub fn is_present(&self, c: u64) -> bool {
-        self.bitmap.is_set(c)
+        self.bitmap.is_set(c) || self.is_zero(c)
     }
 
     /// Demand fetches currently waiting on the upstream.
@@ -583,8 +646,8 @@ impl ChunkCache {
     /// The fetch error of any chunk.
     pub async fn prefetch(self: &Arc<Self>, first: u64, last: u64) -> CacheResult<()> {
         let last = last.min(self.chunks_total().saturating_sub(1));
-        for (chunk, rx) in self.begin_range(first, last, false, Class::Prefetch) {
-            if let Some(rx) = rx {
+        for (chunk, claim) in self.begin_range(first, last, false, Class::Prefetch) {
+            if let Claim::Fetch(rx) = claim {
                 Self::wait_fetch(chunk, rx).await?;
             }
         }
@@ -606,13 +669,8 @@ impl ChunkCache {
         }
     }
 
-    /// For each chunk of the range: `None` if it is on disk, or the fetched
-    /// bytes of a chunk still being persisted.
-    async fn resolve(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-    ) -> CacheResult<Vec<(u64, Option<Piece>)>> {
+    /// For each chunk of the range: where its bytes are.
+    async fn resolve(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<Vec<(u64, Part)>> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -624,26 +682,27 @@ impl ChunkCache {
         // in one upstream read).
         let started = self.begin_range(first, last, true, Class::Demand);
         let mut parts = Vec::with_capacity(started.len());
-        for (chunk, rx) in started {
-            let piece = match rx {
-                Some(rx) => Some(Self::wait_fetch(chunk, rx).await?),
-                None => None,
+        for (chunk, claim) in started {
+            let part = match claim {
+                Claim::Fetch(rx) => Part::Mem(Self::wait_fetch(chunk, rx).await?),
+                Claim::Present => Part::Disk,
+                Claim::Zero => Part::Zero,
             };
-            parts.push((chunk, piece));
+            parts.push((chunk, part));
         }
         Ok(parts)
     }
 
-    /// For each chunk of `first..=last`: `None` if present, else a receiver
-    /// for its fetch. Missing chunks that nobody fetches yet are claimed
-    /// under one lock and fetched in runs of adjacent chunks.
+    /// For each chunk of `first..=last`: present, zeros, or a receiver for
+    /// its fetch. Missing chunks that nobody fetches yet are claimed under
+    /// one lock and fetched in runs of adjacent chunks.
     fn begin_range(
         self: &Arc<Self>,
         first: u64,
         last: u64,
         count: bool,
         class: Class,
-    ) -> Vec<(u64, Option<watch::Receiver<FetchState>>)> {
+    ) -> Vec<(u64, Claim)> {
         let mut out = Vec::new();
         let mut runs: Vec<(u64, Vec<watch::Sender<FetchState>>)> = Vec::new();
         let per_run = (MAX_RUN_BYTES / self.chunk_size).max(1);
@@ -653,13 +712,20 @@ impl ChunkCache {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for chunk in first..=last {
+                if self.is_zero(chunk) {
+                    if count {
+                        self.hit();
+                    }
+                    out.push((chunk, Claim::Zero));
+                    continue;
+                }
                 // Checked under the lock: a fetch sets the bit before it
                 // leaves the map, so a reader never misses both.
                 if self.bitmap.is_set(chunk) {
                     if count {
                         self.hit();
                     }
-                    out.push((chunk, None));
+                    out.push((chunk, Claim::Present));
                     continue;
                 }
                 if let Some(rx) = map.get(&chunk) {
@@ -667,14 +733,14 @@ impl ChunkCache {
                         self.stats.joins.fetch_add(1, Ordering::Relaxed);
                         m::singleflight_join();
                     }
-                    out.push((chunk, Some(rx.clone())));
+                    out.push((chunk, Claim::Fetch(rx.clone())));
                     continue;
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 m::chunk_miss();
                 let (tx, rx) = watch::channel(None);
                 map.insert(chunk, rx.clone());
-                out.push((chunk, Some(rx)));
+                out.push((chunk, Claim::Fetch(rx)));
                 match runs.last_mut() {
                     Some((start, txs))
                         if *start + txs.len() as u64 == chunk && (txs.len() as u64) < per_run =>
@@ -924,6 +990,25 @@ impl ChunkCache {
     pub fn sync(&self) -> CacheResult<()> {
         Ok(self.bitmap.sync()?)
     }
+}
+
+/// Which of the cache's `chunks` chunks (of `cs` bytes) are all zeros by
+/// `manifest`, whose chunks divide them: a bit per chunk, and the count.
+fn zero_chunks(manifest: &Manifest, cs: u64, chunks: u64) -> (Vec<u64>, u64) {
+    let per = (cs / u64::from(manifest.chunk_size())).max(1);
+    let mut bits = vec![0u64; usize::try_from(chunks.div_ceil(64)).unwrap_or(0)];
+    let mut n = 0;
+    for c in 0..chunks {
+        let first = c * per;
+        let last = (first + per).min(manifest.chunks());
+        if (first..last).all(|i| manifest.is_zero(i)) {
+            if let Some(w) = usize::try_from(c / 64).ok().and_then(|w| bits.get_mut(w)) {
+                *w |= 1 << (c % 64);
+                n += 1;
+            }
+        }
+    }
+    (bits, n)
 }
 
 #[cfg(test)]
