@@ -1,5 +1,5 @@
 //! Everything a parent can send the NBD client: greeting, option replies,
-//! info payloads and reply headers.
+//! info and meta-context payloads, reply headers and block status.
 #![no_main]
 
 use herd::nbd::proto;
@@ -13,4 +13,10 @@ fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_option_reply_header(data);
     let _ = proto::decode_info(data);
     let _ = proto::decode_reply_header(data);
+    let _ = proto::decode_meta_context_reply(data);
+    if let Ok((id, descs)) = proto::decode_block_status(data) {
+        let mut out = Vec::new();
+        proto::encode_block_status(0, id, &descs, &mut out);
+        assert_eq!(&out[proto::STRUCTURED_HEADER_LEN..], data);
+    }
 });

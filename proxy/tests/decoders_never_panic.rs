@@ -17,6 +17,11 @@ fn all_decoders(d: &[u8]) {
     let _ = proto::decode_info(d);
     let _ = proto::decode_request(d);
     let _ = proto::decode_reply_header(d);
+    if let Ok(r) = proto::decode_meta_context_request(d) {
+        assert_eq!(proto::encode_meta_context_request(&r), d);
+    }
+    let _ = proto::decode_meta_context_reply(d);
+    let _ = proto::decode_block_status(d);
     let _ = bitmap::decode_header(d);
     let _ = pdu::decode(d);
     let _ = pdu::rejected_itt(d);
@@ -43,6 +48,7 @@ fn all_decoders(d: &[u8]) {
     if let Ok(m) = Manifest::decode(d) {
         assert_eq!(m.bytes(), d);
         let _ = m.bad_chunks(0, d);
+        let _ = m.block_status(0, m.image_size(), 64);
     }
     // Past the checksum too: the extent checks must hold on their own.
     let mut sealed = d.to_vec();
@@ -81,6 +87,13 @@ fn random_and_mutated_inputs_never_panic() {
         })
         .to_vec(),
     );
+    seeds.push(proto::encode_meta_context_request(
+        &proto::MetaContextRequest {
+            export: "herd".into(),
+            queries: vec!["base:allocation".into()],
+        },
+    ));
+    seeds.push(vec![0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 3]);
     seeds.push(
         Manifest::from_digests(3 << 12, 4096, &[[1; 32], [2; 32], [3; 32]])
             .map(|m| m.bytes().to_vec())

@@ -31,15 +31,26 @@ pub enum HandshakeError {
 
 /// How negotiation ended.
 pub enum Outcome {
-    Transmission { structured: bool, backing: Backing },
+    Transmission {
+        structured: bool,
+        /// `base:allocation` was selected for the chosen export: the
+        /// context id BLOCK_STATUS replies carry.
+        allocation: Option<u32>,
+        backing: Backing,
+    },
     Closed,
 }
+
+/// The id herd gives `base:allocation`, its only metadata context.
+pub const ALLOCATION_ID: u32 = 1;
 
 struct Negotiation<'a, S> {
     s: &'a mut S,
     export: &'a Export,
     structured: bool,
     no_zeroes: bool,
+    /// The export `base:allocation` was last selected for.
+    meta_for: Option<String>,
 }
 
 /// Runs negotiation; `Ok(Transmission)` means the stream is ready for
@@ -56,6 +67,7 @@ where
         export,
         structured: false,
         no_zeroes: false,
+        meta_for: None,
     };
     tokio::time::timeout(TIMEOUT, n.run())
         .await
@@ -94,17 +106,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 proto::OPT_LIST => self.list(&payload).await?,
                 proto::OPT_STRUCTURED_REPLY => self.structured_reply(&payload).await?,
                 proto::OPT_INFO | proto::OPT_GO => self.info_or_go(opt.option, &payload).await?,
+                proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                    self.meta_context(opt.option, &payload).await?;
+                    None
+                }
                 other => {
                     self.reply(other, proto::REP_ERR_UNSUP, b"option not supported")
                         .await?;
                     None
                 }
             };
-            if let Some(backing) = chosen {
-                return Ok(Outcome::Transmission {
-                    structured: self.structured,
-                    backing,
-                });
+            if let Some((name, backing)) = chosen {
+                return Ok(self.transmission(&name, backing));
             }
         }
         Err(HandshakeError::TooManyOptions)
@@ -132,13 +145,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         );
         self.s.write_all(&out).await?;
         self.s.flush().await?;
-        Ok(Outcome::Transmission {
-            structured: self.structured,
-            backing,
-        })
+        Ok(self.transmission(&name, backing))
     }
 
-    async fn list(&mut self, payload: &[u8]) -> Result<Option<Backing>, HandshakeError> {
+    fn transmission(&self, name: &str, backing: Backing) -> Outcome {
+        Outcome::Transmission {
+            structured: self.structured,
+            allocation: (self.structured && self.meta_for.as_deref() == Some(name))
+                .then_some(ALLOCATION_ID),
+            backing,
+        }
+    }
+
+    /// LIST_META_CONTEXT and SET_META_CONTEXT. herd knows one context,
+    /// `base:allocation`; unknown queries are ignored, as the spec says,
+    /// so a client asking only for others gets no context and carries on.
+    async fn meta_context(&mut self, option: u32, payload: &[u8]) -> Result<(), HandshakeError> {
+        let set = option == proto::OPT_SET_META_CONTEXT;
+        if set {
+            // A SET replaces the selection even when it fails.
+            self.meta_for = None;
+        }
+        if set && !self.structured {
+            self.reply(
+                option,
+                proto::REP_ERR_INVALID,
+                b"SET_META_CONTEXT needs structured replies first",
+            )
+            .await?;
+            return Ok(());
+        }
+        let Ok(req) = proto::decode_meta_context_request(payload) else {
+            self.reply(
+                option,
+                proto::REP_ERR_INVALID,
+                b"malformed meta context request",
+            )
+            .await?;
+            return Ok(());
+        };
+        if self.export.select(&req.export).is_none() {
+            let msg = format!("no export named `{}`", req.export);
+            self.reply(option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
+                .await?;
+            return Ok(());
+        }
+        let wanted = if set {
+            req.queries
+                .iter()
+                .any(|q| q == proto::CONTEXT_BASE_ALLOCATION)
+        } else {
+            // LIST: no query means "all"; `base:` is the namespace wildcard.
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| q == "base:" || q == proto::CONTEXT_BASE_ALLOCATION)
+        };
+        if wanted {
+            // LIST replies carry id 0, which clients disregard.
+            let id = if set { ALLOCATION_ID } else { 0 };
+            let rep = proto::encode_meta_context_reply(id, proto::CONTEXT_BASE_ALLOCATION);
+            self.reply(option, proto::REP_META_CONTEXT, &rep).await?;
+            if set {
+                self.meta_for = Some(req.export);
+            }
+        } else {
+            tracing::debug!(queries = ?req.queries, "no metadata context matched");
+        }
+        self.reply(option, proto::REP_ACK, &[]).await?;
+        Ok(())
+    }
+
+    async fn list(&mut self, payload: &[u8]) -> Result<Option<(String, Backing)>, HandshakeError> {
         if !payload.is_empty() {
             self.reply(
                 proto::OPT_LIST,
@@ -170,7 +249,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
     async fn structured_reply(
         &mut self,
         payload: &[u8],
-    ) -> Result<Option<Backing>, HandshakeError> {
+    ) -> Result<Option<(String, Backing)>, HandshakeError> {
         if payload.is_empty() {
             self.structured = true;
             self.reply(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[])
@@ -190,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         &mut self,
         option: u32,
         payload: &[u8],
-    ) -> Result<Option<Backing>, HandshakeError> {
+    ) -> Result<Option<(String, Backing)>, HandshakeError> {
         let Ok(req) = proto::decode_info_request(payload) else {
             self.reply(option, proto::REP_ERR_INVALID, b"malformed INFO/GO request")
                 .await?;
@@ -229,6 +308,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             self.reply(option, proto::REP_INFO, &p).await?;
         }
         self.reply(option, proto::REP_ACK, &[]).await?;
-        Ok((option == proto::OPT_GO).then_some(backing))
+        Ok((option == proto::OPT_GO).then_some((req.name, backing)))
     }
 }

@@ -38,6 +38,12 @@ enum Reply {
         handle: u64,
         errno: u32,
     },
+    /// BLOCK_STATUS: (length, flags) descriptors for context `id`.
+    Status {
+        handle: u64,
+        id: u32,
+        descs: Vec<(u32, u32)>,
+    },
 }
 
 /// A READ reply's data: bytes in memory, or a resident range of the cache
@@ -51,6 +57,14 @@ enum Payload {
     /// A side export's bytes (profile, manifest): counted apart from the
     /// image's, so "bytes served" stays the image payload.
     Side(Data),
+    /// A structured READ over chunks of zeros: `spans` (offset, length,
+    /// zeros?) cover the request; zero spans leave as OFFSET_HOLE chunks,
+    /// the others as OFFSET_DATA from `data` (the whole range; `None` when
+    /// every span is zeros).
+    Sparse {
+        data: Option<Data>,
+        spans: Vec<(u64, u64, bool)>,
+    },
 }
 
 impl Payload {
@@ -58,6 +72,11 @@ impl Payload {
         match self {
             Self::Buf(b) | Self::Side(b) => b.len(),
             Self::File { len, .. } => *len,
+            Self::Sparse { spans, .. } => spans
+                .iter()
+                .filter(|s| !s.2)
+                .map(|s| usize::try_from(s.1).unwrap_or(0))
+                .sum(),
         }
     }
 }
@@ -71,11 +90,12 @@ pub async fn run(
     dup: Option<OwnedFd>,
     export: &Arc<Export>,
 ) -> Result<(), HandshakeError> {
-    let (structured, backing) = match handshake::negotiate(&mut stream, export).await? {
+    let (structured, allocation, backing) = match handshake::negotiate(&mut stream, export).await? {
         Outcome::Transmission {
             structured,
+            allocation,
             backing,
-        } => (structured, backing),
+        } => (structured, allocation, backing),
         Outcome::Closed => return Ok(()),
     };
     let (r, w) = tokio::io::split(stream);
@@ -224,7 +244,7 @@ pub async fn run(
                 };
                 let (export, tx) = (Arc::clone(export), tx.clone());
                 tokio::spawn(async move {
-                    let reply = execute(&export, &req).await;
+                    let reply = execute(&export, &req, structured).await;
                     let _ = tx.send(reply).await;
                     drop(permit);
                 });
@@ -258,7 +278,23 @@ pub async fn run(
                 }
             }
             proto::CMD_DISC => break Ok(()),
-            // BLOCK_STATUS needs a negotiated meta context; we offer none.
+            proto::CMD_BLOCK_STATUS => {
+                // Needs `base:allocation` selected for this export (which
+                // implies structured replies); else EINVAL, as the spec says.
+                let reply = match allocation {
+                    Some(id) if req.length > 0 && invalid_status_range(&req, size).is_none() => {
+                        Reply::Status {
+                            handle: req.handle,
+                            id,
+                            descs: block_status(export, side.is_some(), &req),
+                        }
+                    }
+                    _ => err(proto::EINVAL),
+                };
+                if tx.send(reply).await.is_err() {
+                    break Ok(());
+                }
+            }
             _ => {
                 if tx.send(err(proto::EINVAL)).await.is_err() {
                     break Ok(());
@@ -272,6 +308,36 @@ pub async fn run(
     result
 }
 
+/// Most descriptors in one BLOCK_STATUS reply (512 KiB); the client asks
+/// again from where it ends.
+const MAX_DESCRIPTORS: usize = 64 << 10;
+
+/// The spec bounds BLOCK_STATUS by the image, not by the READ size cap.
+fn invalid_status_range(req: &Request, size: u64) -> Option<u32> {
+    match req.offset.checked_add(u64::from(req.length)) {
+        Some(end) if end <= size => None,
+        _ => Some(proto::EINVAL),
+    }
+}
+
+/// `base:allocation` of the request's range, from the manifest: what is
+/// a hole and what is zeros is known at every node without asking the
+/// parent. A side export is all data.
+fn block_status(export: &Export, side: bool, req: &Request) -> Vec<(u32, u32)> {
+    if side {
+        return vec![(req.length, 0)];
+    }
+    let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_DESCRIPTORS
+    };
+    export
+        .cache
+        .manifest()
+        .block_status(req.offset, u64::from(req.length), max)
+}
+
 fn invalid_range(req: &Request, size: u64) -> Option<u32> {
     if req.length > proto::MAX_REQUEST {
         return Some(proto::EINVAL);
@@ -282,13 +348,28 @@ fn invalid_range(req: &Request, size: u64) -> Option<u32> {
     }
 }
 
-async fn execute(export: &Arc<Export>, req: &Request) -> Reply {
+async fn execute(export: &Arc<Export>, req: &Request, structured: bool) -> Reply {
     let cache = &export.cache;
     let res = if req.command == proto::CMD_READ {
-        cache
-            .read(req.offset, req.length as usize)
-            .await
-            .map(|b| Some(Payload::Buf(b)))
+        // Structured replies send chunks of zeros as holes: no bytes.
+        let spans = if structured && req.flags & proto::CMD_FLAG_DF == 0 {
+            cache.zero_spans(req.offset, u64::from(req.length))
+        } else {
+            Vec::new()
+        };
+        if spans.iter().any(|s| s.2) {
+            let data = if spans.iter().all(|s| s.2) {
+                Ok(None)
+            } else {
+                cache.read(req.offset, req.length as usize).await.map(Some)
+            };
+            data.map(|data| Some(Payload::Sparse { data, spans }))
+        } else {
+            cache
+                .read(req.offset, req.length as usize)
+                .await
+                .map(|b| Some(Payload::Buf(b)))
+        }
     } else {
         cache
             .ensure(req.offset, u64::from(req.length))
@@ -411,6 +492,57 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
         Reply::Ok {
             handle,
             offset,
+            data: Some(Payload::Sparse { data, spans }),
+        } => {
+            let n = spans.len();
+            let mut sent = 0u64;
+            for (i, (at, len, zero)) in spans.into_iter().enumerate() {
+                let flags = if i + 1 == n {
+                    proto::REPLY_FLAG_DONE
+                } else {
+                    0
+                };
+                hdr.clear();
+                let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+                if zero {
+                    proto::encode_offset_hole(flags, handle, at, len32, &mut hdr);
+                    w.push(&hdr).await?;
+                    continue;
+                }
+                let from = usize::try_from(at - offset).unwrap_or(usize::MAX);
+                let Some(bytes) = data
+                    .as_deref()
+                    .and_then(|d| d.get(from..from.saturating_add(len32 as usize)))
+                else {
+                    return Err(std::io::ErrorKind::InvalidData.into());
+                };
+                proto::encode_structured_header(
+                    flags,
+                    proto::REPLY_TYPE_OFFSET_DATA,
+                    handle,
+                    len32.saturating_add(8),
+                    &mut hdr,
+                );
+                hdr.extend_from_slice(&at.to_be_bytes());
+                w.push(&hdr).await?;
+                if bytes.len() >= LARGE {
+                    w.send_with(bytes).await?;
+                } else {
+                    w.push(bytes).await?;
+                }
+                sent += len;
+            }
+            if sent > 0 {
+                m::served(sent);
+            }
+        }
+        Reply::Status { handle, id, descs } => {
+            proto::encode_block_status(handle, id, &descs, &mut hdr);
+            w.push(&hdr).await?;
+        }
+        Reply::Ok {
+            handle,
+            offset,
             data,
         } => {
             let len = data.as_ref().map_or(0, |d| d.len());
@@ -446,7 +578,8 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                     w.send_file(offset, len).await?;
                     m::served_zero_copy(len as u64);
                 }
-                None => {}
+                // Encoded above.
+                Some(Payload::Sparse { .. }) | None => {}
             }
             if len > 0 && side {
                 m::served_side(len as u64);
