@@ -91,6 +91,10 @@ pub fn run(opts: &Options) -> Result<()> {
         ),
         ("bench_dataplane_quick_produces_complete_json", bench_smoke),
         ("bench_iscsi_quick_produces_complete_json", iscsi_smoke),
+        (
+            "bench_sparse_quick_root_serves_only_data_chunks",
+            sparse_smoke,
+        ),
         ("vagrantfile_validates", crate::vagrant::validate),
     ];
     if !opts.quick {
@@ -164,6 +168,20 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+/// The sparse bench on a small image: its own checks hold (the root reads
+/// and serves exactly the data chunks, copy and prefetch alike).
+fn sparse_smoke() -> Result<()> {
+    let o = crate::bench::sparse::Options {
+        image_mib: 0,
+        data_mib: 0,
+        rounds: 1,
+        quick: true,
+    };
+    let r = crate::bench::sparse::run_bench(&o)?;
+    anyhow::ensure!(r.runs.len() == 7, "runs missing: {}", r.runs.len());
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod iscsi;
 mod plot;
 pub mod recorder;
 mod report;
+pub mod sparse;
 pub mod storm;
 
 use anyhow::Result;
@@ -26,6 +27,8 @@ pub enum Suite {
     Failover(failover::Options),
     /// A boot storm on an emulated fleet: herd's tree against full copy and all-from-root.
     Storm(storm::Options),
+    /// A sparse image copied whole and prefetched: herd's tree vs nbdkit's file plugin.
+    Sparse(sparse::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
@@ -35,5 +38,6 @@ pub fn run(suite: &Suite) -> Result<()> {
         Suite::Recorder(o) => recorder::run_bench(o).map(drop),
         Suite::Storm(o) => storm::run_job(o),
         Suite::Failover(o) => failover::run_bench(o),
+        Suite::Sparse(o) => sparse::run_bench(o).map(drop),
     }
 }
