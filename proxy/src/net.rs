@@ -1,5 +1,6 @@
-//! Sockets: one boxed stream type over TCP and Unix sockets, and the
-//! listener for `--listen host:port | unix:PATH`.
+//! Sockets: one boxed stream type over TCP and Unix sockets, the listener
+//! for `--listen host:port | unix:PATH`, and a free loopback port for the
+//! tests and benches that start daemons.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -128,6 +129,36 @@ impl Listener {
 
 /// An accepted connection: stream, peer label, socket dup.
 pub type Accepted = (BoxStream, String, Option<OwnedFd>);
+
+/// A loopback TCP port that nothing listens on, for a daemon about to be
+/// started (tests, benches). Taken below the kernel's ephemeral range
+/// (32768–60999 by default): a port handed out by `bind(:0)` can be taken
+/// by any outgoing connection before the daemon binds it, which made
+/// parallel tests flake with "Address already in use". Another picker can
+/// still race for the same port, so callers retry a daemon that lost.
+///
+/// # Errors
+/// No port free in the range, and `bind(:0)` failing too.
+pub fn unused_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    for _ in 0..256 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut x = seed ^ n.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 31;
+        let port = 20_000 + u16::try_from(x % 12_000).unwrap_or(0);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
 
 #[cfg(test)]
 mod tests {

@@ -146,11 +146,10 @@ pub fn with_mounted<T>(
     out
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, outside the
+/// ephemeral range (`herd::net::unused_port`).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(herd::net::unused_port()?)
 }
 
 /// The value at fraction `p` (0..=1) of a sorted sample, nearest rank; 0

@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,10 +39,7 @@ pub fn have(tool: &str) -> bool {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    herd::net::unused_port().expect("free port")
 }
 
 /// Writes `size` random bytes to `path`.
@@ -135,13 +132,34 @@ pub struct Herd {
 }
 
 impl Herd {
-    /// Starts `herd serve` with `upstream` and waits until it listens.
+    /// Starts `herd serve` with `upstream` and waits until it listens; a
+    /// daemon that lost its ports to another test is started again on
+    /// others.
     pub fn start(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> Self {
-        Self::start_on(dir, name, upstream, free_port(), extra)
+        for _ in 0..4 {
+            match Self::try_start(dir, name, upstream, free_port(), free_port(), extra) {
+                Ok(h) => return h,
+                Err(log) if log.contains("Address already in use") => {}
+                Err(log) => panic!("herd {name} exited before it listened:\n{log}"),
+            }
+        }
+        panic!("herd {name}: four pairs of ports taken in a row");
     }
 
     pub fn start_on(dir: &Path, name: &str, upstream: &str, port: u16, extra: &[&str]) -> Self {
-        let metrics = free_port();
+        Self::try_start(dir, name, upstream, port, free_port(), extra)
+            .unwrap_or_else(|log| panic!("herd {name} exited before it listened:\n{log}"))
+    }
+
+    /// `Err(log)` if the daemon exits before both its ports listen.
+    fn try_start(
+        dir: &Path,
+        name: &str,
+        upstream: &str,
+        port: u16,
+        metrics: u16,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -154,7 +172,7 @@ impl Herd {
         } else {
             &["--chunk-size", "1MiB"]
         };
-        let child = Command::new(HERD)
+        let mut child = Command::new(HERD)
             .args(["serve", "--upstream", upstream])
             .args(chunk)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -167,14 +185,24 @@ impl Herd {
             .stderr(logf)
             .spawn()
             .expect("spawn herd");
-        wait_port(port);
-        wait_port(metrics);
-        Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
+        while !(up(port) && up(metrics)) {
+            if child.try_wait().ok().flatten().is_some() {
+                return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "herd {name} does not listen on {port} and {metrics} after 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
             child,
             port,
             metrics,
             log,
-        }
+        })
     }
 
     pub fn url(&self) -> String {
