@@ -19,25 +19,77 @@ pub enum MetricsError {
         #[source]
         source: metrics_exporter_prometheus::BuildError,
     },
+    #[error("a metrics recorder is already installed")]
+    Recorder,
 }
 
-/// Serves `http://addr/metrics` in the Prometheus text format.
+/// Serves `http://addr/metrics` in the Prometheus text format. Every
+/// metric is registered (at 0) before the first scrape is answered, so a
+/// reader can tell a real 0 from a metric that does not exist.
 ///
 /// # Errors
-/// A bad address or a failure to bind / install the recorder.
+/// A bad address, a failure to bind, or a recorder already installed.
+/// Must run inside a tokio runtime.
 pub fn install(addr: &str) -> Result<(), MetricsError> {
     let sock: SocketAddr = addr
         .parse()
         .map_err(|_| MetricsError::Addr(addr.to_owned()))?;
-    PrometheusBuilder::new()
+    // The listener is bound here; connections wait in its backlog until
+    // the exporter runs, after the metrics exist.
+    let (recorder, exporter) = PrometheusBuilder::new()
         .with_http_listener(sock)
-        .install()
+        .build()
         .map_err(|source| MetricsError::Install {
             addr: addr.to_owned(),
             source,
         })?;
+    metrics::set_global_recorder(recorder).map_err(|_| MetricsError::Recorder)?;
     describe();
+    register_at_zero();
+    tokio::spawn(exporter);
     Ok(())
+}
+
+/// Every unlabelled metric at 0, and the digest-failure counter for each
+/// source: present from the start.
+fn register_at_zero() {
+    for name in [
+        "herd_served_bytes_total",
+        "herd_served_zero_copy_bytes_total",
+        "herd_served_side_bytes_total",
+        "herd_served_requests_total",
+        "herd_upstream_read_bytes_total",
+        "herd_chunk_hits_total",
+        "herd_chunk_misses_total",
+        "herd_singleflight_joins_total",
+        "herd_nbd_connections_total",
+        "herd_prefetch_bytes_total",
+        "herd_manifest_build_bytes_total",
+        "herd_upstream_failovers_total",
+        "herd_upstream_down_total",
+        "herd_upstream_deadline_expiries_total",
+        "herd_iscsi_ping_failures_total",
+        "herd_iscsi_commands_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [
+        "herd_cache_chunks_present",
+        "herd_cache_chunks_total",
+        "herd_cache_chunks_zero",
+        "herd_prefetch_chunks_total",
+        "herd_prefetch_chunks_done",
+        "herd_profile_extents",
+        "herd_image_size_bytes",
+        "herd_serving",
+        "herd_parent_identity_mismatch",
+        "herd_iscsi_in_flight_max",
+    ] {
+        gauge!(name).set(0.0);
+    }
+    for source in DIGEST_SOURCES {
+        counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
+    }
 }
 
 fn describe() {
@@ -139,17 +191,17 @@ fn describe() {
         "1 for the parent reads go to now, 0 for the other parents, by parent"
     );
     describe_counter!(
+        "herd_iscsi_commands_total",
+        "SCSI commands sent to the iSCSI target"
+    );
+    describe_gauge!(
+        "herd_iscsi_in_flight_max",
+        "most SCSI commands outstanding at once on the iSCSI session"
+    );
+    describe_counter!(
         "herd_iscsi_ping_failures_total",
         "NOP-Out pings the iSCSI target left unanswered (the session is then dropped)"
     );
-    counter!("herd_iscsi_ping_failures_total").increment(0);
-    counter!("herd_upstream_failovers_total").increment(0);
-    counter!("herd_upstream_down_total").increment(0);
-    counter!("herd_upstream_deadline_expiries_total").increment(0);
-    // Present from the start, so a dashboard (or a test) reads a real 0.
-    for source in DIGEST_SOURCES {
-        counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
-    }
 }
 
 /// The sources a chunk's bytes can come from.

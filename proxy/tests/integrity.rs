@@ -113,8 +113,8 @@ fn a_byte_flipped_on_the_wire_is_caught_and_the_chunk_read_again() {
         &format!("nbd://127.0.0.1:{}/herd", proxy.port),
         &[],
     );
-    assert_eq!(leaf.metric_required(PARENT), 0.0);
-    assert_eq!(leaf.metric_required("herd_serving"), 1.0);
+    assert_eq!(leaf.metric(PARENT), 0.0);
+    assert_eq!(leaf.metric("herd_serving"), 1.0);
     let out = dir.join("out.raw");
     nbdcopy(&leaf.url(), &out);
     assert_same_file(&out, &data);
@@ -122,7 +122,7 @@ fn a_byte_flipped_on_the_wire_is_caught_and_the_chunk_read_again() {
         proxy.flipped.load(Ordering::SeqCst),
         "the proxy flipped a byte"
     );
-    assert_eq!(leaf.metric_required(PARENT), 1.0);
+    assert_eq!(leaf.metric(PARENT), 1.0);
     // The bad chunk (1 MiB here) was read twice, every other chunk once.
     assert_eq!(
         leaf.metric("herd_upstream_read_bytes_total"),
@@ -198,7 +198,7 @@ fn a_parent_that_always_serves_a_bad_chunk_fails_that_range_only() {
         }
     }
     assert!(blocks[5].is_err(), "the bad block must not be served");
-    assert_eq!(leaf.metric_required(PARENT), 3.0, "three reads, all bad");
+    assert_eq!(leaf.metric(PARENT), 3.0, "three reads, all bad");
     // The rest of the image was served and cached; the bad chunk was not.
     assert_eq!(
         leaf.metric_eventually("herd_cache_chunks_present", 7.0),
@@ -231,13 +231,13 @@ fn a_damaged_chunk_in_a_parents_cache_file_is_dropped_and_fetched_again() {
     let out = dir.join("fresh.raw");
     nbdcopy(&fresh.url(), &out);
     assert_same_file(&out, &data);
-    assert_eq!(mid.metric_required(CACHE), 1.0, "found in its own file");
+    assert_eq!(mid.metric(CACHE), 1.0, "found in its own file");
     assert_eq!(
         mid.metric("herd_upstream_read_bytes_total"),
         MIB as f64,
         "only the damaged chunk came from the root again"
     );
-    assert_eq!(fresh.metric_required(PARENT), 0.0, "never sent down");
+    assert_eq!(fresh.metric(PARENT), 0.0, "never sent down");
     let log = std::fs::read_to_string(&mid.log).expect("log");
     assert!(log.contains("chunk damaged in the cache file"), "{log}");
     // `herd cache verify` finds nothing left to drop; a new flip it finds.
@@ -318,7 +318,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
         blocks[4].is_ok() && blocks[6].is_ok(),
         "unchanged blocks are served"
     );
-    assert_eq!(root.metric_required(IMAGE), 6.0, "2 chunks × 3 reads");
+    assert_eq!(root.metric(IMAGE), 6.0, "2 chunks × 3 reads");
     // The root restarts: a new manifest, a new identity. The leaf keeps A.
     let port = root.port;
     assert!(root.stop().success());
@@ -328,7 +328,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     let blocks = read_blocks(leaf.port, a.len());
     only_a(&blocks, "leaf on A, root on B");
     assert!(blocks[5].is_err() && blocks[7].is_err());
-    assert!(leaf.metric_required(PARENT) >= 6.0);
+    assert!(leaf.metric(PARENT) >= 6.0);
     assert_eq!(
         leaf.metric_eventually("herd_parent_identity_mismatch", 1.0),
         1.0,
@@ -345,7 +345,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     leaf = Herd::start_on(&dir, "leaf", &root.url(), lport, ra);
     let llog = std::fs::read_to_string(&leaf.log).expect("log");
     assert!(llog.contains("starting a fresh generation"), "{llog}");
-    assert_eq!(leaf.metric_required("herd_cache_chunks_present"), 0.0);
+    assert_eq!(leaf.metric("herd_cache_chunks_present"), 0.0);
     let blocks = read_blocks(leaf.port, b.len());
     for (i, got) in blocks.iter().enumerate() {
         assert!(

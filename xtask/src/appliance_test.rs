@@ -233,6 +233,8 @@ pub fn run_check() -> Result<Report> {
     pb.finish_and_clear();
     let secs = secs?;
     step(&format!("appliance export up {secs:.0} s after boot"));
+    // The export can answer before sshd does (seen once under TCG).
+    vm.wait("SSH", Duration::from_secs(120), |v| v.ssh("true").is_ok())?;
     let active = vm.ssh("systemctl is-active herd.service")?;
     anyhow::ensure!(active.trim() == "active", "herd.service is {active}");
     let journal = vm.ssh("journalctl -b -u herd --no-pager")?;

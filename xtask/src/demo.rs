@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::image::{self, Disk, Kind, MARKER};
-use crate::util::{
-    cargo, free_port, prom_value, raw_overlay, root, run, run_visible, spinner, step, work_dir,
-};
+use crate::util::{cargo, free_port, raw_overlay, root, run, run_visible, spinner, step, work_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Accel {
@@ -137,7 +135,7 @@ pub fn metric(port: u16, name: &str) -> Result<u64> {
         "/metrics",
     )
     .context("metrics endpoint unreachable")?;
-    Ok(prom_value(&body, name))
+    crate::util::prom_require(&body, name)
 }
 
 /// A herd daemon of the demo; killed on drop.

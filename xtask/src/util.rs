@@ -126,11 +126,6 @@ pub fn prom_get(text: &str, name: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-/// One sample's value from Prometheus text (0 if absent).
-pub fn prom_value(text: &str, name: &str) -> u64 {
-    prom_get(text, name).unwrap_or(0)
-}
-
 /// Loop-mounts the file system image `raw` at `mnt`, runs `f` on it and
 /// unmounts (best effort), whether `f` succeeded or not.
 pub fn with_mounted<T>(

@@ -17,8 +17,7 @@ use crate::appliance_test::{config_disk, root_toml, ssh_key, NodeConfig, IQN};
 use crate::demo;
 use crate::image::{self, Kind};
 use crate::util::{
-    output, prom_value, raw_overlay, root, run, run_visible, spinner, ssh_root, step, with_mounted,
-    work_dir,
+    output, raw_overlay, root, run, run_visible, spinner, ssh_root, step, with_mounted, work_dir,
 };
 
 /// Packages of the testbed. With backports enabled apt picks libvirt 11,
@@ -541,14 +540,14 @@ fn check(o: &Options) -> Result<Report> {
             output(Command::new("curl").args(["-sf", &format!("http://{}:9100/metrics", n.ip)]))
                 .with_context(|| format!("metrics of {}", n.name))?;
         fs::write(results.join(format!("{}.prom", n.name)), &prom)?;
-        let get = |name: &str| prom_value(&prom, name);
+        let get = |name: &str| crate::util::prom_require(&prom, name);
         metrics.push(NodeMetrics {
             name: n.name.clone(),
             role: n.role.to_owned(),
-            upstream_bytes: get("herd_upstream_read_bytes_total"),
-            served_bytes: get("herd_served_bytes_total"),
-            chunks_present: get("herd_cache_chunks_present"),
-            chunks_total: get("herd_cache_chunks_total"),
+            upstream_bytes: get("herd_upstream_read_bytes_total")?,
+            served_bytes: get("herd_served_bytes_total")?,
+            chunks_present: get("herd_cache_chunks_present")?,
+            chunks_total: get("herd_cache_chunks_total")?,
         });
     }
     // 2. A host node's kernel NBD client mounts its own export.

@@ -94,11 +94,15 @@ async fn concurrent_readers_fetch_each_chunk_once() {
     for i in 0..16u64 {
         let c = Arc::clone(&cache);
         // Every reader covers chunks 0..=2 through a different unaligned range.
-        tasks.push(tokio::spawn(async move { c.read(100 + i, 150_000).await }));
+        tasks.push((
+            i,
+            tokio::spawn(async move { c.read(100 + i, 150_000).await }),
+        ));
     }
-    for t in tasks {
+    for (i, t) in tasks {
         let got = t.await.expect("join").expect("read");
-        assert_eq!(got.len(), 150_000);
+        let at = usize::try_from(100 + i).expect("small");
+        assert_eq!(&got[..], &up.data[at..at + 150_000], "reader {i}");
     }
     // Each chunk crossed from upstream exactly once (adjacent misses may
     // share one upstream read).

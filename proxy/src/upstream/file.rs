@@ -188,8 +188,12 @@ mod tests {
             .and_then(|mut f| f.write_all(&data))
             .expect("write sample");
         let engine = Engine::start(32, false).expect("engine");
+        // O_DIRECT is refused by tmpfs only, of the file systems here.
+        let tmpfs = nix::sys::statfs::statfs(&dir)
+            .is_ok_and(|f| f.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
         for direct in [true, false] {
             let up = FileUpstream::open(&path, engine.clone(), direct).expect("open");
+            assert_eq!(up.is_direct(), direct && !tmpfs, "O_DIRECT where asked");
             assert_eq!(up.size(), 100_000);
             for (off, len) in [
                 (0u64, 4096usize),

@@ -209,25 +209,27 @@ impl Herd {
         format!("nbd://127.0.0.1:{}/herd", self.port)
     }
 
-    /// Value of one Prometheus metric (0 if not yet recorded).
+    /// Value of one Prometheus metric; panics if herd does not export it
+    /// (herd registers every metric at 0 before its first scrape, so a
+    /// renamed metric cannot pass for 0).
     pub fn metric(&self, name: &str) -> f64 {
         scrape(self.metrics, name)
     }
 
-    /// A metric that must be exported; panics if it is absent.
-    pub fn metric_required(&self, name: &str) -> f64 {
-        scrape_required(self.metrics, name)
-    }
-
     /// Polls a metric until it equals `want` (the cache persists chunks
-    /// just after serving them); returns the last value seen.
+    /// just after serving them); panics with the last value if it does
+    /// not within 10 s. Returns `want`.
     pub fn metric_eventually(&self, name: &str, want: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = self.metric(name);
-            if v == want || Instant::now() > deadline {
+            if v == want {
                 return v;
             }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {v}, not {want}, after 10 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -304,12 +306,10 @@ pub fn signal(pid: u32, sig: &str) {
 }
 
 /// A metric that must be exported (0 is a real value, absence a failure).
-pub fn scrape_required(port: u16, name: &str) -> f64 {
-    scrape_opt(port, name).unwrap_or_else(|| panic!("metric {name} is not exported"))
-}
-
+/// One metric of the herd whose metrics listen on `port`; panics if it is
+/// not exported (herd registers every metric at 0 before its first scrape).
 pub fn scrape(port: u16, name: &str) -> f64 {
-    scrape_opt(port, name).unwrap_or(0.0)
+    scrape_opt(port, name).unwrap_or_else(|| panic!("metric {name} is not exported"))
 }
 
 pub fn scrape_opt(port: u16, name: &str) -> Option<f64> {

@@ -1214,7 +1214,7 @@ fn tail(s: &str, n: usize) -> String {
 /// while it gets or builds the image's manifest.
 /// Whether host `i`'s herd listens for NBD clients.
 pub(crate) fn serving(i: usize) -> bool {
-    metrics_of(i).is_ok_and(|t| crate::util::prom_value(&t, "herd_serving") == 1)
+    metrics_of(i).is_ok_and(|t| crate::util::prom_get(&t, "herd_serving") == Some(1))
 }
 
 /// Waits until every host's herd serves NBD, polling them
