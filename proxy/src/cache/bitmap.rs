@@ -26,7 +26,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -137,7 +136,8 @@ pub fn decode_header(b: &[u8]) -> Decoded {
 
 pub struct Bitmap {
     path: PathBuf,
-    file: File,
+    /// Held under `flock` for the life of the bitmap: one daemon a cache.
+    file: nix::fcntl::Flock<File>,
     words: Vec<AtomicU64>,
     chunks: u64,
     /// Bits set, kept alongside the words so `count` is O(1).
@@ -172,19 +172,20 @@ impl Bitmap {
             identity,
         };
         let nwords = usize::try_from(chunks.div_ceil(64)).unwrap_or(usize::MAX);
-        let mut file = File::options()
+        let file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)
             .map_err(|e| io("open", e))?;
-        // SAFETY: flock on an fd we own; the result is checked.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(BitmapError::Locked {
+        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => BitmapError::Locked {
                 path: path.to_owned(),
-            });
-        }
+            },
+            other => io("lock", other.into()),
+        })?;
         let len = file.metadata().map_err(|e| io("stat", e))?.len();
         let mut words = Vec::with_capacity(nwords);
         if len == 0 {

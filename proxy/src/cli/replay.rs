@@ -270,17 +270,13 @@ fn summarise(schedule: &Schedule, reports: &[VmReport]) -> Summary {
 
 /// CPU time this process has used so far.
 fn own_cpu_secs() -> f64 {
-    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage writes a whole rusage into the pointer it is given.
-    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) } == 0;
-    if !ok {
-        return 0.0;
-    }
-    // SAFETY: getrusage succeeded, so the struct is initialised.
-    let u = unsafe { u.assume_init() };
-    #[allow(clippy::cast_precision_loss)]
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(u.ru_utime) + secs(u.ru_stime)
+    use nix::sys::resource::{getrusage, UsageWho};
+    use nix::sys::time::TimeValLike;
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        #[allow(clippy::cast_precision_loss)]
+        let secs = |t: nix::sys::time::TimeVal| t.num_microseconds() as f64 / 1e6;
+        secs(u.user_time()) + secs(u.system_time())
+    })
 }
 
 #[allow(clippy::cast_precision_loss)] // byte counts shown in MiB

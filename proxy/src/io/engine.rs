@@ -17,7 +17,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -121,11 +121,8 @@ impl Drop for Inner {
 }
 
 fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own.
-    unsafe {
-        libc::write(fd.as_raw_fd(), std::ptr::from_ref(&one).cast(), 8);
-    }
+    // An eventfd add; it cannot block short of 2^64 - 1 pending wakes.
+    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
 }
 
 impl Engine {
@@ -135,13 +132,9 @@ impl Engine {
     /// # Errors
     /// Fails only if the eventfd or the thread cannot be created.
     pub fn start(entries: u32, force_sync: bool) -> io::Result<Self> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh fd that nothing else owns.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        let efd = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+            .map_err(io::Error::from)?;
+        let wake = Arc::new(OwnedFd::from(efd));
         let (tx, rx) = mpsc::channel();
         let ring = if force_sync {
             None

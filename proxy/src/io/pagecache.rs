@@ -31,9 +31,12 @@ struct Cachestat {
 static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n).unwrap_or(4096).max(1)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(4096)
+        .max(1)
 }
 
 /// Whether every page of `offset..offset + len` of `file` is cached.
@@ -93,10 +96,13 @@ mod tests {
         // A hole past the end holds no cached pages.
         assert!(!is_resident(&f, 1 << 20, 4096));
         // Dropped from the cache: not resident any more.
-        // SAFETY: plain advisory call on an open fd.
-        let rc =
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 1 << 20, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
+        nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            1 << 20,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .expect("fadvise");
         assert!(!is_resident(&f, 0, 1 << 20));
         assert!(!is_resident(&f, 0, 0));
         drop(f);

@@ -209,9 +209,8 @@ impl Session {
 
     /// Wakes a receive blocked in the kernel so the reader can end.
     fn shutdown(&self) {
-        // SAFETY: shutdown(2) on the session's socket, which `writer` keeps
-        // open for as long as `self` lives.
-        unsafe { libc::shutdown(self.fd, libc::SHUT_RDWR) };
+        // The socket stays open (`writer` keeps it) as long as `self` lives.
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
     }
 
     /// Sends one PDU (digests added) on the locked send side.

@@ -91,18 +91,12 @@ impl Target {
     pub fn evict_page_cache(&self) -> std::io::Result<()> {
         // Dirty pages are not dropped: write them back first.
         self.file.sync_data()?;
-        // SAFETY: a plain syscall on an fd we own.
-        let rc = unsafe {
-            libc::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                0,
-                0,
-                libc::POSIX_FADV_DONTNEED,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::from_raw_os_error(rc));
-        }
-        Ok(())
+        nix::fcntl::posix_fadvise(
+            &self.file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(std::io::Error::from)
     }
 }

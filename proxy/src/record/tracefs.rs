@@ -18,14 +18,14 @@ pub fn ensure_tracefs() -> Result<(), RecordError> {
     if events.is_dir() {
         return Ok(());
     }
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (src, dst, fs) = (c("nodev"), c(TRACEFS), c("tracefs"));
-    // SAFETY: all pointers are to NUL-terminated strings that outlive the
-    // call; data is null as tracefs takes no options here.
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(RecordError::Tracefs(std::io::Error::last_os_error()));
-    }
+    nix::mount::mount(
+        Some("nodev"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| RecordError::Tracefs(e.into()))?;
     tracing::info!("mounted tracefs at {TRACEFS}");
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -43,16 +43,11 @@ impl ZeroCopy {
             let rest = &head[sent..];
             sent += self
                 .write_with(|fd| {
-                    // SAFETY: `rest` is valid for reads of its length.
-                    let n = unsafe {
-                        libc::send(
-                            fd,
-                            rest.as_ptr().cast(),
-                            rest.len(),
-                            libc::MSG_MORE | libc::MSG_NOSIGNAL,
-                        )
-                    };
-                    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+                    // nix names no MSG_MORE; the bits are the kernel's.
+                    let flags = nix::sys::socket::MsgFlags::from_bits_retain(
+                        libc::MSG_MORE | libc::MSG_NOSIGNAL,
+                    );
+                    nix::sys::socket::send(fd.as_raw_fd(), rest, flags).map_err(io::Error::from)
                 })
                 .await?;
         }
@@ -63,10 +58,8 @@ impl ZeroCopy {
                 .write_with(|fd| {
                     // No flags here, unlike send: a closed peer's SIGPIPE
                     // is ignored by the Rust runtime, and EPIPE comes back.
-                    // SAFETY: `off` is a live i64 the kernel advances; both
-                    // descriptors are open for the call.
-                    let n = unsafe { libc::sendfile(fd, file.as_raw_fd(), &raw mut off, left) };
-                    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+                    nix::sys::sendfile::sendfile(fd, file, Some(&mut off), left)
+                        .map_err(io::Error::from)
                 })
                 .await?;
             if n == 0 {
@@ -78,10 +71,13 @@ impl ZeroCopy {
     }
 
     /// Runs `op` when the socket is writable, retrying after `EAGAIN`.
-    async fn write_with(&self, mut op: impl FnMut(i32) -> io::Result<usize>) -> io::Result<usize> {
+    async fn write_with(
+        &self,
+        mut op: impl FnMut(BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> io::Result<usize> {
         loop {
             let mut ready = self.sock.writable().await?;
-            match ready.try_io(|s| op(s.get_ref().as_raw_fd())) {
+            match ready.try_io(|s| op(s.get_ref().as_fd())) {
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(r) => return r,
                 Err(_would_block) => {}
