@@ -24,4 +24,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = scsi::parse_designator(data);
     let _ = scsi::parse_block_limits(data);
     let _ = scsi::parse_report_luns(data);
+    let _ = scsi::parse_lba_status(data);
 });

@@ -38,6 +38,7 @@ fn all_decoders(d: &[u8]) {
     let _ = scsi::parse_designator(d);
     let _ = scsi::parse_block_limits(d);
     let _ = scsi::parse_report_luns(d);
+    let _ = scsi::parse_lba_status(d);
     let _ = Profile::decode(d);
     // Fleet files are text an operator writes, and etcd values JSON a
     // member wrote: neither may panic a node.

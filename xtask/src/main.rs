@@ -8,6 +8,7 @@ mod demo;
 mod deps;
 mod ebpf;
 mod fleet;
+mod fuzz;
 mod image;
 mod test;
 mod util;
@@ -32,6 +33,8 @@ enum Job {
     /// Benchmarks: herd side by side with its peers.
     #[command(subcommand)]
     Bench(bench::Suite),
+    /// Build every cargo-fuzz target and run each (installs cargo-fuzz).
+    Fuzz(fuzz::Options),
     /// Install the Debian packages the jobs need.
     Deps,
     /// Build the herd appliance image (qcow2, Debian packages only).
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
         Job::Test(o) => test::run(&o),
         Job::Bench(s) => bench::run(&s),
         Job::Deps => deps::run_all(),
+        Job::Fuzz(o) => fuzz::run_fuzz(&o).map(drop),
         Job::BuildEbpf => ebpf::build().map(drop),
         Job::Vagrant(o) => vagrant::run_action(&o),
         Job::Appliance { test } => {

@@ -96,6 +96,10 @@ pub fn run(opts: &Options) -> Result<()> {
             sparse_smoke,
         ),
         ("vagrantfile_validates", crate::vagrant::validate),
+        (
+            "fuzz_targets_build_and_run_briefly_without_a_crash",
+            crate::fuzz::brief,
+        ),
     ];
     if !opts.quick {
         smokes.push((
