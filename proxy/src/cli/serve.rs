@@ -293,6 +293,7 @@ fn status_of(slot: &CacheSlot) -> serde_json::Value {
             "serving": true,
             "present": cache.chunks_present(),
             "total": cache.chunks_total(),
+            "zero": cache.chunks_zero(),
             "active": parents.as_ref().and_then(|p| p.active()).map(|u| u.to_string()),
         }),
     }

@@ -25,6 +25,8 @@ pub struct NodeStatus {
     pub health: String,
     pub chunks_present: Option<u64>,
     pub chunks_total: Option<u64>,
+    /// Chunks of zeros: never stored, so not counted against the fill.
+    pub chunks_zero: Option<u64>,
     pub served_bytes: Option<u64>,
     pub failovers: Option<u64>,
 }
@@ -105,6 +107,7 @@ pub fn gather(view: &View) -> Vec<NodeStatus> {
                 health: health.to_owned(),
                 chunks_present: get(&s, "herd_cache_chunks_present"),
                 chunks_total: get(&s, "herd_cache_chunks_total"),
+                chunks_zero: get(&s, "herd_cache_chunks_zero"),
                 served_bytes: get(&s, "herd_served_bytes_total"),
                 failovers: get(&s, "herd_upstream_failovers_total"),
             }
@@ -130,8 +133,13 @@ fn human(bytes: u64) -> String {
 pub fn render(view: &View, nodes: &[NodeStatus]) -> String {
     let mut out = String::new();
     let line = |n: &NodeStatus| {
+        // Of the chunks that hold data: a node never stores chunks of zeros.
         let fill = match (n.chunks_present, n.chunks_total) {
-            (Some(p), Some(t)) if t > 0 => format!("{:.1}%", p as f64 * 100.0 / t as f64),
+            (Some(p), Some(t)) if t > n.chunks_zero.unwrap_or(0) => {
+                let data = t - n.chunks_zero.unwrap_or(0);
+                format!("{:.1}%", p.min(data) as f64 * 100.0 / data as f64)
+            }
+            (Some(_), Some(t)) if t > 0 => "100.0%".into(),
             _ => "-".into(),
         };
         let via = match (&n.parent, &n.active_parent) {
@@ -213,6 +221,23 @@ mod tests {
             "r (10.0.0.1:10809)  unknown  fill -  served -  failovers -\n\
              └── a (10.0.0.2:10809)  unknown  fill -  served -  failovers -\n    \
              └── b (10.0.0.3:10809)  unknown  fill -  served -  failovers -\n"
+        );
+        // Fill counts the chunks that hold data: 2 of 8, 4 being zeros.
+        let mut full = nodes;
+        full[0].health = "serving".into();
+        (
+            full[0].chunks_present,
+            full[0].chunks_total,
+            full[0].chunks_zero,
+        ) = (Some(2), Some(8), Some(4));
+        full[0].served_bytes = Some(2048);
+        full[0].failovers = Some(0);
+        assert!(
+            render(&view, &full).starts_with(
+                "r (10.0.0.1:10809)  serving  fill 50.0%  served 2.0 KiB  failovers 0\n"
+            ),
+            "{}",
+            render(&view, &full)
         );
     }
 }
