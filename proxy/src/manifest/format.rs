@@ -124,18 +124,28 @@ impl AllocMap {
     /// Whether granule `g` may hold data (false past the end).
     #[must_use]
     pub fn is_set(&self, g: u64) -> bool {
-        usize::try_from(g / 8)
-            .ok()
-            .and_then(|i| self.bits.get(i))
-            .is_some_and(|b| b & (1 << (g % 8)) != 0)
+        bit_set(&self.bits, g)
     }
 
     /// Whether any granule of bytes `from..to` may hold data.
     #[must_use]
     pub fn any_in(&self, from: u64, to: u64) -> bool {
-        let g = u64::from(self.granule.max(1));
-        (from / g..to.div_ceil(g)).any(|i| self.is_set(i))
+        any_set(&self.bits, self.granule, from, to)
     }
+}
+
+/// Bit `g % 8` of byte `g / 8` of an allocation map (false past its end).
+fn bit_set(bits: &[u8], g: u64) -> bool {
+    usize::try_from(g / 8)
+        .ok()
+        .and_then(|i| bits.get(i))
+        .is_some_and(|b| b & (1 << (g % 8)) != 0)
+}
+
+/// Whether any granule of bytes `from..to` is set in `bits`.
+fn any_set(bits: &[u8], granule: u32, from: u64, to: u64) -> bool {
+    let g = u64::from(granule.max(1));
+    (from / g..to.div_ceil(g)).any(|i| bit_set(bits, i))
 }
 
 fn map_len(size: u64, granule: u32) -> usize {
@@ -365,7 +375,6 @@ impl Manifest {
         };
         let full = zero_digest(u64::from(chunk_size));
         let short = zero_digest(m.chunk_len(count.saturating_sub(1)));
-        let map = m.allocation();
         for i in 0..count {
             let z = if m.chunk_len(i) == u64::from(chunk_size) {
                 &full
@@ -377,7 +386,7 @@ impl Manifest {
                 m.zero_count += 1;
             } else {
                 let from = i * u64::from(chunk_size);
-                if !map.any_in(from, from + m.chunk_len(i)) {
+                if !any_set(m.map_bits(), granule, from, from + m.chunk_len(i)) {
                     return Err(FormatError::HoleWithData(i));
                 }
             }
@@ -388,19 +397,16 @@ impl Manifest {
     /// The allocation map (a copy of the manifest's tail).
     #[must_use]
     pub fn allocation(&self) -> AllocMap {
-        let at = HEADER_LEN + usize::try_from(self.chunks).unwrap_or(0) * DIGEST_LEN;
         AllocMap {
             granule: self.granule,
-            bits: self.bytes.get(at..).unwrap_or_default().to_vec(),
+            bits: self.map_bits().to_vec(),
         }
     }
 
-    fn map_bit(&self, g: u64) -> bool {
+    /// The allocation map's bytes: the manifest's tail, after the digests.
+    fn map_bits(&self) -> &[u8] {
         let at = HEADER_LEN + usize::try_from(self.chunks).unwrap_or(0) * DIGEST_LEN;
-        usize::try_from(g / 8)
-            .ok()
-            .and_then(|i| self.bytes.get(at + i))
-            .is_some_and(|b| b & (1 << (g % 8)) != 0)
+        self.bytes.get(at..).unwrap_or_default()
     }
 
     /// Whether chunk `i` is all zeros (its digest says so).
@@ -446,7 +452,7 @@ impl Manifest {
         while at < end {
             let gi = at / g;
             let next = ((gi + 1) * g).min(end);
-            let flags = if !self.map_bit(gi) {
+            let flags = if !bit_set(self.map_bits(), gi) {
                 STATE_HOLE | STATE_ZERO
             } else if self.is_zero(at / cs) {
                 STATE_ZERO
