@@ -141,6 +141,21 @@ pub fn with_mounted<T>(
     out
 }
 
+/// Waits until something listens on 127.0.0.1:`port`, for `limit` at most.
+pub fn wait_port(port: u16, limit: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "nothing listens on 127.0.0.1:{port} after {} s",
+        limit.as_secs()
+    )
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago, outside the
 /// ephemeral range (`herd::net::unused_port`).
 pub fn free_port() -> Result<u16> {

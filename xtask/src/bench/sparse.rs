@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
@@ -92,14 +92,7 @@ impl Drop for Procs {
 }
 
 fn wait_port(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("nothing listens on 127.0.0.1:{port} after 60 s")
+    crate::util::wait_port(port, Duration::from_secs(60))
 }
 
 /// Writes the sparse image: `data` bytes of pseudo-random data in
