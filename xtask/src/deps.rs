@@ -32,9 +32,12 @@ pub const PACKAGES: &[&str] = &[
     "tgt",
     "libiscsi-bin",
     // Fleet membership: a real etcd in the tests; protoc for etcd-client's
-    // generated code (the herd binary's build needs it).
+    // generated code (the herd binary's build needs it), with the
+    // well-known .proto files it imports (only a Recommends of protoc, so
+    // --no-install-recommends leaves them out).
     "etcd-server",
     "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 const SOURCES: &str = "Types: deb

@@ -67,7 +67,11 @@ fn main() -> Result<()> {
             demo::small_storm()
         }
         Job::Test(o) => test::run(&o),
-        Job::Bench(s) => bench::run(&s),
+        Job::Bench(s) => {
+            // A bench on a fresh machine needs the peers and protoc too.
+            deps::ensure(deps::PACKAGES)?;
+            bench::run(&s)
+        }
         Job::Deps => deps::run_all(),
         Job::Fuzz(o) => fuzz::run_fuzz(&o).map(drop),
         Job::BuildEbpf => ebpf::build().map(drop),
