@@ -76,6 +76,14 @@ impl OneOrMany {
     }
 }
 
+/// `10.0.0.0/8`, `::1/128`, or a bare address (one host).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("`{s}` is not an address or ADDR/PREFIX network"))
+}
+
 /// Default lease time to live in etcd, seconds.
 pub const DEFAULT_LEASE_TTL: u64 = 5;
 
@@ -113,6 +121,12 @@ pub struct FileConfig {
     pub prefetch: Option<String>,
     pub prefetch_concurrency: Option<usize>,
     pub prefetch_rate: Option<String>,
+    pub tls: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_allow: Option<Vec<String>>,
+    pub allow: Option<Vec<String>>,
 }
 
 /// Validated settings.
@@ -150,6 +164,10 @@ pub struct ServeConfig {
     /// Where the daemon-side recorder writes what clients read.
     pub record_profile: Option<PathBuf>,
     pub prefetch: PrefetchSettings,
+    /// `--tls*`: STARTTLS on the export and to NBD parents.
+    pub tls: crate::tls::Settings,
+    /// `--allow`: networks TCP clients may connect from (empty: any).
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 /// What a proxy fetches ahead of demand.
@@ -290,6 +308,12 @@ impl FileConfig {
             prefetch: other.prefetch.or(self.prefetch),
             prefetch_concurrency: other.prefetch_concurrency.or(self.prefetch_concurrency),
             prefetch_rate: other.prefetch_rate.or(self.prefetch_rate),
+            tls: other.tls.or(self.tls),
+            tls_cert: other.tls_cert.or(self.tls_cert),
+            tls_key: other.tls_key.or(self.tls_key),
+            tls_ca: other.tls_ca.or(self.tls_ca),
+            tls_allow: other.tls_allow.filter(|l| !l.is_empty()).or(self.tls_allow),
+            allow: other.allow.filter(|l| !l.is_empty()).or(self.allow),
         }
     }
 
@@ -438,7 +462,32 @@ impl FileConfig {
                 format!("{} is outside 1..=64", prefetch.concurrency),
             ));
         }
+        let tls = crate::tls::Settings {
+            mode: match self.tls.as_deref() {
+                None | Some("off") => crate::tls::Mode::Off,
+                Some("on") => crate::tls::Mode::On,
+                Some("require") => crate::tls::Mode::Require,
+                Some(other) => {
+                    return Err(inv(
+                        "tls",
+                        format!("`{other}` is not one of off, on, require"),
+                    ))
+                }
+            },
+            cert: self.tls_cert,
+            key: self.tls_key,
+            ca: self.tls_ca,
+            allow: self.tls_allow.unwrap_or_default(),
+        };
+        let allow = self
+            .allow
+            .unwrap_or_default()
+            .iter()
+            .map(|a| parse_net(a).map_err(|m| inv("allow", m)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(ServeConfig {
+            tls,
+            allow,
             profile: self.profile,
             manifest: self.manifest,
             record_profile: self.record_profile,
@@ -523,6 +572,39 @@ mod tests {
         assert_eq!(c.chunk_size, 256 << 10);
         assert_eq!(c.export_name, DEFAULT_EXPORT);
         assert_eq!(c.connections, DEFAULT_CONNECTIONS);
+    }
+
+    #[test]
+    fn tls_and_allow_settings() {
+        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+        let c = FileConfig::parse(&format!(
+            "{base}tls = \"require\"\ntls_cert = \"/s.pem\"\ntls_allow = [\"alice\"]\nallow = [\"10.1.2.3/8\", \"::1\", \"192.168.0.7\"]\n"
+        ))
+        .expect("parse")
+        .validate()
+        .expect("valid");
+        assert_eq!(c.tls.mode, crate::tls::Mode::Require);
+        assert_eq!(c.tls.cert.as_deref(), Some(std::path::Path::new("/s.pem")));
+        assert_eq!(c.tls.allow, ["alice"]);
+        let nets: Vec<String> = c.allow.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.0.7/32"]);
+        let c = FileConfig::parse(base)
+            .expect("parse")
+            .validate()
+            .expect("valid");
+        assert_eq!(c.tls.mode, crate::tls::Mode::Off);
+        assert!(c.allow.is_empty());
+        for (bad, key) in [
+            ("tls = \"maybe\"", "tls"),
+            ("allow = [\"10.0.0.0/33\"]", "allow"),
+            ("allow = [\"host\"]", "allow"),
+        ] {
+            let e = FileConfig::parse(&format!("{base}{bad}\n"))
+                .expect("parse")
+                .validate()
+                .expect_err(bad);
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]

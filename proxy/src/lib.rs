@@ -29,6 +29,7 @@ pub mod profile;
 pub mod record;
 pub mod replay;
 pub mod size;
+pub mod tls;
 pub mod upstream;
 
 /// Renders an error with its chain of causes: "a: b: c".

@@ -41,6 +41,9 @@ enum Command {
     /// The fleet: its tree and each node's health.
     #[command(subcommand)]
     Fleet(cli::fleet::FleetCmd),
+    /// TLS for NBD links: certificates.
+    #[command(subcommand)]
+    Tls(cli::tls::TlsCmd),
 }
 
 #[derive(Subcommand)]
@@ -62,7 +65,9 @@ enum IscsiCmd {
 
 fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // rustls warns on every gnutls client that sends an IP address as
+        // SNI (qemu, libnbd dialling 127.0.0.1): legal for them, noise here.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -84,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Command::Manifest(m) => cli::manifest::run(m),
         Command::Cache(c) => cli::cache::run(c),
         Command::Fleet(f) => cli::fleet::run(f),
+        Command::Tls(t) => cli::tls::run(t),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -90,7 +90,21 @@ fn register_at_zero() {
     for source in DIGEST_SOURCES {
         counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
     }
+    for reason in REFUSAL_REASONS {
+        counter!("herd_nbd_connections_refused_total", "reason" => *reason).increment(0);
+    }
+    for (side, result) in [
+        ("export", "ok"),
+        ("export", "failed"),
+        ("upstream", "ok"),
+        ("upstream", "failed"),
+    ] {
+        counter!("herd_tls_handshakes_total", "side" => side, "result" => result).increment(0);
+    }
 }
+
+/// Why a connection was closed before negotiation ended.
+pub const REFUSAL_REASONS: &[&str] = &["allow", "tls"];
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
@@ -202,6 +216,14 @@ fn describe() {
         "herd_iscsi_ping_failures_total",
         "NOP-Out pings the iSCSI target left unanswered (the session is then dropped)"
     );
+    describe_counter!(
+        "herd_nbd_connections_refused_total",
+        "NBD connections closed before transmission: reason allow (not in --allow) or tls (handshake failed, or TLS required and not started)"
+    );
+    describe_counter!(
+        "herd_tls_handshakes_total",
+        "TLS handshakes after NBD_OPT_STARTTLS, by side (export: with a child; upstream: with a parent) and result"
+    );
 }
 
 /// The sources a chunk's bytes can come from.
@@ -272,6 +294,16 @@ pub fn singleflight_join() {
 }
 pub fn connection() {
     counter!("herd_nbd_connections_total").increment(1);
+}
+/// A connection closed before negotiation: `reason` is one of
+/// `REFUSAL_REASONS`.
+pub fn connection_refused(reason: &'static str) {
+    counter!("herd_nbd_connections_refused_total", "reason" => reason).increment(1);
+}
+/// A TLS handshake ended: `side` is `export` or `upstream`.
+pub fn tls_handshake(side: &'static str, ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!("herd_tls_handshakes_total", "side" => side, "result" => result).increment(1);
 }
 #[allow(clippy::cast_precision_loss)] // gauges are f64; chunk counts fit easily
 pub fn cache_chunks_present(n: u64) {

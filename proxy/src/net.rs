@@ -104,9 +104,7 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection; returns the stream, a peer label for logs and
-    /// a `dup` of the socket for zero-copy sends (`None` if dup failed:
-    /// the connection then simply copies).
+    /// Accepts one connection.
     ///
     /// # Errors
     /// The OS error of accept.
@@ -116,19 +114,39 @@ impl Listener {
                 let (s, peer) = l.accept().await?;
                 s.set_nodelay(true)?;
                 let dup = s.as_fd().try_clone_to_owned().ok();
-                Ok((Box::new(s), peer.to_string(), dup))
+                Ok(Accepted {
+                    stream: Box::new(s),
+                    peer: peer.to_string(),
+                    ip: Some(peer.ip().to_canonical()),
+                    dup,
+                })
             }
             Self::Unix(l, p) => {
                 let (s, _) = l.accept().await?;
                 let dup = s.as_fd().try_clone_to_owned().ok();
-                Ok((Box::new(s), format!("unix:{}", p.display()), dup))
+                Ok(Accepted {
+                    stream: Box::new(s),
+                    peer: format!("unix:{}", p.display()),
+                    ip: None,
+                    dup,
+                })
             }
         }
     }
 }
 
-/// An accepted connection: stream, peer label, socket dup.
-pub type Accepted = (BoxStream, String, Option<OwnedFd>);
+/// An accepted connection.
+pub struct Accepted {
+    pub stream: BoxStream,
+    /// For logs: `ip:port` or `unix:PATH`.
+    pub peer: String,
+    /// The client's address (IPv4-mapped IPv6 as IPv4); `None` on a Unix
+    /// socket.
+    pub ip: Option<std::net::IpAddr>,
+    /// A `dup` of the socket for zero-copy sends (`None` if dup failed: the
+    /// connection then simply copies).
+    pub dup: Option<OwnedFd>,
+}
 
 /// A loopback TCP port that nothing listens on, for a daemon about to be
 /// started (tests, benches). Taken below the kernel's ephemeral range

@@ -8,3 +8,4 @@ pub mod profile;
 pub mod record;
 pub mod replay;
 pub mod serve;
+pub mod tls;

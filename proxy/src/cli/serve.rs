@@ -127,6 +127,30 @@ pub struct ServeArgs {
     /// Cap prefetch at this many bytes per second (e.g. 50MiB).
     #[arg(long)]
     prefetch_rate: Option<String>,
+    /// TLS on NBD links (NBD_OPT_STARTTLS): off (default), on (offered to
+    /// children, used with parents that offer it), require (children must
+    /// upgrade before any option; parents must offer it).
+    #[arg(long, value_enum)]
+    tls: Option<herd::tls::Mode>,
+    /// PEM certificate (chain) this node presents to children, and to
+    /// parents that ask for one.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: parents' certificates must chain to it, and so must every
+    /// child's client certificate (which is then required).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate name (subject CN, DNS or IP SAN) allowed to
+    /// connect; repeat for more. Without it any certificate the CA signed.
+    #[arg(long)]
+    tls_allow: Vec<String>,
+    /// Network TCP clients may connect from (ADDR/PREFIX or ADDR); repeat
+    /// for more. Without it any address.
+    #[arg(long)]
+    allow: Vec<String>,
 }
 
 impl ServeArgs {
@@ -171,6 +195,16 @@ impl ServeArgs {
             prefetch: self.prefetch,
             prefetch_concurrency: self.prefetch_concurrency,
             prefetch_rate: self.prefetch_rate,
+            tls: self.tls.map(|m| match m {
+                herd::tls::Mode::Off => "off".to_owned(),
+                herd::tls::Mode::On => "on".to_owned(),
+                herd::tls::Mode::Require => "require".to_owned(),
+            }),
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_ca: self.tls_ca,
+            tls_allow: Some(self.tls_allow),
+            allow: Some(self.allow),
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -466,6 +500,13 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     if let Some(addr) = &cfg.metrics {
         herd::metrics::install(addr)?;
     }
+    // Certificates are checked before anything connects or listens.
+    let tls_server = herd::tls::Server::new(&cfg.tls).context("TLS for the export")?;
+    if let Some(c) = herd::tls::Client::new(&cfg.tls).context("TLS to parents")? {
+        if herd::tls::set_client(c).is_err() {
+            anyhow::bail!("TLS to parents was already set up");
+        }
+    }
     let engine = Engine::start(256, false).context("cannot start the I/O engine")?;
     tracing::info!(backend = ?engine.backend(), "file I/O engine");
     let anchor = cfg.first_upstream().filter(|u| !u.is_nbd()).cloned();
@@ -576,10 +617,18 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         profile: profile_rx,
         recorder: recorder.clone(),
     });
+    let access = Arc::new(nbd_export::Access {
+        tls: tls_server,
+        allow: cfg.allow.clone(),
+    });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;
-        tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, "serving NBD");
-        tokio::spawn(nbd_export::serve(l, Arc::clone(&export)));
+        tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, tls = ?cfg.tls.mode, "serving NBD");
+        tokio::spawn(nbd_export::serve(
+            l,
+            Arc::clone(&export),
+            Arc::clone(&access),
+        ));
     }
     herd::metrics::serving();
     let syncer = Arc::clone(&cache);

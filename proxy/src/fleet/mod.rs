@@ -155,6 +155,8 @@ impl View {
             host: host.trim_matches(|c| c == '[' || c == ']').to_owned(),
             port: port.parse().unwrap_or(crate::upstream::url::NBD_PORT),
             export: self.export.clone(),
+            // Whether the link uses TLS is the member's --tls setting.
+            tls: false,
         }
     }
 

@@ -56,6 +56,7 @@ pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 
 /// Info types carried by `REP_INFO`.
 pub const INFO_EXPORT: u16 = 0;

@@ -184,13 +184,96 @@ pub(super) async fn connect_stream(url: &UpstreamUrl) -> std::io::Result<BoxStre
 }
 
 /// Runs the client side of the fixed newstyle handshake up to transmission.
-async fn handshake(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamResult<ExportInfo> {
-    greet(s, addr).await?;
-    go(s, export, addr).await
+async fn handshake(
+    s: BoxStream,
+    url: &UpstreamUrl,
+    export: &str,
+    addr: &str,
+) -> UpstreamResult<(BoxStream, ExportInfo)> {
+    let mut s = greet(s, url, addr).await?;
+    let info = go(&mut s, export, addr).await?;
+    Ok((s, info))
 }
 
-/// Reads the greeting and sends the client flags: options may follow.
-pub(super) async fn greet(s: &mut BoxStream, addr: &str) -> UpstreamResult<()> {
+/// Reads the greeting, sends the client flags and, as the URL and this
+/// process's `--tls` ask, upgrades to TLS: options may follow on the
+/// returned stream.
+pub(super) async fn greet(
+    mut s: BoxStream,
+    url: &UpstreamUrl,
+    addr: &str,
+) -> UpstreamResult<BoxStream> {
+    greeting(&mut s, addr).await?;
+    let (required, host) = match url {
+        UpstreamUrl::NbdTcp { tls, host, .. } => (*tls, host.as_str()),
+        UpstreamUrl::NbdUnix { tls, .. } => (*tls, "localhost"),
+        UpstreamUrl::File(_) | UpstreamUrl::Iscsi { .. } => (false, ""),
+    };
+    let client = match crate::tls::client() {
+        Some(c) if required || c.mode != crate::tls::Mode::Off => c,
+        Some(_) | None if !required => return Ok(s),
+        _ => {
+            return Err(UpstreamError::Handshake {
+                addr: addr.to_owned(),
+                reason: crate::tls::TlsError::NoCa.to_string(),
+            })
+        }
+    };
+    let required = required || client.mode == crate::tls::Mode::Require;
+    starttls(s, client, host, required, addr).await
+}
+
+/// NBD_OPT_STARTTLS, then the TLS handshake. A parent that refuses is
+/// used in plain text only when TLS is not required.
+async fn starttls(
+    mut s: BoxStream,
+    client: &crate::tls::Client,
+    host: &str,
+    required: bool,
+    addr: &str,
+) -> UpstreamResult<BoxStream> {
+    let fail = |reason: String| UpstreamError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
+    let mut out = Vec::new();
+    proto::encode_option(proto::OPT_STARTTLS, &[], &mut out);
+    s.write_all(&out).await.map_err(io)?;
+    s.flush().await.map_err(io)?;
+    let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut h).await.map_err(io)?;
+    let rep = proto::decode_option_reply_header(&h).map_err(|e| fail(e.to_string()))?;
+    if rep.len > proto::MAX_OPTION_LEN {
+        return Err(fail(format!(
+            "option reply of {} bytes is too long",
+            rep.len
+        )));
+    }
+    let mut payload = vec![0u8; rep.len as usize];
+    s.read_exact(&mut payload).await.map_err(io)?;
+    if rep.reply != proto::REP_ACK {
+        let msg = String::from_utf8_lossy(&payload);
+        if required {
+            let mut abort = Vec::new();
+            proto::encode_option(proto::OPT_ABORT, &[], &mut abort);
+            let _ = s.write_all(&abort).await;
+            let _ = s.flush().await;
+            return Err(fail(format!(
+                "the parent does not offer TLS, which this link requires (STARTTLS reply {:#x}: {msg})",
+                rep.reply
+            )));
+        }
+        tracing::debug!(%addr, reply = rep.reply, %msg, "parent refused STARTTLS; this link stays plain (--tls on)");
+        return Ok(s);
+    }
+    let upgraded = client.connect(host, s).await;
+    crate::metrics::tls_handshake("upstream", upgraded.is_ok());
+    upgraded.map_err(|e| fail(format!("TLS handshake failed: {e}")))
+}
+
+/// Reads the greeting and sends the client flags.
+async fn greeting(s: &mut BoxStream, addr: &str) -> UpstreamResult<()> {
     let fail = |reason: String| UpstreamError::Handshake {
         addr: addr.to_owned(),
         reason,
@@ -350,21 +433,24 @@ impl NbdUpstream {
 
     async fn open(&self, handshake_timeout: Duration) -> UpstreamResult<(Arc<Conn>, ExportInfo)> {
         let addr = self.url.to_string();
-        let mut s = tokio::time::timeout(CONNECT_TIMEOUT, connect_stream(&self.url))
+        let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_stream(&self.url))
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
             .map_err(|source| UpstreamError::Connect {
                 addr: addr.clone(),
                 source,
             })?;
-        let info = tokio::time::timeout(handshake_timeout, handshake(&mut s, &self.export, &addr))
-            .await
-            .unwrap_or_else(|_| {
-                Err(UpstreamError::Handshake {
-                    addr: addr.clone(),
-                    reason: "timed out".into(),
-                })
-            })?;
+        let (s, info) = tokio::time::timeout(
+            handshake_timeout,
+            handshake(s, &self.url, &self.export, &addr),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::Handshake {
+                addr: addr.clone(),
+                reason: "timed out".into(),
+            })
+        })?;
         let (r, w) = tokio::io::split(s);
         let conn = Arc::new_cyclic(|weak| Conn {
             writer: tokio::sync::Mutex::new(w),

@@ -33,13 +33,13 @@ pub async fn extents(url: &UpstreamUrl, size: u64) -> UpstreamResult<Extents> {
         reason,
     };
     let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
-    let mut s = connect_stream(url)
+    let s = connect_stream(url)
         .await
         .map_err(|source| UpstreamError::Connect {
             addr: addr.clone(),
             source,
         })?;
-    greet(&mut s, &addr).await?;
+    let mut s = greet(s, url, &addr).await?;
     if option(&mut s, proto::OPT_STRUCTURED_REPLY, &[])
         .await
         .map_err(io)?

@@ -1,4 +1,5 @@
-//! Parsing of `--upstream` values: a path, `file://`, `nbd://`, `nbd+unix://`.
+//! Parsing of `--upstream` values: a path, `file://`, `nbd://`, `nbd+unix://`,
+//! their TLS forms `nbds://` and `nbds+unix://`, and `iscsi://`.
 //!
 //! The NBD forms follow the NBD URI spec (`doc/uri.md` of the NBD project),
 //! which qemu, nbdkit and libnbd also accept.
@@ -18,10 +19,14 @@ pub enum UpstreamUrl {
         host: String,
         port: u16,
         export: String,
+        /// `nbds://`: TLS is required on this link.
+        tls: bool,
     },
     NbdUnix {
         socket: PathBuf,
         export: String,
+        /// `nbds+unix://`.
+        tls: bool,
     },
     /// `iscsi://[user@]host[:port]/<target-iqn>/<lun>` (libiscsi / qemu syntax).
     Iscsi {
@@ -38,7 +43,7 @@ pub enum UrlError {
     #[error("upstream `{input}` is not a valid URL: {reason}")]
     Syntax { input: String, reason: String },
     #[error(
-        "upstream scheme `{scheme}` is not supported (use a path, file://, nbd://, nbd+unix:// or iscsi://)"
+        "upstream scheme `{scheme}` is not supported (use a path, file://, nbd://, nbds://, nbd+unix://, nbds+unix:// or iscsi://)"
     )]
     Scheme { scheme: String },
     #[error("upstream `{input}` lacks a host")]
@@ -78,12 +83,13 @@ impl std::str::FromStr for UpstreamUrl {
         };
         match u.scheme() {
             "file" => Ok(Self::File(PathBuf::from(percent_decode(u.path())))),
-            "nbd" => Ok(Self::NbdTcp {
+            "nbd" | "nbds" => Ok(Self::NbdTcp {
                 host: host()?,
                 port: u.port().unwrap_or(NBD_PORT),
                 export: export(),
+                tls: u.scheme() == "nbds",
             }),
-            "nbd+unix" => {
+            "nbd+unix" | "nbds+unix" => {
                 let socket = u
                     .query_pairs()
                     .find(|(k, _)| k == "socket")
@@ -94,6 +100,7 @@ impl std::str::FromStr for UpstreamUrl {
                 Ok(Self::NbdUnix {
                     socket,
                     export: export(),
+                    tls: u.scheme() == "nbds+unix",
                 })
             }
             "iscsi" => {
@@ -159,14 +166,18 @@ impl UpstreamUrl {
     #[must_use]
     pub fn with_export(&self, export: &str) -> Option<Self> {
         match self {
-            Self::NbdTcp { host, port, .. } => Some(Self::NbdTcp {
+            Self::NbdTcp {
+                host, port, tls, ..
+            } => Some(Self::NbdTcp {
                 host: host.clone(),
                 port: *port,
                 export: export.to_owned(),
+                tls: *tls,
             }),
-            Self::NbdUnix { socket, .. } => Some(Self::NbdUnix {
+            Self::NbdUnix { socket, tls, .. } => Some(Self::NbdUnix {
                 socket: socket.clone(),
                 export: export.to_owned(),
+                tls: *tls,
             }),
             Self::File(_) | Self::Iscsi { .. } => None,
         }
@@ -177,9 +188,22 @@ impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::File(p) => write!(f, "file://{}", p.display()),
-            Self::NbdTcp { host, port, export } => write!(f, "nbd://{host}:{port}/{export}"),
-            Self::NbdUnix { socket, export } => {
-                write!(f, "nbd+unix:///{export}?socket={}", socket.display())
+            Self::NbdTcp {
+                host,
+                port,
+                export,
+                tls,
+            } => {
+                let s = if *tls { "s" } else { "" };
+                write!(f, "nbd{s}://{host}:{port}/{export}")
+            }
+            Self::NbdUnix {
+                socket,
+                export,
+                tls,
+            } => {
+                let s = if *tls { "s" } else { "" };
+                write!(f, "nbd{s}+unix:///{export}?socket={}", socket.display())
             }
             Self::Iscsi {
                 host,
@@ -220,7 +244,8 @@ mod tests {
             Ok(UpstreamUrl::NbdTcp {
                 host: "127.0.0.1".into(),
                 port: 10900,
-                export: "golden".into()
+                export: "golden".into(),
+                tls: false,
             })
         );
         assert_eq!(
@@ -228,16 +253,24 @@ mod tests {
             Ok(UpstreamUrl::NbdTcp {
                 host: "parent".into(),
                 port: NBD_PORT,
-                export: String::new()
+                export: String::new(),
+                tls: false,
             })
         );
         assert_eq!(
             p("nbd+unix:///golden?socket=/run/herd.sock"),
             Ok(UpstreamUrl::NbdUnix {
                 socket: "/run/herd.sock".into(),
-                export: "golden".into()
+                export: "golden".into(),
+                tls: false,
             })
         );
+        let tls = p("nbds://10.0.0.1:10900/golden").expect("nbds");
+        assert!(matches!(tls, UpstreamUrl::NbdTcp { tls: true, .. }));
+        assert_eq!(tls.to_string(), "nbds://10.0.0.1:10900/golden");
+        let tls = p("nbds+unix:///g?socket=/s").expect("nbds+unix");
+        assert!(matches!(tls, UpstreamUrl::NbdUnix { tls: true, .. }));
+        assert_eq!(tls.to_string(), "nbds+unix:///g?socket=/s");
     }
 
     #[test]

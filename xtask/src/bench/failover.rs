@@ -230,6 +230,7 @@ fn one_round(fleet: &mut Fleet, env: &Env, fault: Fault) -> Result<Round> {
     let leaf = herd::upstream::UpstreamUrl::NbdUnix {
         socket: env.dir.join("h3.sock"),
         export: "herd".into(),
+        tls: false,
     };
     let start = Instant::now();
     let fault_at = start + Duration::from_secs(1);

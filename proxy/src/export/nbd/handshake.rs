@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Backing, Export};
 use crate::nbd::proto::{self, ProtoError};
+use crate::net::BoxStream;
+use crate::tls;
 
 /// Longest a client may take to reach transmission.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,6 +29,10 @@ pub enum HandshakeError {
     TooManyOptions,
     #[error("handshake timed out")]
     Timeout,
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
+    #[error("client did not start TLS, which this server requires (--tls require)")]
+    TlsRequired,
 }
 
 /// How negotiation ended.
@@ -37,6 +43,8 @@ pub enum Outcome {
         /// context id BLOCK_STATUS replies carry.
         allocation: Option<u32>,
         backing: Backing,
+        /// The stream is TLS: replies cannot be `sendfile`d.
+        secure: bool,
     },
     Closed,
 }
@@ -44,37 +52,60 @@ pub enum Outcome {
 /// The id herd gives `base:allocation`, its only metadata context.
 pub const ALLOCATION_ID: u32 = 1;
 
-struct Negotiation<'a, S> {
-    s: &'a mut S,
+struct Negotiation<'a> {
+    s: BoxStream,
     export: &'a Export,
+    tls: Option<&'a tls::Server>,
+    /// TLS has been initiated on `s`.
+    secure: bool,
+    /// An option was refused with `ERR_TLS_REQD`: a hang-up after that is
+    /// a refusal worth a log line, not a routine close.
+    refused_plain: bool,
     structured: bool,
     no_zeroes: bool,
     /// The export `base:allocation` was last selected for.
     meta_for: Option<String>,
 }
 
-/// Runs negotiation; `Ok(Transmission)` means the stream is ready for
-/// requests.
+/// Runs negotiation on `s`; `Ok(Transmission)` means the returned stream
+/// (TLS if the client started it) is ready for requests.
 ///
 /// # Errors
-/// Malformed input, I/O errors or the timeout; the caller closes.
-pub async fn negotiate<S>(s: &mut S, export: &Export) -> Result<Outcome, HandshakeError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// Malformed input, I/O errors, a failed TLS handshake, a plain client
+/// under `--tls require`, or the timeout; the caller closes.
+pub async fn negotiate(
+    s: BoxStream,
+    export: &Export,
+    tls: Option<&tls::Server>,
+) -> Result<(BoxStream, Outcome), HandshakeError> {
     let mut n = Negotiation {
         s,
         export,
+        tls,
+        secure: false,
+        refused_plain: false,
         structured: false,
         no_zeroes: false,
         meta_for: None,
     };
-    tokio::time::timeout(TIMEOUT, n.run())
+    let outcome = tokio::time::timeout(TIMEOUT, n.run())
         .await
-        .unwrap_or(Err(HandshakeError::Timeout))
+        .unwrap_or(Err(HandshakeError::Timeout))?;
+    Ok((n.s, outcome))
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
+/// Stands in for the stream while the TLS acceptor owns it.
+fn no_stream() -> BoxStream {
+    Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()))
+}
+
+impl Negotiation<'_> {
+    /// Under `--tls require`, before STARTTLS: every option but STARTTLS
+    /// and ABORT is refused.
+    fn must_upgrade(&self) -> bool {
+        !self.secure && self.tls.is_some_and(|t| t.mode == tls::Mode::Require)
+    }
+
     async fn run(&mut self) -> Result<Outcome, HandshakeError> {
         let mut out = Vec::with_capacity(proto::GREETING_LEN);
         proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES, &mut out);
@@ -87,7 +118,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
         self.no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
         for _ in 0..MAX_OPTIONS {
             let mut h = [0u8; proto::OPTION_HEADER_LEN];
-            self.s.read_exact(&mut h).await?;
+            match self.s.read_exact(&mut h).await {
+                Err(e) if self.refused_plain && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(HandshakeError::TlsRequired)
+                }
+                r => r?,
+            };
             let opt = proto::decode_option_header(&h)?;
             let mut payload = vec![0u8; opt.len as usize];
             self.s.read_exact(&mut payload).await?;
@@ -96,11 +132,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
                 len = opt.len,
                 "option"
             );
+            if opt.option == proto::OPT_STARTTLS {
+                self.starttls(&payload).await?;
+                continue;
+            }
+            if self.must_upgrade() && opt.option != proto::OPT_ABORT {
+                if opt.option == proto::OPT_EXPORT_NAME {
+                    // It cannot be refused: the spec says to close.
+                    return Err(HandshakeError::TlsRequired);
+                }
+                self.refused_plain = true;
+                self.reply(
+                    opt.option,
+                    proto::REP_ERR_TLS_REQD,
+                    b"TLS required: send NBD_OPT_STARTTLS first",
+                )
+                .await?;
+                continue;
+            }
             let chosen = match opt.option {
                 proto::OPT_EXPORT_NAME => return self.export_name(&payload).await,
                 proto::OPT_ABORT => {
                     // The client may already have closed; ignore errors.
                     let _ = self.reply(proto::OPT_ABORT, proto::REP_ACK, &[]).await;
+                    if self.refused_plain {
+                        return Err(HandshakeError::TlsRequired);
+                    }
                     return Ok(Outcome::Closed);
                 }
                 proto::OPT_LIST => self.list(&payload).await?,
@@ -121,6 +178,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             }
         }
         Err(HandshakeError::TooManyOptions)
+    }
+
+    /// STARTTLS: acknowledged and the stream upgraded when this server has
+    /// TLS and the session is still plain (the spec's FORCEDTLS and
+    /// SELECTIVETLS rules), refused otherwise.
+    async fn starttls(&mut self, payload: &[u8]) -> Result<(), HandshakeError> {
+        let Some(tls) = self.tls else {
+            self.reply(
+                proto::OPT_STARTTLS,
+                proto::REP_ERR_UNSUP,
+                b"TLS is not enabled on this server",
+            )
+            .await?;
+            return Ok(());
+        };
+        if self.secure || !payload.is_empty() {
+            let why: &[u8] = if self.secure {
+                b"TLS is already running"
+            } else {
+                b"STARTTLS takes no data"
+            };
+            self.reply(proto::OPT_STARTTLS, proto::REP_ERR_INVALID, why)
+                .await?;
+            return Ok(());
+        }
+        self.reply(proto::OPT_STARTTLS, proto::REP_ACK, &[]).await?;
+        let plain = std::mem::replace(&mut self.s, no_stream());
+        let upgraded = tls.accept(plain).await;
+        crate::metrics::tls_handshake("export", upgraded.is_ok());
+        self.s = upgraded.map_err(HandshakeError::Tls)?;
+        self.secure = true;
+        self.refused_plain = false;
+        // Nothing said in plain text carries over into the TLS session.
+        self.structured = false;
+        self.meta_for = None;
+        Ok(())
     }
 
     async fn reply(&mut self, option: u32, reply: u32, payload: &[u8]) -> std::io::Result<()> {
@@ -154,6 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Negotiation<'_, S> {
             allocation: (self.structured && self.meta_for.as_deref() == Some(name))
                 .then_some(ALLOCATION_ID),
             backing,
+            secure: self.secure,
         }
     }
 

@@ -148,17 +148,47 @@ fn classify(e: &handshake::HandshakeError) -> HandshakeErrorRef<'_> {
     }
 }
 
+/// Who may connect, and how.
+#[derive(Default)]
+pub struct Access {
+    /// STARTTLS (`--tls on|require`).
+    pub tls: Option<crate::tls::Server>,
+    /// `--allow`: the networks TCP clients may come from; empty allows any.
+    /// Unix-socket clients are local and always allowed.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl Access {
+    fn admits(&self, ip: Option<std::net::IpAddr>) -> bool {
+        match ip {
+            Some(ip) if !self.allow.is_empty() => self.allow.iter().any(|n| n.contains(&ip)),
+            _ => true,
+        }
+    }
+}
+
 /// Accepts connections until the listener fails; each runs in its own task
 /// so a misbehaving client only ever closes its own connection.
-pub async fn serve(listener: Listener, export: Arc<Export>) {
+pub async fn serve(listener: Listener, export: Arc<Export>, access: Arc<Access>) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer, dup)) => {
+            Ok(crate::net::Accepted {
+                stream,
+                peer,
+                ip,
+                dup,
+            }) => {
+                if !access.admits(ip) {
+                    tracing::info!(%peer, "connection refused: address not in --allow");
+                    crate::metrics::connection_refused("allow");
+                    continue;
+                }
                 crate::metrics::connection();
                 let export = Arc::clone(&export);
+                let access = Arc::clone(&access);
                 tokio::spawn(async move {
                     tracing::debug!(%peer, "client connected");
-                    match transmission::run(stream, dup, &export)
+                    match transmission::run(stream, dup, &export, access.tls.as_ref())
                         .await
                         .as_ref()
                         .map_err(classify)
@@ -170,7 +200,14 @@ pub async fn serve(listener: Listener, export: Arc<Export>) {
                             tracing::debug!(%peer, error = %crate::error_chain(e), "connection closed")
                         }
                         Err(HandshakeErrorRef::Other(e)) => {
-                            tracing::info!(%peer, error = %crate::error_chain(e), "connection closed")
+                            tracing::info!(%peer, error = %crate::error_chain(e), "connection closed");
+                            if matches!(
+                                e,
+                                handshake::HandshakeError::Tls(_)
+                                    | handshake::HandshakeError::TlsRequired
+                            ) {
+                                crate::metrics::connection_refused("tls");
+                            }
                         }
                     }
                 });

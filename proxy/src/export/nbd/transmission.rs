@@ -86,16 +86,23 @@ impl Payload {
 /// # Errors
 /// Handshake failures and transport errors; either way the connection ends.
 pub async fn run(
-    mut stream: BoxStream,
+    stream: BoxStream,
     dup: Option<OwnedFd>,
     export: &Arc<Export>,
+    tls: Option<&crate::tls::Server>,
 ) -> Result<(), HandshakeError> {
-    let (structured, allocation, backing) = match handshake::negotiate(&mut stream, export).await? {
+    let (stream, outcome) = handshake::negotiate(stream, export, tls).await?;
+    let (structured, allocation, backing, dup) = match outcome {
         Outcome::Transmission {
             structured,
             allocation,
             backing,
-        } => (structured, allocation, backing),
+            secure,
+        } => {
+            // Bytes sent around TLS would reach the client unencrypted.
+            let dup = if secure { None } else { dup };
+            (structured, allocation, backing, dup)
+        }
         Outcome::Closed => return Ok(()),
     };
     let (r, w) = tokio::io::split(stream);
