@@ -162,6 +162,7 @@ fn bench_smoke() -> Result<()> {
         chunk_size: None,
         baseline_herd: None,
         herd_only: false,
+        groups: Vec::new(),
     };
     dataplane::run_bench(&o)?;
     let text = std::fs::read_to_string(out.join("dataplane.json"))?;

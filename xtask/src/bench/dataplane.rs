@@ -50,6 +50,9 @@ pub struct Options {
     /// Only herd (and the baseline): skip the peers and the pinned runs.
     #[arg(long)]
     pub herd_only: bool,
+    /// Only these groups of rows: hit, relay, tls (repeatable; default all).
+    #[arg(long = "group", value_parser = ["hit", "relay", "tls"])]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -161,11 +164,15 @@ enum Server {
     HerdRelay,
     NbdkitRelay,
     QemuNbdRelay,
+    /// The hit path again, every connection TLS (NBD_OPT_STARTTLS).
+    HerdTls,
+    NbdkitTls,
 }
 
 impl Server {
     const HIT: [Self; 4] = [Self::Herd, Self::Nbdkit, Self::QemuNbdUring, Self::QemuNbd];
     const RELAY: [Self; 3] = [Self::HerdRelay, Self::NbdkitRelay, Self::QemuNbdRelay];
+    const TLS: [Self; 2] = [Self::HerdTls, Self::NbdkitTls];
 
     fn name(self) -> &'static str {
         match self {
@@ -178,15 +185,23 @@ impl Server {
             Self::HerdRelay => "herd leaf->root",
             Self::NbdkitRelay => "nbdkit cache->nbdkit",
             Self::QemuNbdRelay => "qemu-nbd CoR->qemu-nbd",
+            Self::HerdTls => "herd TLS (warm)",
+            Self::NbdkitTls => "nbdkit file TLS",
         }
     }
 
     fn group(self) -> &'static str {
         if Self::HIT.contains(&self) || self == Self::HerdBase {
             "hit"
+        } else if Self::TLS.contains(&self) {
+            "tls"
         } else {
             "relay"
         }
+    }
+
+    fn tls(self) -> bool {
+        Self::TLS.contains(&self)
     }
 
     /// The servers of one run, in round order: herd, its baseline build
@@ -194,7 +209,7 @@ impl Server {
     fn lineup(opts: &Options, group: &[Self]) -> Vec<Self> {
         let mut v = Vec::new();
         for &s in group {
-            let herd = matches!(s, Self::Herd | Self::HerdRelay);
+            let herd = matches!(s, Self::Herd | Self::HerdRelay | Self::HerdTls);
             if herd || !opts.herd_only {
                 v.push(s);
             }
@@ -215,6 +230,23 @@ struct Running {
     procs: Vec<Child>,
     port: u16,
     export: &'static str,
+    /// Clients connect with TLS, using the bench's certificates.
+    tls: Option<PathBuf>,
+}
+
+impl Running {
+    /// The URI libnbd clients (fio, nbdcopy) open.
+    fn uri(&self) -> String {
+        match &self.tls {
+            Some(pki) => format!(
+                "nbds://127.0.0.1:{}/{}?tls-certificates={}",
+                self.port,
+                self.export,
+                pki.display()
+            ),
+            None => format!("nbd://127.0.0.1:{}/{}", self.port, self.export),
+        }
+    }
 }
 
 /// The pinned 4 KiB QD1 runs: fio on CPU 0, the server on the CPU named.
@@ -262,6 +294,25 @@ struct Env {
     image: PathBuf,
     scratch: PathBuf,
     chunk_size: Option<String>,
+    /// A CA and a 127.0.0.1 server and client certificate (libnbd and
+    /// nbdkit layout) for the TLS rows.
+    pki: PathBuf,
+}
+
+/// `herd serve` flags for a TLS export with the bench's certificates
+/// (client certificates required, as a fleet would run it).
+fn herd_tls_args(env: &Env) -> Vec<String> {
+    let f = |n: &str| env.pki.join(n).to_string_lossy().into_owned();
+    vec![
+        "--tls".into(),
+        "require".into(),
+        "--tls-cert".into(),
+        f("server-cert.pem"),
+        "--tls-key".into(),
+        f("server-key.pem"),
+        "--tls-ca".into(),
+        f("ca-cert.pem"),
+    ]
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
@@ -272,7 +323,14 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Child> {
         .with_context(|| format!("cannot start {cmd:?}"))
 }
 
-fn herd_serve(env: &Env, bin: &Path, name: &str, upstream: &str, port: u16) -> Result<Child> {
+fn herd_serve(
+    env: &Env,
+    bin: &Path,
+    name: &str,
+    upstream: &str,
+    port: u16,
+    extra: &[String],
+) -> Result<Child> {
     let cache = env.scratch.join(format!("{name}-cache"));
     let _ = std::fs::remove_dir_all(&cache);
     spawn(
@@ -291,6 +349,7 @@ fn herd_serve(env: &Env, bin: &Path, name: &str, upstream: &str, port: u16) -> R
                     .iter()
                     .flat_map(|c| ["--chunk-size", c.as_str()]),
             )
+            .args(extra)
             .env("NO_COLOR", "1"),
         &env.scratch.join(format!("{name}.log")),
     )
@@ -345,18 +404,38 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             .context("no --baseline-herd given")?,
         _ => env.herd.as_path(),
     };
+    let tls = s.tls().then(|| env.pki.clone());
     let export = match s {
-        Server::Herd | Server::HerdBase => {
-            procs.push(herd_serve(env, bin, "herd", &img, port)?);
+        Server::Herd | Server::HerdBase | Server::HerdTls => {
+            let extra = if s.tls() {
+                herd_tls_args(env)
+            } else {
+                Vec::new()
+            };
+            procs.push(herd_serve(env, bin, "herd", &img, port, &extra)?);
             wait_port(port)?;
             // Warm: the hit path is what this row measures.
-            run(Command::new("nbdcopy")
-                .arg(format!("nbd://127.0.0.1:{port}/herd"))
-                .arg("null:"))?;
+            let warm = Running {
+                procs: Vec::new(),
+                port,
+                export: "herd",
+                tls: tls.clone(),
+            };
+            run(Command::new("nbdcopy").arg(warm.uri()).arg("null:"))?;
             "herd"
         }
         Server::Nbdkit => {
             procs.push(nbdkit(env, port, &["file", &img], "nbdkit.log")?);
+            "bench"
+        }
+        Server::NbdkitTls => {
+            let certs = format!("--tls-certificates={}", env.pki.display());
+            procs.push(nbdkit(
+                env,
+                port,
+                &["--tls=require", &certs, "--tls-verify-peer", "file", &img],
+                "nbdkit-tls.log",
+            )?);
             "bench"
         }
         Server::QemuNbdUring => {
@@ -374,7 +453,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
         }
         Server::HerdRelay | Server::HerdRelayBase => {
             let pport = free_port()?;
-            procs.push(herd_serve(env, bin, "herd-root", &img, pport)?);
+            procs.push(herd_serve(env, bin, "herd-root", &img, pport, &[])?);
             wait_port(pport)?;
             run(Command::new("nbdcopy")
                 .arg(format!("nbd://127.0.0.1:{pport}/herd"))
@@ -385,6 +464,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
                 "herd-leaf",
                 &format!("nbd://127.0.0.1:{pport}/herd"),
                 port,
+                &[],
             )?);
             "herd"
         }
@@ -436,6 +516,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
         procs,
         port,
         export,
+        tls,
     })
 }
 
@@ -486,7 +567,7 @@ fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Res
             "--output-format=json",
             "--group_reporting",
         ])
-        .arg(format!("--uri=nbd://127.0.0.1:{}/{}", r.port, r.export))
+        .arg(format!("--uri={}", r.uri()))
         .arg(format!("--rw={}", p.rw))
         .arg(format!("--bs={}", p.bs))
         .arg(format!("--iodepth={}", p.iodepth))
@@ -581,18 +662,44 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         image: scratch.join(format!("image-{size_mib}M.raw")),
         scratch: scratch.clone(),
         chunk_size: opts.chunk_size.clone(),
+        pki: scratch.join("pki"),
     };
+    let _ = std::fs::remove_dir_all(&env.pki);
+    herd::tls::certs::make(
+        &env.pki,
+        &[
+            herd::tls::certs::Request {
+                stem: "server".into(),
+                names: vec!["127.0.0.1".into(), "localhost".into()],
+                days: 30,
+            },
+            herd::tls::certs::Request {
+                stem: "client".into(),
+                names: vec!["bench".into()],
+                days: 30,
+            },
+        ],
+    )?;
     prepare_image(&env.image, size_mib)?;
     step("measuring ceilings (iperf3 on loopback, memory copy)");
     let ceilings = Ceilings {
         loopback_tcp_mib_s: loopback_ceiling(&env)?,
         memcpy_mib_s: memcpy_ceiling(),
     };
-    let hit = Server::lineup(opts, &Server::HIT);
+    let wanted = |g: &str| opts.groups.is_empty() || opts.groups.iter().any(|w| w == g);
+    let lineup = |g: &str, group: &[Server]| {
+        if wanted(g) {
+            Server::lineup(opts, group)
+        } else {
+            Vec::new()
+        }
+    };
+    let hit = lineup("hit", &Server::HIT);
     let servers: Vec<Server> = hit
         .iter()
         .copied()
-        .chain(Server::lineup(opts, &Server::RELAY))
+        .chain(lineup("relay", &Server::RELAY))
+        .chain(lineup("tls", &Server::TLS))
         .collect();
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
@@ -694,7 +801,11 @@ pub fn validate(r: &Results) -> Result<()> {
         );
         Ok(())
     };
-    for s in Server::HIT.into_iter().chain(Server::RELAY) {
+    for s in Server::HIT
+        .into_iter()
+        .chain(Server::RELAY)
+        .chain(Server::TLS)
+    {
         for p in PATTERNS {
             require(s.name(), p.name)?;
         }

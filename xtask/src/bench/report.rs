@@ -80,6 +80,10 @@ pub fn markdown(r: &Results) -> String {
     for (group, title) in [
         ("hit", "Serving a warm image (hit path)"),
         ("relay", "Relaying from a parent, cold cache (miss path)"),
+        (
+            "tls",
+            "Serving a warm image over TLS (hit path; client certificates verified)",
+        ),
     ] {
         let names = servers(r, group);
         let _ = writeln!(s, "## {title}\n");
@@ -90,6 +94,7 @@ pub fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
+    tls_cost(&mut s, r);
     pinned(&mut s, r);
     let _ = writeln!(
         s,
@@ -110,6 +115,44 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+/// What TLS costs each server: its TLS median ÷ its plain one.
+fn tls_cost(s: &mut String, r: &Results) {
+    let pairs = [
+        ("herd", "herd (warm)", "herd TLS (warm)"),
+        ("nbdkit", "nbdkit file", "nbdkit file TLS"),
+    ];
+    if !pairs
+        .iter()
+        .any(|(_, _, t)| cell(r, t, PATTERNS[0].name).is_some())
+    {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## What TLS costs (TLS ÷ plain, same server, same run)\n\n\
+         TLS replies cannot be `sendfile`d (the bytes must pass through the encryption), so herd's \
+         zero-copy hit path becomes a read from the cache's page cache and an encrypted write.\n"
+    );
+    let _ = write!(s, "| pattern |");
+    for (n, _, _) in pairs {
+        let _ = write!(s, " {n} |");
+    }
+    let _ = writeln!(s, "\n|---|{}", "---|".repeat(pairs.len()));
+    for p in PATTERNS {
+        let _ = write!(s, "| {} |", p.name);
+        for (_, plain, tls) in pairs {
+            match (cell(r, plain, p.name), cell(r, tls, p.name)) {
+                (Some(a), Some(b)) if a.median > 0.0 => {
+                    let _ = write!(s, " {:.2} |", b.median / a.median);
+                }
+                _ => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s.push('\n');
 }
 
 /// The 4 KiB QD1 runs with fixed CPUs (fio on CPU 0).
