@@ -230,21 +230,36 @@ struct Running {
     procs: Vec<Child>,
     port: u16,
     export: &'static str,
-    /// Clients connect with TLS, using the bench's certificates.
+    /// Clients connect with TLS, with the client certificates in this
+    /// home directory.
     tls: Option<PathBuf>,
 }
 
 impl Running {
     /// The URI libnbd clients (fio, nbdcopy) open.
     fn uri(&self) -> String {
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("nbd{s}://127.0.0.1:{}/{}", self.port, self.export)
+    }
+
+    /// A libnbd client (fio, nbdcopy) running `argv`. fio's nbd engine
+    /// refuses `?tls-certificates=` (local file access in a URI), and libnbd
+    /// run as root looks only in /etc/pki/libnbd: under TLS the client runs
+    /// as nobody, which looks in `$HOME/.pki/libnbd`.
+    fn client(&self, argv: &[&str]) -> Command {
         match &self.tls {
-            Some(pki) => format!(
-                "nbds://127.0.0.1:{}/{}?tls-certificates={}",
-                self.port,
-                self.export,
-                pki.display()
-            ),
-            None => format!("nbd://127.0.0.1:{}/{}", self.port, self.export),
+            Some(home) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+                    .arg(format!("HOME={}", home.display()))
+                    .args(argv);
+                c
+            }
+            None => {
+                let mut c = Command::new(argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
         }
     }
 }
@@ -297,6 +312,9 @@ struct Env {
     /// A CA and a 127.0.0.1 server and client certificate (libnbd and
     /// nbdkit layout) for the TLS rows.
     pki: PathBuf,
+    /// The TLS clients' home: a world-readable copy of the CA and the
+    /// client certificate in `.pki/libnbd`.
+    client_home: PathBuf,
 }
 
 /// `herd serve` flags for a TLS export with the bench's certificates
@@ -404,7 +422,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             .context("no --baseline-herd given")?,
         _ => env.herd.as_path(),
     };
-    let tls = s.tls().then(|| env.pki.clone());
+    let tls = s.tls().then(|| env.client_home.clone());
     let export = match s {
         Server::Herd | Server::HerdBase | Server::HerdTls => {
             let extra = if s.tls() {
@@ -421,7 +439,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
                 export: "herd",
                 tls: tls.clone(),
             };
-            run(Command::new("nbdcopy").arg(warm.uri()).arg("null:"))?;
+            run(&mut warm.client(&["nbdcopy", &warm.uri(), "null:"]))?;
             "herd"
         }
         Server::Nbdkit => {
@@ -544,12 +562,8 @@ fn job(env: &Env, s: Server, p: &Pattern, runtime: u64, size_mib: u64, mode: Mod
 /// Runs one fio job and returns IOPS or MiB/s.
 fn fio(r: &Running, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<f64> {
     let mut cmd = match mode.pin {
-        Some((cpu, _)) => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", &cpu.to_string(), "fio"]);
-            c
-        }
-        None => Command::new("fio"),
+        Some((cpu, _)) => r.client(&["taskset", "-c", &cpu.to_string(), "fio"]),
+        None => r.client(&["fio"]),
     };
     let timing: Vec<String> = if mode.cold {
         vec![format!("--runtime={runtime}")]
@@ -645,6 +659,16 @@ fn prepare_image(path: &Path, mib: u64) -> Result<()> {
     Ok(())
 }
 
+/// Removes the TLS clients' home (it holds a readable key) however the
+/// bench ends.
+struct ClientHome(PathBuf);
+
+impl Drop for ClientHome {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn run_bench(opts: &Options) -> Result<Results> {
     crate::deps::ensure(&["fio", "nbdkit", "libnbd-bin", "qemu-utils", "iperf3"])?;
     let size_mib = opts.size_mib.unwrap_or(if opts.quick { 64 } else { 1024 });
@@ -663,7 +687,9 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         scratch: scratch.clone(),
         chunk_size: opts.chunk_size.clone(),
         pki: scratch.join("pki"),
+        client_home: std::env::temp_dir().join(format!("herd-bench-tls-{}", std::process::id())),
     };
+    let _home = ClientHome(env.client_home.clone());
     let _ = std::fs::remove_dir_all(&env.pki);
     herd::tls::certs::make(
         &env.pki,
@@ -680,6 +706,15 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             },
         ],
     )?;
+    let libnbd = env.client_home.join(".pki/libnbd");
+    std::fs::create_dir_all(&libnbd)?;
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(env.pki.join(f), libnbd.join(f))?;
+    }
+    run(Command::new("chmod")
+        .arg("-R")
+        .arg("a+rX")
+        .arg(&env.client_home))?;
     prepare_image(&env.image, size_mib)?;
     step("measuring ceilings (iperf3 on loopback, memory copy)");
     let ceilings = Ceilings {
