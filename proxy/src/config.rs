@@ -127,6 +127,13 @@ pub struct FileConfig {
     pub tls_ca: Option<PathBuf>,
     pub tls_allow: Option<Vec<String>>,
     pub allow: Option<Vec<String>>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    pub connection_buffer: Option<String>,
+    pub reply_buffer: Option<String>,
+    pub fetch_buffer: Option<String>,
+    pub idle_timeout: Option<u64>,
+    pub write_timeout: Option<u64>,
 }
 
 /// Validated settings.
@@ -168,6 +175,11 @@ pub struct ServeConfig {
     pub tls: crate::tls::Settings,
     /// `--allow`: networks TCP clients may connect from (empty: any).
     pub allow: Vec<ipnet::IpNet>,
+    /// What one client, and all together, may take from the export.
+    pub limits: crate::export::nbd::limits::Limits,
+    /// Fetched bytes that may wait in memory to be written to the cache
+    /// disk; fetching waits beyond it.
+    pub fetch_buffer: u64,
 }
 
 /// What a proxy fetches ahead of demand.
@@ -314,6 +326,15 @@ impl FileConfig {
             tls_ca: other.tls_ca.or(self.tls_ca),
             tls_allow: other.tls_allow.filter(|l| !l.is_empty()).or(self.tls_allow),
             allow: other.allow.filter(|l| !l.is_empty()).or(self.allow),
+            max_connections: other.max_connections.or(self.max_connections),
+            max_connections_per_client: other
+                .max_connections_per_client
+                .or(self.max_connections_per_client),
+            connection_buffer: other.connection_buffer.or(self.connection_buffer),
+            reply_buffer: other.reply_buffer.or(self.reply_buffer),
+            fetch_buffer: other.fetch_buffer.or(self.fetch_buffer),
+            idle_timeout: other.idle_timeout.or(self.idle_timeout),
+            write_timeout: other.write_timeout.or(self.write_timeout),
         }
     }
 
@@ -485,9 +506,62 @@ impl FileConfig {
             .iter()
             .map(|a| parse_net(a).map_err(|m| inv("allow", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let size = |key, v: Option<String>, default: u64| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) => match parse_size(&s) {
+                    Ok(n) if n >= 64 << 10 => Ok(n),
+                    Ok(_) => Err(inv(key, format!("{s} is below 64KiB"))),
+                    Err(e) => Err(inv(key, e.to_string())),
+                },
+            }
+        };
+        let count = |key, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(inv(key, "must be at least 1".into())),
+            v => Ok(v.unwrap_or(default)),
+        };
+        use crate::export::nbd::limits as lim;
+        let limits = lim::Limits {
+            max_connections: count(
+                "max_connections",
+                self.max_connections,
+                lim::DEFAULT_MAX_CONNECTIONS,
+            )?,
+            max_per_client: count(
+                "max_connections_per_client",
+                self.max_connections_per_client,
+                lim::DEFAULT_MAX_PER_CLIENT,
+            )?,
+            connection_buffer: size(
+                "connection_buffer",
+                self.connection_buffer,
+                lim::DEFAULT_CONNECTION_BUFFER,
+            )?,
+            server_buffer: size(
+                "reply_buffer",
+                self.reply_buffer,
+                lim::DEFAULT_SERVER_BUFFER,
+            )?,
+            idle_timeout: match self.idle_timeout {
+                None | Some(0) => None,
+                Some(s) => Some(std::time::Duration::from_secs(s)),
+            },
+            write_stall: match self.write_timeout {
+                None => lim::DEFAULT_WRITE_STALL,
+                Some(0) => return Err(inv("write_timeout", "must be at least 1".into())),
+                Some(s) => std::time::Duration::from_secs(s),
+            },
+        };
+        let fetch_buffer = size(
+            "fetch_buffer",
+            self.fetch_buffer,
+            crate::cache::DEFAULT_FETCH_BUFFER,
+        )?;
         Ok(ServeConfig {
             tls,
             allow,
+            limits,
+            fetch_buffer,
             profile: self.profile,
             manifest: self.manifest,
             record_profile: self.record_profile,

@@ -84,6 +84,11 @@ fn register_at_zero() {
         "herd_serving",
         "herd_parent_identity_mismatch",
         "herd_iscsi_in_flight_max",
+        "herd_reply_buffer_bytes",
+        "herd_reply_buffer_bytes_peak",
+        "herd_cache_unpersisted_bytes",
+        "herd_cache_unpersisted_bytes_peak",
+        "herd_nbd_connections_open",
     ] {
         gauge!(name).set(0.0);
     }
@@ -104,7 +109,7 @@ fn register_at_zero() {
 }
 
 /// Why a connection was closed before negotiation ended.
-pub const REFUSAL_REASONS: &[&str] = &["allow", "tls"];
+pub const REFUSAL_REASONS: &[&str] = &["allow", "tls", "limit"];
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, Unit};
@@ -218,7 +223,28 @@ fn describe() {
     );
     describe_counter!(
         "herd_nbd_connections_refused_total",
-        "NBD connections closed before transmission: reason allow (not in --allow) or tls (handshake failed, or TLS required and not started)"
+        "NBD connections closed before transmission: reason allow (not in --allow), tls (handshake failed, or TLS required and not started) or limit (--max-connections, --max-connections-per-client)"
+    );
+    describe_gauge!(
+        "herd_reply_buffer_bytes",
+        Unit::Bytes,
+        "reply bytes NBD connections hold in memory (sendfile'd replies hold none)"
+    );
+    describe_gauge!(
+        "herd_reply_buffer_bytes_peak",
+        Unit::Bytes,
+        "the most reply bytes NBD connections held at once"
+    );
+    describe_gauge!("herd_nbd_connections_open", "NBD connections open now");
+    describe_gauge!(
+        "herd_cache_unpersisted_bytes",
+        Unit::Bytes,
+        "fetched bytes held in memory until the cache disk has them (bounded by --fetch-buffer)"
+    );
+    describe_gauge!(
+        "herd_cache_unpersisted_bytes_peak",
+        Unit::Bytes,
+        "the most fetched bytes ever held waiting for the cache disk"
     );
     describe_counter!(
         "herd_tls_handshakes_total",
@@ -295,10 +321,27 @@ pub fn singleflight_join() {
 pub fn connection() {
     counter!("herd_nbd_connections_total").increment(1);
 }
+#[allow(clippy::cast_precision_loss)]
+pub fn connections_open(n: usize) {
+    gauge!("herd_nbd_connections_open").set(n as f64);
+}
 /// A connection closed before negotiation: `reason` is one of
 /// `REFUSAL_REASONS`.
 pub fn connection_refused(reason: &'static str) {
     counter!("herd_nbd_connections_refused_total", "reason" => reason).increment(1);
+}
+/// Fetched bytes waiting in memory for the cache disk now, and the most at
+/// once.
+#[allow(clippy::cast_precision_loss)]
+pub fn fetch_buffer_bytes(now: u64, peak: u64) {
+    gauge!("herd_cache_unpersisted_bytes").set(now as f64);
+    gauge!("herd_cache_unpersisted_bytes_peak").set(peak as f64);
+}
+/// Reply bytes NBD connections hold in memory now, and the most at once.
+#[allow(clippy::cast_precision_loss)]
+pub fn reply_buffer_bytes(now: u64, peak: u64) {
+    gauge!("herd_reply_buffer_bytes").set(now as f64);
+    gauge!("herd_reply_buffer_bytes_peak").set(peak as f64);
 }
 /// A TLS handshake ended: `side` is `export` or `upstream`.
 pub fn tls_handshake(side: &'static str, ok: bool) {

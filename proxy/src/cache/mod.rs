@@ -139,6 +139,63 @@ enum Claim {
 /// this many bytes.
 const MAX_RUN_BYTES: u64 = 1 << 20;
 
+/// Fetched bytes that may wait in memory for the cache disk, by default.
+pub const DEFAULT_FETCH_BUFFER: u64 = 32 << 20;
+
+/// Fetched bytes not yet durable: bounded so a disk slower than the parent
+/// link makes fetching wait instead of memory grow.
+struct FetchBuffer {
+    permits: tokio::sync::Semaphore,
+    cap: AtomicU64,
+    now: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl FetchBuffer {
+    fn new(cap: u64) -> Self {
+        Self {
+            permits: tokio::sync::Semaphore::new(usize::try_from(cap).unwrap_or(usize::MAX)),
+            cap: AtomicU64::new(cap),
+            now: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for room for `bytes` (capped at the whole buffer, so a run
+    /// larger than it still goes, alone); the room is given back when
+    /// the returned guard drops.
+    async fn hold(&self, bytes: u64) -> Option<FetchHold<'_>> {
+        let want = bytes.clamp(1, self.cap.load(Ordering::Acquire).max(1));
+        let permit = self
+            .permits
+            .acquire_many(u32::try_from(want).unwrap_or(u32::MAX))
+            .await
+            .ok()?;
+        // The gauges count the real bytes, not the capped permits.
+        let now = self.now.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let peak = self.peak.fetch_max(now, Ordering::AcqRel).max(now);
+        m::fetch_buffer_bytes(now, peak);
+        Some(FetchHold {
+            buf: self,
+            _permit: permit,
+            bytes,
+        })
+    }
+}
+
+struct FetchHold<'a> {
+    buf: &'a FetchBuffer,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    bytes: u64,
+}
+
+impl Drop for FetchHold<'_> {
+    fn drop(&mut self) {
+        let now = self.buf.now.fetch_sub(self.bytes, Ordering::AcqRel) - self.bytes;
+        m::fetch_buffer_bytes(now, self.buf.peak.load(Ordering::Acquire));
+    }
+}
+
 /// Counters kept alongside the Prometheus metrics, for callers in-process.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -179,6 +236,7 @@ pub struct ChunkCache {
     /// Woken when a fetched chunk fails its digest (the serve loop then
     /// asks whether the parent changed image).
     digest_failed: tokio::sync::Notify,
+    fetch_buffer: FetchBuffer,
 }
 
 /// Who asked for a fetch: clients always go first.
@@ -262,7 +320,23 @@ impl ChunkCache {
             demand_inflight: AtomicU64::new(0),
             demand_idle: tokio::sync::Notify::new(),
             digest_failed: tokio::sync::Notify::new(),
+            fetch_buffer: FetchBuffer::new(DEFAULT_FETCH_BUFFER),
         }))
+    }
+
+    /// Sets the fetch buffer (`--fetch-buffer`); call before serving.
+    pub fn set_fetch_buffer(&self, bytes: u64) {
+        let b = &self.fetch_buffer;
+        let old = b.cap.swap(bytes.max(1), Ordering::AcqRel);
+        let (old, new) = (
+            usize::try_from(old).unwrap_or(usize::MAX),
+            usize::try_from(bytes.max(1)).unwrap_or(usize::MAX),
+        );
+        if new > old {
+            b.permits.add_permits(new - old);
+        } else {
+            b.permits.forget_permits(old - new);
+        }
     }
 
     /// Empties a cache directory that holds another image (or an
@@ -787,6 +861,8 @@ impl ChunkCache {
         let offset = start * self.chunk_size;
         let len =
             usize::try_from((n * self.chunk_size).min(self.size - offset)).unwrap_or(usize::MAX);
+        // Held until the run is durable (or dropped): the back-pressure.
+        let _room = self.fetch_buffer.hold(len as u64).await;
         let fetched = self.upstream.read_at(offset, len).await;
         if class == Class::Demand && self.demand_inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.demand_idle.notify_waiters();

@@ -151,6 +151,31 @@ pub struct ServeArgs {
     /// for more. Without it any address.
     #[arg(long)]
     allow: Vec<String>,
+    /// Most NBD connections at once (default 1024); more are refused.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most NBD connections from one address (default 64).
+    #[arg(long)]
+    max_connections_per_client: Option<usize>,
+    /// Reply bytes one connection may hold in memory (default 8MiB); a
+    /// client that stops reading stalls once it is full.
+    #[arg(long)]
+    connection_buffer: Option<String>,
+    /// Reply bytes all connections together may hold (default 32MiB).
+    #[arg(long)]
+    reply_buffer: Option<String>,
+    /// Fetched bytes that may wait in memory for the cache disk (default
+    /// 32MiB); fetching waits beyond it.
+    #[arg(long)]
+    fetch_buffer: Option<String>,
+    /// Close NBD connections that send no request for this many seconds
+    /// (default 0: never).
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Close an NBD connection whose client leaves a reply unread for this
+    /// many seconds (default 60).
+    #[arg(long)]
+    write_timeout: Option<u64>,
 }
 
 impl ServeArgs {
@@ -205,6 +230,13 @@ impl ServeArgs {
             tls_ca: self.tls_ca,
             tls_allow: Some(self.tls_allow),
             allow: Some(self.allow),
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            connection_buffer: self.connection_buffer,
+            reply_buffer: self.reply_buffer,
+            fetch_buffer: self.fetch_buffer,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -545,6 +577,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     herd::metrics::image_identity(&manifest.identity().to_string());
     let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine, manifest)
         .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
+    cache.set_fetch_buffer(cfg.fetch_buffer);
     tracing::info!(
         dir = %cfg.cache_dir.display(),
         chunk_size = cfg.chunk_size,
@@ -620,6 +653,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let access = Arc::new(nbd_export::Access {
         tls: tls_server,
         allow: cfg.allow.clone(),
+        gate: nbd_export::limits::Gate::new(cfg.limits),
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;

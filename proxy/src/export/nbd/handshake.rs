@@ -94,6 +94,41 @@ pub async fn negotiate(
     Ok((n.s, outcome))
 }
 
+/// Greets a client that is over a connection limit and answers every
+/// option with `NBD_REP_ERR_POLICY` and `why`, so it reports the reason;
+/// `NBD_OPT_EXPORT_NAME` cannot be refused and closes. Bounded in options
+/// and time; errors end it quietly (the refusal was logged at accept).
+pub async fn refuse(mut s: BoxStream, why: &str) {
+    let run = async {
+        let mut out = Vec::with_capacity(proto::GREETING_LEN);
+        proto::encode_greeting(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES, &mut out);
+        s.write_all(&out).await?;
+        s.flush().await?;
+        let _cflags = s.read_u32().await?;
+        for _ in 0..MAX_OPTIONS {
+            let mut h = [0u8; proto::OPTION_HEADER_LEN];
+            s.read_exact(&mut h).await?;
+            let opt = proto::decode_option_header(&h)?;
+            let mut skip = (&mut s).take(u64::from(opt.len));
+            tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
+            let (rep, msg) = match opt.option {
+                proto::OPT_EXPORT_NAME => break,
+                proto::OPT_ABORT => (proto::REP_ACK, ""),
+                _ => (proto::REP_ERR_POLICY, why),
+            };
+            let mut out = Vec::new();
+            proto::encode_option_reply(opt.option, rep, msg.as_bytes(), &mut out);
+            s.write_all(&out).await?;
+            s.flush().await?;
+            if opt.option == proto::OPT_ABORT {
+                break;
+            }
+        }
+        Ok::<(), HandshakeError>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+}
+
 /// Stands in for the stream while the TLS acceptor owns it.
 fn no_stream() -> BoxStream {
     Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()))

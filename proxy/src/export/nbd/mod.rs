@@ -7,6 +7,7 @@
 //! Negotiation lives in `handshake`, one function per option reply.
 
 mod handshake;
+pub mod limits;
 mod transmission;
 mod zerocopy;
 
@@ -148,14 +149,15 @@ fn classify(e: &handshake::HandshakeError) -> HandshakeErrorRef<'_> {
     }
 }
 
-/// Who may connect, and how.
-#[derive(Default)]
+/// Who may connect, how, and how much they may take.
 pub struct Access {
     /// STARTTLS (`--tls on|require`).
     pub tls: Option<crate::tls::Server>,
     /// `--allow`: the networks TCP clients may come from; empty allows any.
     /// Unix-socket clients are local and always allowed.
     pub allow: Vec<ipnet::IpNet>,
+    /// Connection counts and reply budgets.
+    pub gate: Arc<limits::Gate>,
 }
 
 impl Access {
@@ -183,12 +185,22 @@ pub async fn serve(listener: Listener, export: Arc<Export>, access: Arc<Access>)
                     crate::metrics::connection_refused("allow");
                     continue;
                 }
+                let slot = match access.gate.admit(ip) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        tracing::info!(%peer, reason = %why, "connection refused");
+                        crate::metrics::connection_refused("limit");
+                        tokio::spawn(async move { handshake::refuse(stream, &why).await });
+                        continue;
+                    }
+                };
                 crate::metrics::connection();
                 let export = Arc::clone(&export);
                 let access = Arc::clone(&access);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     tracing::debug!(%peer, "client connected");
-                    match transmission::run(stream, dup, &export, access.tls.as_ref())
+                    match transmission::run(stream, dup, &export, &access)
                         .await
                         .as_ref()
                         .map_err(classify)

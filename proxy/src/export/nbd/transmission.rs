@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
+use super::limits::Hold;
 use super::zerocopy::ZeroCopy;
 use super::{errno_for, Export};
 use crate::cache::Data;
@@ -27,6 +28,18 @@ const MAX_IN_FLIGHT: usize = 64;
 
 /// Receive buffer: room for hundreds of request headers.
 const READ_BUF: usize = 16 << 10;
+
+/// A reply on its way to the writer, with the memory it holds.
+struct Queued {
+    reply: Reply,
+    _hold: Option<Hold>,
+}
+
+impl From<Reply> for Queued {
+    fn from(reply: Reply) -> Self {
+        Self { reply, _hold: None }
+    }
+}
 
 enum Reply {
     Ok {
@@ -89,9 +102,11 @@ pub async fn run(
     stream: BoxStream,
     dup: Option<OwnedFd>,
     export: &Arc<Export>,
-    tls: Option<&crate::tls::Server>,
+    access: &super::Access,
 ) -> Result<(), HandshakeError> {
-    let (stream, outcome) = handshake::negotiate(stream, export, tls).await?;
+    let (stream, outcome) = handshake::negotiate(stream, export, access.tls.as_ref()).await?;
+    let limits = access.gate.limits;
+    let budget = access.gate.budget();
     let (structured, allocation, backing, dup) = match outcome {
         Outcome::Transmission {
             structured,
@@ -111,7 +126,7 @@ pub async fn run(
     // next request costs no EAGAIN recv (measured: one syscall of five per
     // 4 KiB request at QD1).
     let mut r = tokio::io::BufReader::with_capacity(READ_BUF, r);
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT * 2);
+    let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT * 2);
     let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
         Ok(z) => Some(z),
         Err(e) => {
@@ -129,6 +144,7 @@ pub async fn run(
         },
         rx,
         structured,
+        limits.write_stall,
     ));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let size = export.size_of(&backing);
@@ -153,8 +169,18 @@ pub async fn run(
         _ => None,
     };
     let result = loop {
+        let next = async {
+            match limits.idle_timeout {
+                Some(t) => tokio::time::timeout(t, r.read_exact(&mut hdr))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                None => r.read_exact(&mut hdr).await,
+            }
+        };
         let got = tokio::select! {
-            got = r.read_exact(&mut hdr) => got,
+            got = next => got,
+            // The writer gave up (its client stopped reading): end here too.
+            () = tx.closed() => break Ok(()),
             () = async { if let Some(s) = superseded.as_mut() { s.await } else { std::future::pending().await } } => {
                 tracing::debug!("profile changed; closing a connection to the old one");
                 break Ok(());
@@ -163,6 +189,12 @@ pub async fn run(
         if let Err(e) = got {
             // A client that just closes without DISC is normal.
             break if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::info!(
+                    idle_s = limits.idle_timeout.map_or(0, |t| t.as_secs()),
+                    "closing an idle connection (--idle-timeout)"
+                );
                 Ok(())
             } else {
                 Err(e.into())
@@ -186,12 +218,20 @@ pub async fn run(
         match req.command {
             proto::CMD_READ | proto::CMD_CACHE => {
                 if let Some(errno) = invalid_range(&req, size) {
-                    if tx.send(err(errno)).await.is_err() {
+                    if tx.send(Queued::from(err(errno))).await.is_err() {
                         break Ok(());
                     }
                     continue;
                 }
                 if let Some(bytes) = &side {
+                    let hold = if req.command == proto::CMD_READ {
+                        match budget.hold(u64::from(req.length)).await {
+                            Some(h) => Some(h),
+                            None => break Ok(()),
+                        }
+                    } else {
+                        None
+                    };
                     // (The range was validated against the side export's length.)
                     let at = usize::try_from(req.offset).unwrap_or(usize::MAX);
                     let data = (req.command == proto::CMD_READ)
@@ -203,12 +243,22 @@ pub async fn run(
                         offset: req.offset,
                         data,
                     };
-                    if tx.send(ok).await.is_err() {
+                    if tx
+                        .send(Queued {
+                            reply: ok,
+                            _hold: hold,
+                        })
+                        .await
+                        .is_err()
+                    {
                         break Ok(());
                     }
                     continue;
                 }
                 let sequential = req.offset == last_end;
+                // Replies that carry bytes in memory hold them against the
+                // connection's budget until written (sendfile'd ones don't).
+                let mut hold = None;
                 if req.command == proto::CMD_READ {
                     if let Some(rec) = &export.recorder {
                         rec.note(req.offset, u64::from(req.length));
@@ -226,6 +276,10 @@ pub async fn run(
                             len,
                         })
                     } else {
+                        let Some(h) = budget.hold(u64::from(req.length)).await else {
+                            break Ok(());
+                        };
+                        hold = Some(h);
                         export
                             .cache
                             .try_read_cached(req.offset, len)
@@ -237,7 +291,14 @@ pub async fn run(
                             offset: req.offset,
                             data: Some(data),
                         };
-                        if tx.send(ok).await.is_err() {
+                        if tx
+                            .send(Queued {
+                                reply: ok,
+                                _hold: hold,
+                            })
+                            .await
+                            .is_err()
+                        {
                             break Ok(());
                         }
                         continue;
@@ -252,7 +313,7 @@ pub async fn run(
                 let (export, tx) = (Arc::clone(export), tx.clone());
                 tokio::spawn(async move {
                     let reply = execute(&export, &req, structured).await;
-                    let _ = tx.send(reply).await;
+                    let _ = tx.send(Queued { reply, _hold: hold }).await;
                     drop(permit);
                 });
             }
@@ -265,12 +326,12 @@ pub async fn run(
                     Ok(_) => break Ok(()),
                     Err(e) => break Err(e.into()),
                 }
-                if tx.send(err(proto::EPERM)).await.is_err() {
+                if tx.send(Queued::from(err(proto::EPERM))).await.is_err() {
                     break Ok(());
                 }
             }
             proto::CMD_TRIM | proto::CMD_WRITE_ZEROES => {
-                if tx.send(err(proto::EPERM)).await.is_err() {
+                if tx.send(Queued::from(err(proto::EPERM))).await.is_err() {
                     break Ok(());
                 }
             }
@@ -280,7 +341,7 @@ pub async fn run(
                     offset: req.offset,
                     data: None,
                 };
-                if tx.send(ok).await.is_err() {
+                if tx.send(Queued::from(ok)).await.is_err() {
                     break Ok(());
                 }
             }
@@ -298,12 +359,12 @@ pub async fn run(
                     }
                     _ => err(proto::EINVAL),
                 };
-                if tx.send(reply).await.is_err() {
+                if tx.send(Queued::from(reply)).await.is_err() {
                     break Ok(());
                 }
             }
             _ => {
-                if tx.send(err(proto::EINVAL)).await.is_err() {
+                if tx.send(Queued::from(err(proto::EINVAL))).await.is_err() {
                     break Ok(());
                 }
             }
@@ -478,16 +539,32 @@ impl ReplyWriter {
 /// when idle saved nothing at QD1 and cost 20 % at QD32: measured.)
 async fn write_replies(
     mut w: ReplyWriter,
-    mut rx: mpsc::Receiver<Reply>,
+    mut rx: mpsc::Receiver<Queued>,
     structured: bool,
+    stall: std::time::Duration,
 ) -> std::io::Result<()> {
-    while let Some(reply) = rx.recv().await {
-        encode_reply(&mut w, reply, structured).await?;
-        // Batch replies that are already queued into one flush.
-        while let Ok(more) = rx.try_recv() {
-            encode_reply(&mut w, more, structured).await?;
-        }
-        w.flush().await?;
+    // A client that stops reading leaves a write pending: past `stall` the
+    // connection ends, giving its budget back (dropping `rx` drops every
+    // queued reply and unblocks the reader).
+    let stuck = || {
+        tracing::info!(
+            stall_s = stall.as_secs(),
+            "closing a connection whose client stopped reading its replies"
+        );
+        std::io::Error::from(std::io::ErrorKind::TimedOut)
+    };
+    while let Some(q) = rx.recv().await {
+        let batch = async {
+            encode_reply(&mut w, q.reply, structured).await?;
+            // Batch replies that are already queued into one flush.
+            while let Ok(more) = rx.try_recv() {
+                encode_reply(&mut w, more.reply, structured).await?;
+            }
+            w.flush().await
+        };
+        tokio::time::timeout(stall, batch)
+            .await
+            .map_err(|_| stuck())??;
     }
     w.flush().await?;
     w.w.shutdown().await

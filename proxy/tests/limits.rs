@@ -1,0 +1,232 @@
+//! Bounded resources on a real herd: connection limits refuse with the
+//! reason, a client that stops reading stalls only itself and holds at
+//! most its reply budget (then is cut off), idle connections are closed,
+//! and fetched bytes wait for the disk within the fetch buffer.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{assert_same_file, have, random_image, scratch, Herd, RawClient};
+use herd::nbd::proto;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+fn log_lines(h: &Herd, what: &str) -> usize {
+    std::fs::read_to_string(&h.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+/// Negotiates by hand up to OPT_GO and returns the replies' types and the
+/// first error message.
+fn try_go(port: u16) -> (Vec<u32>, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    let mut out = 3u32.to_be_bytes().to_vec();
+    let req = proto::InfoRequest {
+        name: "herd".into(),
+        infos: vec![],
+    };
+    proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
+    s.write_all(&out).expect("send GO");
+    let (mut kinds, mut msg) = (Vec::new(), String::new());
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).expect("option reply");
+        let r = proto::decode_option_reply_header(&h).expect("reply header");
+        let mut p = vec![0u8; r.len as usize];
+        s.read_exact(&mut p).expect("payload");
+        kinds.push(r.reply);
+        if r.reply & proto::REP_FLAG_ERROR != 0 {
+            msg = String::from_utf8_lossy(&p).into_owned();
+        }
+        if r.reply == proto::REP_ACK || r.reply & proto::REP_FLAG_ERROR != 0 {
+            return (kinds, msg);
+        }
+    }
+}
+
+#[test]
+fn connection_limits_refuse_with_the_reason() {
+    let dir = scratch("limits-conns");
+    let img = dir.join("img");
+    let data = random_image(&img, 2 * MIB as usize);
+    let herd = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--max-connections-per-client", "2"],
+    );
+    // Herd::start's port probes are connections too: let them end.
+    herd.metric_eventually("herd_nbd_connections_open", 0.0);
+    let a = RawClient::connect(herd.port, "herd");
+    let _b = RawClient::connect(herd.port, "herd");
+    herd.metric_eventually("herd_nbd_connections_open", 2.0);
+    let (kinds, msg) = try_go(herd.port);
+    assert_eq!(kinds, vec![proto::REP_ERR_POLICY]);
+    assert!(
+        msg.contains("too many connections from 127.0.0.1: 2"),
+        "{msg}"
+    );
+    if have("nbdinfo") {
+        let out = std::process::Command::new("nbdinfo")
+            .arg(herd.url())
+            .output()
+            .expect("nbdinfo");
+        assert!(!out.status.success(), "a third client is refused");
+    }
+    let refusals = if have("nbdinfo") { 2 } else { 1 };
+    herd.metric_eventually(
+        "herd_nbd_connections_refused_total{reason=\"limit\"}",
+        f64::from(refusals),
+    );
+    assert_eq!(
+        log_lines(&herd, "too many connections from 127.0.0.1"),
+        refusals as usize
+    );
+    // One leaves: the next is served.
+    drop(a);
+    herd.metric_eventually("herd_nbd_connections_open", 1.0);
+    let mut c = RawClient::connect(herd.port, "herd");
+    assert_eq!(c.read(0, 4096), &data[..4096]);
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_only_itself() {
+    let dir = scratch("limits-stall");
+    let img = dir.join("img");
+    let data = random_image(&img, 32 * MIB as usize);
+    let herd = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &[
+            "--connection-buffer",
+            "1MiB",
+            "--reply-buffer",
+            "4MiB",
+            "--write-timeout",
+            "3",
+        ],
+    );
+    // Warm: replies come from the cache.
+    let warm = dir.join("warm");
+    common::nbdcopy(&herd.url(), &warm);
+
+    // 2000 reads of 60 KiB (copied replies, below the sendfile size) that
+    // are never read back: 117 MiB of replies against a 1 MiB budget.
+    let mut stuck = RawClient::connect(herd.port, "herd");
+    stuck.s.set_nodelay(true).expect("nodelay");
+    let len = 60 * KIB;
+    let mut reqs = Vec::new();
+    for i in 0..2000u64 {
+        let offset = (i * len) % (32 * MIB - len);
+        proto::encode_request(
+            &proto::Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                handle: i,
+                offset,
+                length: u32::try_from(len).expect("len"),
+            },
+            &mut reqs,
+        );
+    }
+    stuck.s.write_all(&reqs).expect("send requests");
+    // Stalled: it holds replies, and no more than its budget.
+    herd.wait_metric_at_least(
+        "herd_reply_buffer_bytes",
+        (MIB - len) as f64,
+        Duration::from_secs(10),
+    );
+    let held = herd.metric("herd_reply_buffer_bytes");
+    assert!(held >= (MIB - len) as f64, "the stuck client holds {held}");
+    assert!(held <= MIB as f64, "the stuck client holds {held} > 1 MiB");
+
+    // Another client is served in full meanwhile.
+    let out = dir.join("other");
+    common::nbdcopy(&herd.url(), &out);
+    assert_same_file(&out, &data);
+    assert!(herd.metric("herd_reply_buffer_bytes_peak") <= 4.0 * MIB as f64);
+
+    // Past --write-timeout the stuck connection is closed and its budget
+    // given back.
+    herd.metric_eventually("herd_reply_buffer_bytes", 0.0);
+    assert_eq!(log_lines(&herd, "stopped reading its replies"), 1);
+    // The socket ends after the replies that had fit in it.
+    stuck
+        .s
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut sink = Vec::new();
+    let r = stuck.s.read_to_end(&mut sink);
+    assert!(
+        r.is_ok()
+            || r.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    assert!((sink.len() as u64) < 2000 * len, "not every reply was sent");
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_timeout() {
+    let dir = scratch("limits-idle");
+    let img = dir.join("img");
+    random_image(&img, MIB as usize);
+    let herd = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--idle-timeout", "1"],
+    );
+    let mut idle = RawClient::connect(herd.port, "herd");
+    let started = Instant::now();
+    idle.s
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    let n = idle.s.read(&mut b).expect("closed, not timed out");
+    assert_eq!(n, 0, "the server closed the idle connection");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(log_lines(&herd, "closing an idle connection"), 1);
+    // A busy connection is not idle.
+    let mut busy = RawClient::connect(herd.port, "herd");
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        busy.read(0, 4096);
+    }
+}
+
+#[test]
+fn fetched_bytes_wait_for_the_disk_within_the_fetch_buffer() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("limits-fetch");
+    let img = dir.join("img");
+    let data = random_image(&img, 32 * MIB as usize);
+    let chunk = ["--chunk-size", "64KiB"];
+    let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), &chunk);
+    let mut args = chunk.to_vec();
+    args.extend(["--fetch-buffer", "64KiB"]);
+    let leaf = Herd::start(&dir, "leaf", &root.url(), &args);
+    let out = dir.join("copy");
+    common::nbdcopy(&leaf.url(), &out);
+    assert_same_file(&out, &data);
+    // One run (at most 1 MiB) at a time waits for the disk, however many
+    // reads nbdcopy keeps in flight.
+    let peak = leaf.metric("herd_cache_unpersisted_bytes_peak");
+    assert!(peak > 0.0 && peak <= MIB as f64, "peak {peak}");
+    leaf.metric_eventually("herd_cache_unpersisted_bytes", 0.0);
+    leaf.metric_eventually("herd_cache_chunks_present", 512.0);
+}
