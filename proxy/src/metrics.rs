@@ -70,6 +70,7 @@ fn register_at_zero() {
         "herd_upstream_deadline_expiries_total",
         "herd_iscsi_ping_failures_total",
         "herd_iscsi_commands_total",
+        "herd_iscsi_digest_errors_total",
     ] {
         counter!(name).increment(0);
     }
@@ -222,6 +223,10 @@ fn describe() {
         "NOP-Out pings the iSCSI target left unanswered (the session is then dropped)"
     );
     describe_counter!(
+        "herd_iscsi_digest_errors_total",
+        "iSCSI PDUs whose CRC32C header or data digest did not match (the connection is dropped and its commands reissued)"
+    );
+    describe_counter!(
         "herd_nbd_connections_refused_total",
         "NBD connections closed before transmission: reason allow (not in --allow), tls (handshake failed, or TLS required and not started) or limit (--max-connections, --max-connections-per-client)"
     );
@@ -276,6 +281,10 @@ pub fn parent_identity_mismatch(yes: bool) {
 
 pub fn iscsi_ping_failure() {
     counter!("herd_iscsi_ping_failures_total").increment(1);
+}
+/// A PDU from the target failed its CRC32C header or data digest.
+pub fn iscsi_digest_error() {
+    counter!("herd_iscsi_digest_errors_total").increment(1);
 }
 pub fn upstream_failover() {
     counter!("herd_upstream_failovers_total").increment(1);

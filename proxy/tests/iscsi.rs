@@ -255,6 +255,86 @@ fn crc32c_digests_are_negotiated_and_verified() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A TCP relay to `to` that flips one bit of what the target sends on its
+/// first connection, `at` bytes in; later connections pass untouched.
+/// Returns its port and a count of connections.
+fn corrupting_relay(to: u16, at: u64) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+    let port = l.local_addr().expect("addr").port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { return };
+            let Ok(target) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                return;
+            };
+            let first = seen.fetch_add(1, Ordering::AcqRel) == 0;
+            let (mut c2, mut t2) = (
+                client.try_clone().expect("clone"),
+                target.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut t2);
+                let _ = t2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut from, mut back) = (target, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut done = 0u64;
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if first && done <= at && at < done + n as u64 {
+                        buf[usize::try_from(at - done).expect("index")] ^= 0x01;
+                    }
+                    done += n as u64;
+                    if back.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = back.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_corrupted_pdu_fails_its_digest_and_the_read_is_reissued() {
+    if !have("tgtd") || !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-bad-digest");
+    let img = dir.join("lun.img");
+    let data = random_image(&img, 16 * MIB);
+    let t = Tgtd::start(&img, None);
+    t.want_digests();
+    // 2 MiB in, the stream is Data-In payloads: one bit flipped there (or
+    // in a header) must fail a digest, not reach the cache.
+    let (port, connections) = corrupting_relay(t.port, 2 * MIB as u64);
+    let url = t
+        .url(None)
+        .replace(&format!(":{}/", t.port), &format!(":{port}/"));
+    assert_ne!(url, t.url(None));
+    let h = Herd::start(&dir, "root", &url, &["--iscsi-digests"]);
+    let out = dir.join("out.raw");
+    nbdcopy(&h.url(), &out);
+    assert_same_file(&out, &data);
+    assert_eq!(h.metric("herd_iscsi_digest_errors_total"), 1.0);
+    let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+    assert_eq!(log.matches("iSCSI digest mismatch").count(), 1, "{log}");
+    assert!(
+        connections.load(std::sync::atomic::Ordering::Acquire) >= 2,
+        "herd logged in again after the bad PDU"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn io_uring_socket_mode_reads_byte_identical_across_a_restart() {
     if !have("tgtd") || !have("nbdcopy") {

@@ -461,6 +461,7 @@ async fn reader_loop(
                             data = data_ok,
                             "iSCSI digest mismatch; dropping the connection"
                         );
+                        crate::metrics::iscsi_digest_error();
                         break 'outer;
                     }
                     let Some(s) = session.upgrade() else { return };
