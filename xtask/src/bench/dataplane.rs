@@ -414,7 +414,14 @@ fn qemu_nbd(env: &Env, port: u16, args: &[&str], log: &str) -> Result<Child> {
 fn start(env: &Env, s: Server) -> Result<Running> {
     let port = free_port()?;
     let img = env.image.to_string_lossy().into_owned();
-    let mut procs = Vec::new();
+    // Filled as processes start: an error part-way kills those started.
+    let mut running = Running {
+        procs: Vec::new(),
+        port,
+        export: "",
+        tls: s.tls().then(|| env.client_home.clone()),
+    };
+    let procs = &mut running.procs;
     let bin = match s {
         Server::HerdBase | Server::HerdRelayBase => env
             .baseline
@@ -423,7 +430,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
         _ => env.herd.as_path(),
     };
     let tls = s.tls().then(|| env.client_home.clone());
-    let export = match s {
+    running.export = match s {
         Server::Herd | Server::HerdBase | Server::HerdTls => {
             let extra = if s.tls() {
                 herd_tls_args(env)
@@ -530,12 +537,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
         }
     };
     wait_port(port)?;
-    Ok(Running {
-        procs,
-        port,
-        export,
-        tls,
-    })
+    Ok(running)
 }
 
 /// How a fio job runs.
