@@ -86,6 +86,10 @@ pub fn markdown(r: &Results) -> String {
         ),
     ] {
         let names = servers(r, group);
+        if names.is_empty() {
+            // Not measured in this run (`--group`).
+            continue;
+        }
         let _ = writeln!(s, "## {title}\n");
         table_head(&mut s, "pattern", &names);
         for p in PATTERNS {
