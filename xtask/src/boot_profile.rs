@@ -164,6 +164,39 @@ impl Ctx<'_> {
     }
 }
 
+/// The chunks a running node's cache holds, read from its bitmap file once
+/// that agrees with the node's own count (the daemon syncs it each second).
+fn present_chunks(cache: &Path, node: &Proxy) -> Result<std::collections::HashSet<u64>> {
+    let path = cache.join(herd::cache::BITMAP_FILE);
+    let start = Instant::now();
+    loop {
+        let raw = std::fs::read(&path)?;
+        let body = raw
+            .get(herd::cache::bitmap::HEADER_LEN as usize..)
+            .unwrap_or_default();
+        let mut set = std::collections::HashSet::new();
+        for (w, word) in body.chunks_exact(8).enumerate() {
+            let mut v = u64::from_le_bytes(word.try_into()?);
+            while v != 0 {
+                set.insert(w as u64 * 64 + u64::from(v.trailing_zeros()));
+                v &= v - 1;
+            }
+        }
+        let want = metric(node.metrics, "herd_cache_chunks_present")?;
+        if set.len() as u64 == want {
+            return Ok(set);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!(
+                "{} holds {} chunks, the node counts {want}, after 10 s",
+                path.display(),
+                set.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs the three checks; `Err` names the first that failed.
 pub fn run_checks(bin: &Path) -> Result<Report> {
     let disk = image::ensure(Kind::Debian)?;
@@ -305,10 +338,37 @@ pub fn run_checks(bin: &Path) -> Result<Report> {
     }
     r.prefetch_secs = t.elapsed().as_secs_f64();
     let before = metric(leaf.metrics, "herd_upstream_read_bytes_total")?;
+    // Prefetch fetched the profile's chunks and nothing else.
+    let profile = herd::profile::Profile::decode(&std::fs::read(&merged)?)?;
+    let cs = 64 << 10;
+    let profile_chunks: std::collections::HashSet<u64> = profile.chunks(cs).into_iter().collect();
+    let profile_chunk_bytes = profile_chunks.len() as u64 * cs;
+    anyhow::ensure!(
+        before > 0 && before <= profile_chunk_bytes,
+        "the leaf fetched {before} bytes to prefetch a profile of {profile_chunk_bytes} bytes of chunks"
+    );
+    let leaf_cache = dir.join("pf-leaf-cache");
+    let prefetched = present_chunks(&leaf_cache, &leaf)?;
     let ov = overlay(&dir, "prefetched", &leaf.url(), size)?;
     r.prefetched_boot_secs = cx.boot("prefetched root→leaf", &ov, &[])?;
     r.prefetched_upstream_bytes = metric(leaf.metrics, "herd_upstream_read_bytes_total")? - before;
     r.prefetched_boot_bytes = metric(leaf.metrics, "herd_served_bytes_total")?;
+    // Whatever the prefetched boot still fetched lies outside the profile.
+    let fetched_in_boot: Vec<u64> = present_chunks(&leaf_cache, &leaf)?
+        .difference(&prefetched)
+        .copied()
+        .collect();
+    let inside: Vec<u64> = fetched_in_boot
+        .iter()
+        .filter(|c| profile_chunks.contains(c))
+        .copied()
+        .collect();
+    anyhow::ensure!(
+        inside.is_empty(),
+        "the prefetched boot fetched {} chunks that the profile holds (prefetch should have): {:?}",
+        inside.len(),
+        &inside[..inside.len().min(16)]
+    );
     // Boots are not bit-identical: a prefetched boot may read chunks that
     // none of the four recorded boots read (seen: 0 to 1.6 MiB, once 25
     // chunks at a 512 KiB stride from 128 MiB and 256 MiB, the starts of
