@@ -140,7 +140,7 @@ enum Claim {
 const MAX_RUN_BYTES: u64 = 1 << 20;
 
 /// Fetched bytes that may wait in memory for the cache disk, by default.
-pub const DEFAULT_FETCH_BUFFER: u64 = 32 << 20;
+pub const DEFAULT_FETCH_BUFFER: u64 = 16 << 20;
 
 /// Fetched bytes not yet durable: bounded so a disk slower than the parent
 /// link makes fetching wait instead of memory grow.

@@ -161,11 +161,11 @@ pub struct ServeArgs {
     /// client that stops reading stalls once it is full.
     #[arg(long)]
     connection_buffer: Option<String>,
-    /// Reply bytes all connections together may hold (default 32MiB).
+    /// Reply bytes all connections together may hold (default 16MiB).
     #[arg(long)]
     reply_buffer: Option<String>,
     /// Fetched bytes that may wait in memory for the cache disk (default
-    /// 32MiB); fetching waits beyond it.
+    /// 16MiB); fetching waits beyond it.
     #[arg(long)]
     fetch_buffer: Option<String>,
     /// Close NBD connections that send no request for this many seconds

@@ -11,6 +11,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Alignment of every buffer (and the unit O_DIRECT reads are rounded to).
@@ -34,6 +35,21 @@ const POOL_CLASSES: usize = 14; // 4 KiB ..= 32 MiB
 const POOL_BYTES_PER_CLASS: usize = 16 << 20;
 /// Buffers the pool keeps per size class at most.
 const POOL_MAX_PER_CLASS: usize = 256;
+/// Bytes the pool keeps in all: free buffers are resident memory, and the
+/// node's memory bound (DESIGN.md, "Bounded resources") counts them.
+const POOL_BYTES_TOTAL: usize = 8 << 20;
+
+/// Bytes held by free buffers in the pool.
+static POOLED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts `n` more pooled bytes if that stays within `limit`.
+fn reserve(pooled: &AtomicUsize, n: usize, limit: usize) -> bool {
+    pooled
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+            (p + n <= limit).then_some(p + n)
+        })
+        .is_ok()
+}
 
 struct Free(NonNull<u8>);
 // SAFETY: a free buffer is owned by the pool alone.
@@ -80,6 +96,7 @@ impl IoBuf {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .pop();
             if let Some(Free(ptr)) = reused {
+                POOLED.fetch_sub(cap, Ordering::AcqRel);
                 return Self { ptr, len, cap };
             }
         }
@@ -141,13 +158,16 @@ impl std::ops::DerefMut for IoBuf {
     }
 }
 
-impl Drop for IoBuf {
-    fn drop(&mut self) {
+impl IoBuf {
+    /// Gives the allocation to the pool if its class and the pool's total
+    /// (`limit`) have room, else back to the allocator. Called once, by
+    /// `drop`.
+    fn release(&mut self, limit: usize) {
         if let Some(c) = class_of(self.cap) {
             let mut free = POOL[c]
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if free.len() < pool_limit(self.cap) {
+            if free.len() < pool_limit(self.cap) && reserve(&POOLED, self.cap, limit) {
                 free.push(Free(self.ptr));
                 return;
             }
@@ -156,6 +176,12 @@ impl Drop for IoBuf {
             // SAFETY: allocated in `zeroed` with exactly this layout.
             unsafe { dealloc(self.ptr.as_ptr(), layout) };
         }
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        self.release(POOL_BYTES_TOTAL);
     }
 }
 
@@ -188,13 +214,23 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_total_is_bounded() {
+        let pooled = AtomicUsize::new(0);
+        assert!(reserve(&pooled, 6 << 20, 8 << 20));
+        assert!(!reserve(&pooled, 4 << 20, 8 << 20), "over the total");
+        assert!(reserve(&pooled, 2 << 20, 8 << 20));
+        assert_eq!(pooled.load(Ordering::Acquire), 8 << 20);
+    }
+
+    #[test]
     fn recycled_buffers_come_back_zeroed_only_when_asked() {
-        // A class no other test uses, so the pool is ours.
+        // A class no other test uses, so the pool is ours; given back
+        // without the total (other tests' buffers may fill it meanwhile).
         let len = 16 << 20;
-        let mut a = IoBuf::zeroed(len);
+        let mut a = std::mem::ManuallyDrop::new(IoBuf::zeroed(len));
         a[0] = 0xab;
         let p = a.as_ptr();
-        drop(a);
+        a.release(usize::MAX);
         let b = IoBuf::scratch(len);
         assert_eq!(b.as_ptr(), p, "the dropped buffer is reused");
         assert_eq!(b[0], 0xab);

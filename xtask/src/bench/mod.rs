@@ -9,6 +9,7 @@ pub mod iscsi;
 mod plot;
 pub mod recorder;
 mod report;
+pub mod rss;
 pub mod sparse;
 pub mod storm;
 
@@ -29,6 +30,8 @@ pub enum Suite {
     Storm(storm::Options),
     /// A sparse image copied whole and prefetched: herd's tree vs nbdkit's file plugin.
     Sparse(sparse::Options),
+    /// A node's memory (RSS) serving a 15 GiB image to 64 clients under load.
+    Rss(rss::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
@@ -39,5 +42,6 @@ pub fn run(suite: &Suite) -> Result<()> {
         Suite::Storm(o) => storm::run_job(o),
         Suite::Failover(o) => failover::run_bench(o),
         Suite::Sparse(o) => sparse::run_bench(o).map(drop),
+        Suite::Rss(o) => rss::run_bench(o).map(drop),
     }
 }

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_PER_CLIENT: usize = 64;
 pub const DEFAULT_CONNECTION_BUFFER: u64 = 8 << 20;
-pub const DEFAULT_SERVER_BUFFER: u64 = 32 << 20;
+pub const DEFAULT_SERVER_BUFFER: u64 = 16 << 20;
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
