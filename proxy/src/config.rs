@@ -552,6 +552,15 @@ impl FileConfig {
                 Some(s) => std::time::Duration::from_secs(s),
             },
         };
+        if limits.connection_buffer > limits.server_buffer / 2 {
+            return Err(inv(
+                "connection_buffer",
+                format!(
+                    "{} bytes is more than half of reply_buffer ({}): one client that stops reading would starve the others",
+                    limits.connection_buffer, limits.server_buffer
+                ),
+            ));
+        }
         let fetch_buffer = size(
             "fetch_buffer",
             self.fetch_buffer,

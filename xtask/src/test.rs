@@ -95,6 +95,7 @@ pub fn run(opts: &Options) -> Result<()> {
             "bench_sparse_quick_root_serves_only_data_chunks",
             sparse_smoke,
         ),
+        ("bench_rss_quick_measures_both_nodes", rss_smoke),
         ("vagrantfile_validates", crate::vagrant::validate),
         (
             "fuzz_targets_build_and_run_briefly_without_a_crash",
@@ -173,6 +174,28 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    Ok(())
+}
+
+/// The memory bench on a small image: both nodes measured under load (the
+/// bench fails if the clients read nothing); no bound asserted here.
+fn rss_smoke() -> Result<()> {
+    let o = crate::bench::rss::Options {
+        image_gib: 1,
+        clients: 8,
+        seconds: 5,
+        quick: true,
+        herd_args: Vec::new(),
+    };
+    let r = crate::bench::rss::run_bench(&o)?;
+    anyhow::ensure!(r.nodes.len() == 2, "nodes missing");
+    for n in &r.nodes {
+        anyhow::ensure!(
+            n.hwm_mib > 0.0 && n.rss_peak_mib > 0.0,
+            "{} not sampled",
+            n.name
+        );
+    }
     Ok(())
 }
 

@@ -140,7 +140,7 @@ enum Claim {
 const MAX_RUN_BYTES: u64 = 1 << 20;
 
 /// Fetched bytes that may wait in memory for the cache disk, by default.
-pub const DEFAULT_FETCH_BUFFER: u64 = 16 << 20;
+pub const DEFAULT_FETCH_BUFFER: u64 = 8 << 20;
 
 /// Fetched bytes not yet durable: bounded so a disk slower than the parent
 /// link makes fetching wait instead of memory grow.
@@ -570,6 +570,12 @@ impl ChunkCache {
             if !Arc::ptr_eq(&p.run, &first.run) || p.at != first.at + i * cs {
                 return None;
             }
+        }
+        // A reply that shares a run keeps all of it alive, while the reply
+        // budget counts only `len`: a small part of a large run is copied
+        // instead, so the run is freed once it is on disk.
+        if len.saturating_mul(2) < first.run.len() {
+            return None;
         }
         let start = first.at + usize::try_from(offset - c0 * self.chunk_size).ok()?;
         let end = start.checked_add(len)?;

@@ -157,15 +157,16 @@ pub struct ServeArgs {
     /// Most NBD connections from one address (default 64).
     #[arg(long)]
     max_connections_per_client: Option<usize>,
-    /// Reply bytes one connection may hold in memory (default 8MiB); a
-    /// client that stops reading stalls once it is full.
+    /// Reply bytes one connection may hold in memory (default 2MiB, at
+    /// most half of --reply-buffer); a client that stops reading stalls
+    /// once it is full.
     #[arg(long)]
     connection_buffer: Option<String>,
-    /// Reply bytes all connections together may hold (default 16MiB).
+    /// Reply bytes all connections together may hold (default 8MiB).
     #[arg(long)]
     reply_buffer: Option<String>,
     /// Fetched bytes that may wait in memory for the cache disk (default
-    /// 16MiB); fetching waits beyond it.
+    /// 8MiB); fetching waits beyond it.
     #[arg(long)]
     fetch_buffer: Option<String>,
     /// Close NBD connections that send no request for this many seconds

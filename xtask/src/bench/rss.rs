@@ -45,6 +45,10 @@ pub struct Options {
     /// 1 GiB, 8 clients, 5 s; checks, writes no results.
     #[arg(long)]
     pub quick: bool,
+    /// A `herd serve` flag for both nodes (repeat; e.g. `--herd-arg=--reply-buffer=8MiB`).
+    /// Results then go to `results/rss/tuned/`.
+    #[arg(long = "herd-arg", allow_hyphen_values = true)]
+    pub herd_args: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +77,8 @@ pub struct Results {
     /// Bytes the leaf fetched from the root.
     pub fetched_mib: f64,
     pub target_mib: f64,
+    /// Flags given to both nodes beyond the defaults.
+    pub herd_args: Vec<String>,
     pub nodes: Vec<Node>,
 }
 
@@ -132,6 +138,7 @@ fn herd(
     scratch: &Path,
     name: &str,
     upstream: &str,
+    extra: &[String],
 ) -> Result<(Child, u16, SocketAddr)> {
     let (port, mport) = (free_port()?, free_port()?);
     let cache = scratch.join(format!("{name}-cache"));
@@ -144,6 +151,7 @@ fn herd(
         .arg(&cache)
         // The 64 clients come from one address.
         .args(["--max-connections-per-client", "128"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(scratch.join(format!("{name}.log")))?)
@@ -220,7 +228,14 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     make_image(&image, size)?;
     let mut procs = Procs::default();
     step("starting the root (it hashes the image) and the leaf");
-    let (c, rport, rmet) = herd(&bin, &scratch, "root", image.to_str().context("utf8")?)?;
+    let extra = &opts.herd_args;
+    let (c, rport, rmet) = herd(
+        &bin,
+        &scratch,
+        "root",
+        image.to_str().context("utf8")?,
+        extra,
+    )?;
     let root_pid = c.id();
     procs.0.push(c);
     let (c, lport, lmet) = herd(
@@ -228,6 +243,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         &scratch,
         "leaf",
         &format!("nbd://127.0.0.1:{rport}/herd"),
+        extra,
     )?;
     let leaf_pid = c.id();
     procs.0.push(c);
@@ -323,12 +339,17 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         client_mib_s,
         fetched_mib,
         target_mib: 64.0 + bitmap_mib,
+        herd_args: opts.herd_args.clone(),
         nodes,
     };
     let table = report(&r);
     println!("{table}");
     if !opts.quick {
-        let dir = root().join("results/rss");
+        let dir = if r.herd_args.is_empty() {
+            root().join("results/rss")
+        } else {
+            root().join("results/rss/tuned")
+        };
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("rss.json"), serde_json::to_string_pretty(&r)?)?;
         std::fs::write(dir.join("README.md"), &table)?;
@@ -342,7 +363,7 @@ fn report(r: &Results) -> String {
          {} fio clients (nbd engine, random reads of 4 KiB–1 MiB, QD2 each) for {} s, plus one client that \
          sends 4000 reads and never reads a reply. The clients read {:.0} MiB/s in all; the leaf fetched \
          {:.0} MiB from the root. Default limits: {} MiB of replies per connection, {} MiB in all, {} MiB of \
-         fetched bytes waiting for the disk.\n\n\
+         fetched bytes waiting for the disk{}.\n\n\
          Target (hardening issue): RSS ≤ 64 MiB + the bitmap = **{:.1} MiB**.\n\n\
          | node | peak RSS (sampled, MiB) | VmHWM (MiB) | ÷ target | bitmap (MiB) | manifest (MiB) | reply buffers at peak (MiB) | fetch buffer at peak (MiB) |\n\
          |---|---|---|---|---|---|---|---|\n",
@@ -354,6 +375,11 @@ fn report(r: &Results) -> String {
         herd::export::nbd::limits::DEFAULT_CONNECTION_BUFFER >> 20,
         herd::export::nbd::limits::DEFAULT_SERVER_BUFFER >> 20,
         herd::cache::DEFAULT_FETCH_BUFFER >> 20,
+        if r.herd_args.is_empty() {
+            String::new()
+        } else {
+            format!("; both nodes also given `{}`", r.herd_args.join(" "))
+        },
         r.target_mib
     );
     for n in &r.nodes {

@@ -19,8 +19,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Defaults (DESIGN.md, "Bounded resources").
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_PER_CLIENT: usize = 64;
-pub const DEFAULT_CONNECTION_BUFFER: u64 = 8 << 20;
-pub const DEFAULT_SERVER_BUFFER: u64 = 16 << 20;
+/// A quarter of the shared budget: clients that stop reading hold up to
+/// this each until `--write-timeout`, and it takes four to starve the rest.
+pub const DEFAULT_CONNECTION_BUFFER: u64 = 2 << 20;
+pub const DEFAULT_SERVER_BUFFER: u64 = 8 << 20;
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy)]
