@@ -15,14 +15,6 @@ use herd::nbd::proto;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-fn log_lines(h: &Herd, what: &str) -> usize {
-    std::fs::read_to_string(&h.log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(what))
-        .count()
-}
-
 /// Negotiates by hand up to OPT_GO and returns the replies' types and the
 /// first error message.
 fn try_go(port: u16) -> (Vec<u32>, String) {
@@ -90,7 +82,7 @@ fn connection_limits_refuse_with_the_reason() {
         f64::from(refusals),
     );
     assert_eq!(
-        log_lines(&herd, "too many connections from 127.0.0.1"),
+        herd.log_lines("too many connections from 127.0.0.1"),
         refusals as usize
     );
     // One leaves: the next is served.
@@ -161,7 +153,7 @@ fn a_client_that_stops_reading_stalls_only_itself() {
     // Past --write-timeout the stuck connection is closed and its budget
     // given back.
     herd.metric_eventually("herd_reply_buffer_bytes", 0.0);
-    assert_eq!(log_lines(&herd, "stopped reading its replies"), 1);
+    assert_eq!(herd.log_lines("stopped reading its replies"), 1);
     // The socket ends after the replies that had fit in it.
     stuck
         .s
@@ -198,7 +190,7 @@ fn idle_connections_are_closed_after_the_timeout() {
     let n = idle.s.read(&mut b).expect("closed, not timed out");
     assert_eq!(n, 0, "the server closed the idle connection");
     assert!(started.elapsed() < Duration::from_secs(15));
-    assert_eq!(log_lines(&herd, "closing an idle connection"), 1);
+    assert_eq!(herd.log_lines("closing an idle connection"), 1);
     // A busy connection is not idle.
     let mut busy = RawClient::connect(herd.port, "herd");
     for _ in 0..4 {

@@ -97,14 +97,6 @@ fn nbdinfo(url: &str) -> Result<(), String> {
     }
 }
 
-fn log_lines(h: &Herd, what: &str) -> usize {
-    std::fs::read_to_string(&h.log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(what))
-        .count()
-}
-
 fn handshakes(h: &Herd, side: &str, result: &str) -> f64 {
     h.metric(&format!(
         "herd_tls_handshakes_total{{side=\"{side}\",result=\"{result}\"}}"
@@ -259,16 +251,16 @@ fn refusals_are_clear_and_the_daemon_serves_others() {
     refused(5.0);
 
     let log = std::fs::read_to_string(&root.log).expect("log");
-    assert_eq!(log_lines(&root, "did not start TLS"), 1, "{log}");
+    assert_eq!(root.log_lines("did not start TLS"), 1, "{log}");
     assert_eq!(
-        log_lines(&root, "[\"bob\"] are not in --tls-allow"),
+        root.log_lines("[\"bob\"] are not in --tls-allow"),
         1,
         "{log}"
     );
-    assert_eq!(log_lines(&root, "certificate expired"), 1, "{log}");
-    assert_eq!(log_lines(&root, "no certificates"), 1, "{log}");
+    assert_eq!(root.log_lines("certificate expired"), 1, "{log}");
+    assert_eq!(root.log_lines("no certificates"), 1, "{log}");
     assert_eq!(
-        log_lines(&root, "connection closed"),
+        root.log_lines("connection closed"),
         5,
         "one line per refusal:\n{log}"
     );
@@ -359,14 +351,14 @@ fn addresses_outside_allow_are_refused() {
         0,
         "refused connections get no greeting"
     );
-    let (lines, before) = (log_lines(&shut, "not in --allow"), shut.metric(refused));
+    let (lines, before) = (shut.log_lines("not in --allow"), shut.metric(refused));
     assert!(
         before >= 2.0,
         "the readiness probes and ours came from 127.0.0.1"
     );
     let e = nbdinfo(&shut.url()).expect_err("outside --allow");
     assert!(!e.is_empty());
-    assert_eq!(log_lines(&shut, "not in --allow"), lines + 1);
+    assert_eq!(shut.log_lines("not in --allow"), lines + 1);
     assert_eq!(shut.metric(refused), before + 1.0);
     assert_eq!(shut.metric(accepted), 0.0);
 

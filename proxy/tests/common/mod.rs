@@ -209,6 +209,15 @@ impl Herd {
         format!("nbd://127.0.0.1:{}/herd", self.port)
     }
 
+    /// Lines of this daemon's log that contain `what`.
+    pub fn log_lines(&self, what: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+
     /// Value of one Prometheus metric; panics if herd does not export it
     /// (herd registers every metric at 0 before its first scrape, so a
     /// renamed metric cannot pass for 0).
