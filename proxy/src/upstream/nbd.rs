@@ -236,11 +236,53 @@ async fn starttls(
         addr: addr.to_owned(),
         reason,
     };
-    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
+    send_option(&mut s, proto::OPT_STARTTLS, &[], addr).await?;
+    let (reply, payload) = read_option_reply(&mut s, addr).await?;
+    if reply != proto::REP_ACK {
+        let msg = String::from_utf8_lossy(&payload);
+        if required {
+            send_abort(&mut s).await;
+            return Err(fail(format!(
+                "the parent does not offer TLS, which this link requires (STARTTLS reply {reply:#x}: {msg})"
+            )));
+        }
+        tracing::debug!(%addr, reply, %msg, "parent refused STARTTLS; this link stays plain (--tls on)");
+        return Ok(s);
+    }
+    let upgraded = client.connect(host, s).await;
+    crate::metrics::tls_handshake("upstream", upgraded.is_ok());
+    upgraded.map_err(|e| fail(format!("TLS handshake failed: {e}")))
+}
+
+/// Sends option `opt` with `payload`.
+pub(super) async fn send_option(
+    s: &mut BoxStream,
+    opt: u32,
+    payload: &[u8],
+    addr: &str,
+) -> UpstreamResult<()> {
     let mut out = Vec::new();
-    proto::encode_option(proto::OPT_STARTTLS, &[], &mut out);
-    s.write_all(&out).await.map_err(io)?;
-    s.flush().await.map_err(io)?;
+    proto::encode_option(opt, payload, &mut out);
+    let sent = async {
+        s.write_all(&out).await?;
+        s.flush().await
+    };
+    sent.await.map_err(|e| UpstreamError::Handshake {
+        addr: addr.to_owned(),
+        reason: format!("I/O error: {e}"),
+    })
+}
+
+/// Reads one option reply: its type and payload (bounded in length).
+pub(super) async fn read_option_reply(
+    s: &mut BoxStream,
+    addr: &str,
+) -> UpstreamResult<(u32, Vec<u8>)> {
+    let fail = |reason: String| UpstreamError::Handshake {
+        addr: addr.to_owned(),
+        reason,
+    };
+    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
     let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
     s.read_exact(&mut h).await.map_err(io)?;
     let rep = proto::decode_option_reply_header(&h).map_err(|e| fail(e.to_string()))?;
@@ -252,24 +294,15 @@ async fn starttls(
     }
     let mut payload = vec![0u8; rep.len as usize];
     s.read_exact(&mut payload).await.map_err(io)?;
-    if rep.reply != proto::REP_ACK {
-        let msg = String::from_utf8_lossy(&payload);
-        if required {
-            let mut abort = Vec::new();
-            proto::encode_option(proto::OPT_ABORT, &[], &mut abort);
-            let _ = s.write_all(&abort).await;
-            let _ = s.flush().await;
-            return Err(fail(format!(
-                "the parent does not offer TLS, which this link requires (STARTTLS reply {:#x}: {msg})",
-                rep.reply
-            )));
-        }
-        tracing::debug!(%addr, reply = rep.reply, %msg, "parent refused STARTTLS; this link stays plain (--tls on)");
-        return Ok(s);
-    }
-    let upgraded = client.connect(host, s).await;
-    crate::metrics::tls_handshake("upstream", upgraded.is_ok());
-    upgraded.map_err(|e| fail(format!("TLS handshake failed: {e}")))
+    Ok((rep.reply, payload))
+}
+
+/// NBD_OPT_ABORT, best effort: the server may already have gone.
+pub(super) async fn send_abort(s: &mut BoxStream) {
+    let mut out = Vec::new();
+    proto::encode_option(proto::OPT_ABORT, &[], &mut out);
+    let _ = s.write_all(&out).await;
+    let _ = s.flush().await;
 }
 
 /// Reads the greeting and sends the client flags.
@@ -300,32 +333,18 @@ pub(super) async fn go(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamR
         addr: addr.to_owned(),
         reason,
     };
-    let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
-    let mut out = Vec::new();
     let req = InfoRequest {
         name: export.to_owned(),
         infos: vec![proto::INFO_BLOCK_SIZE],
     };
-    proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
-    s.write_all(&out).await.map_err(io)?;
-    s.flush().await.map_err(io)?;
+    send_option(s, proto::OPT_GO, &proto::encode_info_request(&req), addr).await?;
 
     let mut size = None;
     let mut tflags = 0;
     let mut max_block = proto::MAX_REQUEST;
     loop {
-        let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
-        s.read_exact(&mut h).await.map_err(io)?;
-        let rep = proto::decode_option_reply_header(&h).map_err(|e| fail(e.to_string()))?;
-        if rep.len > proto::MAX_OPTION_LEN {
-            return Err(fail(format!(
-                "option reply of {} bytes is too long",
-                rep.len
-            )));
-        }
-        let mut payload = vec![0u8; rep.len as usize];
-        s.read_exact(&mut payload).await.map_err(io)?;
-        match rep.reply {
+        let (reply, payload) = read_option_reply(s, addr).await?;
+        match reply {
             proto::REP_ACK => break,
             proto::REP_INFO => {
                 match proto::decode_info(&payload).map_err(|e| fail(e.to_string()))? {
@@ -343,10 +362,7 @@ pub(super) async fn go(s: &mut BoxStream, export: &str, addr: &str) -> UpstreamR
             proto::REP_ERR_UNKNOWN => {
                 // Leave politely, so the server does not log a dropped
                 // handshake for a child that asks before it has the export.
-                let mut abort = Vec::new();
-                proto::encode_option(proto::OPT_ABORT, &[], &mut abort);
-                let _ = s.write_all(&abort).await;
-                let _ = s.flush().await;
+                send_abort(s).await;
                 return Err(UpstreamError::NoSuchExport {
                     addr: addr.to_owned(),
                     export: export.to_owned(),

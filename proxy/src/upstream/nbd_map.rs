@@ -6,7 +6,7 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::nbd::{connect_stream, go, greet};
+use super::nbd::{connect_stream, go, greet, read_option_reply, send_abort, send_option};
 use super::{Extents, UpstreamError, UpstreamResult, UpstreamUrl};
 use crate::nbd::proto::{self, MetaContextRequest, Request};
 use crate::net::BoxStream;
@@ -40,9 +40,8 @@ pub async fn extents(url: &UpstreamUrl, size: u64) -> UpstreamResult<Extents> {
             source,
         })?;
     let mut s = greet(s, url, &addr).await?;
-    if option(&mut s, proto::OPT_STRUCTURED_REPLY, &[])
-        .await
-        .map_err(io)?
+    if option(&mut s, proto::OPT_STRUCTURED_REPLY, &[], &addr)
+        .await?
         .is_none()
     {
         return abort(s, &addr, "no structured replies").await;
@@ -52,10 +51,7 @@ pub async fn extents(url: &UpstreamUrl, size: u64) -> UpstreamResult<Extents> {
         queries: vec![proto::CONTEXT_BASE_ALLOCATION.to_owned()],
     };
     let payload = proto::encode_meta_context_request(&req);
-    let Some(replies) = option(&mut s, proto::OPT_SET_META_CONTEXT, &payload)
-        .await
-        .map_err(io)?
-    else {
+    let Some(replies) = option(&mut s, proto::OPT_SET_META_CONTEXT, &payload, &addr).await? else {
         return abort(s, &addr, "no metadata contexts").await;
     };
     let id = replies
@@ -126,9 +122,7 @@ pub async fn extents(url: &UpstreamUrl, size: u64) -> UpstreamResult<Extents> {
 }
 
 async fn abort(mut s: BoxStream, addr: &str, why: &str) -> UpstreamResult<Extents> {
-    let mut out = Vec::new();
-    proto::encode_option(proto::OPT_ABORT, &[], &mut out);
-    let _ = s.write_all(&out).await;
+    send_abort(&mut s).await;
     tracing::info!(server = %addr, why, "server gives no block status; reading all of the image");
     Ok(None)
 }
@@ -139,25 +133,16 @@ async fn option(
     s: &mut BoxStream,
     opt: u32,
     payload: &[u8],
-) -> std::io::Result<Option<Vec<Vec<u8>>>> {
-    let mut out = Vec::new();
-    proto::encode_option(opt, payload, &mut out);
-    s.write_all(&out).await?;
-    s.flush().await?;
+    addr: &str,
+) -> UpstreamResult<Option<Vec<Vec<u8>>>> {
+    send_option(s, opt, payload, addr).await?;
     let mut replies = Vec::new();
     loop {
-        let mut h = [0u8; proto::OPTION_REPLY_HEADER_LEN];
-        s.read_exact(&mut h).await?;
-        let rep = proto::decode_option_reply_header(&h).map_err(std::io::Error::other)?;
-        if rep.len > proto::MAX_OPTION_LEN {
-            return Err(std::io::Error::other("option reply too long"));
-        }
-        let mut p = vec![0u8; rep.len as usize];
-        s.read_exact(&mut p).await?;
-        if rep.reply == proto::REP_ACK {
+        let (reply, p) = read_option_reply(s, addr).await?;
+        if reply == proto::REP_ACK {
             return Ok(Some(replies));
         }
-        if rep.reply & proto::REP_FLAG_ERROR != 0 {
+        if reply & proto::REP_FLAG_ERROR != 0 {
             return Ok(None);
         }
         replies.push(p);
