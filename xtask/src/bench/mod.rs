@@ -13,7 +13,23 @@ pub mod rss;
 pub mod sparse;
 pub mod storm;
 
+use std::process::Child;
+
 use anyhow::Result;
+
+/// Processes killed (in reverse) on drop: a bench that fails part-way
+/// leaves nothing running.
+#[derive(Default)]
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Suite {

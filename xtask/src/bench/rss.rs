@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::Procs;
 use crate::demo::build_herd;
 use crate::util::{free_port, http_get, output, prom_require, root, step, work_dir};
 
@@ -80,19 +81,6 @@ pub struct Results {
     /// Flags given to both nodes beyond the defaults.
     pub herd_args: Vec<String>,
     pub nodes: Vec<Node>,
-}
-
-/// Processes killed (in reverse) on drop.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().rev() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// A 4 KiB pseudo-random block at the start of every chunk, holes between:

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::Procs;
 use crate::demo::build_herd;
 use crate::util::{
     free_port, http_get, median, output, prom_get, prom_require, root, run, step, work_dir,
@@ -76,19 +77,6 @@ pub struct Results {
     pub manifest_seconds: f64,
     pub rounds: usize,
     pub runs: Vec<Run>,
-}
-
-/// Processes killed (in reverse) on drop.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in self.0.iter_mut().rev() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn wait_port(port: u16) -> Result<()> {
