@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_file, have, random_image, scratch, Herd, RawClient};
@@ -14,38 +13,6 @@ use herd::nbd::proto;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-
-/// Negotiates by hand up to OPT_GO and returns the replies' types and the
-/// first error message.
-fn try_go(port: u16) -> (Vec<u32>, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).expect("greeting");
-    let mut out = 3u32.to_be_bytes().to_vec();
-    let req = proto::InfoRequest {
-        name: "herd".into(),
-        infos: vec![],
-    };
-    proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
-    s.write_all(&out).expect("send GO");
-    let (mut kinds, mut msg) = (Vec::new(), String::new());
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).expect("option reply");
-        let r = proto::decode_option_reply_header(&h).expect("reply header");
-        let mut p = vec![0u8; r.len as usize];
-        s.read_exact(&mut p).expect("payload");
-        kinds.push(r.reply);
-        if r.reply & proto::REP_FLAG_ERROR != 0 {
-            msg = String::from_utf8_lossy(&p).into_owned();
-        }
-        if r.reply == proto::REP_ACK || r.reply & proto::REP_FLAG_ERROR != 0 {
-            return (kinds, msg);
-        }
-    }
-}
 
 #[test]
 fn connection_limits_refuse_with_the_reason() {
@@ -63,8 +30,10 @@ fn connection_limits_refuse_with_the_reason() {
     let a = RawClient::connect(herd.port, "herd");
     let _b = RawClient::connect(herd.port, "herd");
     herd.metric_eventually("herd_nbd_connections_open", 2.0);
-    let (kinds, msg) = try_go(herd.port);
-    assert_eq!(kinds, vec![proto::REP_ERR_POLICY]);
+    let Err((replies, msg)) = RawClient::try_connect(herd.port, "herd") else {
+        panic!("a third connection from 127.0.0.1 was served");
+    };
+    assert_eq!(replies, vec![proto::REP_ERR_POLICY]);
     assert!(
         msg.contains("too many connections from 127.0.0.1: 2"),
         "{msg}"

@@ -377,6 +377,13 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(port: u16, export: &str) -> Self {
+        Self::try_connect(port, export)
+            .unwrap_or_else(|(replies, msg)| panic!("GO failed with replies {replies:x?}: {msg}"))
+    }
+
+    /// Negotiates up to transmission; `Err((every reply type, message))`
+    /// when the server answers OPT_GO with an error.
+    pub fn try_connect(port: u16, export: &str) -> Result<Self, (Vec<u32>, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
@@ -391,12 +398,14 @@ impl RawClient {
         proto::encode_option(proto::OPT_GO, &proto::encode_info_request(&req), &mut out);
         s.write_all(&out).expect("send GO");
         let mut size = 0;
+        let mut replies = Vec::new();
         loop {
             let mut h = [0u8; 20];
             s.read_exact(&mut h).expect("option reply");
             let r = proto::decode_option_reply_header(&h).expect("reply header");
             let mut p = vec![0u8; r.len as usize];
             s.read_exact(&mut p).expect("payload");
+            replies.push(r.reply);
             match r.reply {
                 proto::REP_ACK => break,
                 proto::REP_INFO => {
@@ -404,10 +413,10 @@ impl RawClient {
                         size = sz;
                     }
                 }
-                other => panic!("GO failed with reply {other:#x}"),
+                _ => return Err((replies, String::from_utf8_lossy(&p).into_owned())),
             }
         }
-        Self { s, size }
+        Ok(Self { s, size })
     }
 
     pub fn send(&mut self, command: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
