@@ -132,6 +132,7 @@ pub struct FileConfig {
     pub connection_buffer: Option<String>,
     pub reply_buffer: Option<String>,
     pub fetch_buffer: Option<String>,
+    pub cache_size: Option<String>,
     pub idle_timeout: Option<u64>,
     pub write_timeout: Option<u64>,
 }
@@ -180,6 +181,9 @@ pub struct ServeConfig {
     /// Fetched bytes that may wait in memory to be written to the cache
     /// disk; fetching waits beyond it.
     pub fetch_buffer: u64,
+    /// `--cache-size`: bytes the cache's data file may hold (None: the
+    /// whole image).
+    pub cache_size: Option<u64>,
 }
 
 /// What a proxy fetches ahead of demand.
@@ -333,6 +337,7 @@ impl FileConfig {
             connection_buffer: other.connection_buffer.or(self.connection_buffer),
             reply_buffer: other.reply_buffer.or(self.reply_buffer),
             fetch_buffer: other.fetch_buffer.or(self.fetch_buffer),
+            cache_size: other.cache_size.or(self.cache_size),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             write_timeout: other.write_timeout.or(self.write_timeout),
         }
@@ -566,11 +571,30 @@ impl FileConfig {
             self.fetch_buffer,
             crate::cache::DEFAULT_FETCH_BUFFER,
         )?;
+        let cache_size = match self.cache_size {
+            None => None,
+            Some(s) => {
+                let bytes = parse_size(&s).map_err(|e| inv("cache_size", e.to_string()))?;
+                // Runs waiting for the disk (up to the fetch buffer) are
+                // counted against the cap: half of it stays for the cache.
+                let least = (2 * fetch_buffer).max(16 * u64::from(chunk_size));
+                if bytes < least {
+                    return Err(inv(
+                        "cache_size",
+                        format!(
+                            "{bytes} bytes is less than {least}: twice fetch_buffer ({fetch_buffer}) and at least 16 chunks"
+                        ),
+                    ));
+                }
+                Some(bytes)
+            }
+        };
         Ok(ServeConfig {
             tls,
             allow,
             limits,
             fetch_buffer,
+            cache_size,
             profile: self.profile,
             manifest: self.manifest,
             record_profile: self.record_profile,

@@ -71,6 +71,8 @@ fn register_at_zero() {
         "herd_iscsi_ping_failures_total",
         "herd_iscsi_commands_total",
         "herd_iscsi_digest_errors_total",
+        "herd_cache_evicted_chunks_total",
+        "herd_cache_uncached_bytes_total",
     ] {
         counter!(name).increment(0);
     }
@@ -90,6 +92,8 @@ fn register_at_zero() {
         "herd_cache_unpersisted_bytes",
         "herd_cache_unpersisted_bytes_peak",
         "herd_nbd_connections_open",
+        "herd_cache_capacity_chunks",
+        "herd_cache_disk_full",
     ] {
         gauge!(name).set(0.0);
     }
@@ -146,6 +150,22 @@ fn describe() {
     );
     describe_counter!("herd_nbd_connections_total", "NBD connections accepted");
     describe_gauge!("herd_cache_chunks_present", "chunks held in the cache");
+    describe_gauge!(
+        "herd_cache_capacity_chunks",
+        "chunks the cache may hold (--cache-size; the image's chunks without it)"
+    );
+    describe_counter!(
+        "herd_cache_evicted_chunks_total",
+        "chunks evicted to keep the cache within --cache-size"
+    );
+    describe_gauge!(
+        "herd_cache_disk_full",
+        "1 while the cache disk is full (chunks are served but not cached)"
+    );
+    describe_counter!(
+        "herd_cache_uncached_bytes_total",
+        "fetched bytes served but not cached (disk full, or no room under the cap)"
+    );
     describe_gauge!("herd_cache_chunks_total", "chunks in the image");
     describe_gauge!(
         "herd_cache_chunks_zero",
@@ -364,6 +384,20 @@ pub fn cache_chunks_present(n: u64) {
 #[allow(clippy::cast_precision_loss)]
 pub fn cache_chunks_zero(n: u64) {
     gauge!("herd_cache_chunks_zero").set(n as f64);
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub fn cache_capacity_chunks(n: u64) {
+    gauge!("herd_cache_capacity_chunks").set(n as f64);
+}
+pub fn cache_evicted(n: u64) {
+    counter!("herd_cache_evicted_chunks_total").increment(n);
+}
+pub fn cache_disk_full(full: bool) {
+    gauge!("herd_cache_disk_full").set(if full { 1.0 } else { 0.0 });
+}
+pub fn cache_uncached_bytes(n: u64) {
+    counter!("herd_cache_uncached_bytes_total").increment(n);
 }
 
 pub fn cache_chunks_total(n: u64) {

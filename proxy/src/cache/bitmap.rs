@@ -368,6 +368,72 @@ impl Bitmap {
             })
     }
 
+    /// Marks evicted chunks absent and writes each touched word once.
+    /// The caller syncs ([`Self::sync_now`]) before it frees their data.
+    ///
+    /// # Errors
+    /// `Io` if a word cannot be written; the bits stay clear in memory.
+    pub fn clear_many(&self, chunks: &[u64]) -> Result<(), BitmapError> {
+        let _g = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut touched: Vec<u64> = Vec::new();
+        for &c in chunks.iter().filter(|&&c| c < self.chunks) {
+            let Some(word) = usize::try_from(c / 64).ok().and_then(|w| self.words.get(w)) else {
+                continue;
+            };
+            let bit = 1u64 << (c % 64);
+            if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                self.present.fetch_sub(1, Ordering::Relaxed);
+            }
+            touched.push(c / 64);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        self.dirty.store(true, Ordering::Release);
+        for w in touched {
+            let Some(word) = usize::try_from(w).ok().and_then(|i| self.words.get(i)) else {
+                continue;
+            };
+            self.file
+                .write_all_at(
+                    &word.load(Ordering::Acquire).to_le_bytes(),
+                    u64::from(HEADER_LEN) + w * 8,
+                )
+                .map_err(|source| BitmapError::Io {
+                    op: "write",
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The bitmap words as they are now (bit *i* of word *w* = chunk
+    /// 64·*w*+*i*).
+    #[must_use]
+    pub fn words(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// fdatasyncs the file whether or not this handle wrote since the
+    /// last sync (a concurrent [`Self::sync`] may still be under way).
+    ///
+    /// # Errors
+    /// `Io` if fdatasync fails.
+    pub fn sync_now(&self) -> Result<(), BitmapError> {
+        self.dirty.store(false, Ordering::Release);
+        self.file.sync_data().map_err(|source| BitmapError::Io {
+            op: "sync",
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Number of chunks present.
     #[must_use]
     pub fn count(&self) -> u64 {

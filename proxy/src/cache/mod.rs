@@ -25,6 +25,7 @@
 //! get zeros from memory (DESIGN.md, "Holes").
 
 pub mod bitmap;
+mod room;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -237,6 +238,14 @@ pub struct ChunkCache {
     /// asks whether the parent changed image).
     digest_failed: tokio::sync::Notify,
     fetch_buffer: FetchBuffer,
+    /// `--cache-size`: set once before serving; without it the whole
+    /// image fits and nothing is evicted.
+    cap: std::sync::OnceLock<room::Cap>,
+    /// Held (shared) by a reader from its bitmap check to its read of the
+    /// data file, and (exclusive) by eviction while it punches holes.
+    /// Taken only under a cap.
+    disk: Arc<tokio::sync::RwLock<()>>,
+    full: Arc<room::DiskFull>,
 }
 
 /// Who asked for a fetch: clients always go first.
@@ -300,6 +309,7 @@ impl ChunkCache {
         let words = usize::try_from(bitmap.chunks().div_ceil(64)).unwrap_or(0);
         let (zero, zero_count) = zero_chunks(&manifest, u64::from(chunk_size), bitmap.chunks());
         m::cache_chunks_zero(zero_count);
+        m::cache_capacity_chunks(bitmap.chunks());
         Ok(Arc::new(Self {
             upstream,
             manifest,
@@ -321,7 +331,185 @@ impl ChunkCache {
             demand_idle: tokio::sync::Notify::new(),
             digest_failed: tokio::sync::Notify::new(),
             fetch_buffer: FetchBuffer::new(DEFAULT_FETCH_BUFFER),
+            cap: std::sync::OnceLock::new(),
+            disk: Arc::new(tokio::sync::RwLock::new(())),
+            full: room::DiskFull::new(dir.to_owned()),
         }))
+    }
+
+    /// Caps the chunks the data file may hold at `bytes` (`--cache-size`);
+    /// call once, before serving. Chunks beyond the cap already on disk
+    /// (a smaller cap than last time) are evicted now, lowest first.
+    /// Returns the cap in chunks.
+    ///
+    /// # Errors
+    /// `Bitmap` or `Data` if the eviction fails.
+    pub fn set_cache_size(&self, bytes: u64) -> CacheResult<u64> {
+        let chunks = bytes / self.chunk_size;
+        let cap = self
+            .cap
+            .get_or_init(|| room::Cap::new(chunks, self.bitmap.chunks()));
+        m::cache_capacity_chunks(cap.chunks);
+        let over = self.bitmap.count().saturating_sub(cap.chunks);
+        if over > 0 {
+            let victims = cap.choose(&self.present_words(), over, room::Victims::Any);
+            self.evict_now(&victims)?;
+            tracing::info!(
+                evicted = victims.len(),
+                cap_chunks = cap.chunks,
+                "cache held more than --cache-size; evicted the excess"
+            );
+        }
+        Ok(cap.chunks)
+    }
+
+    /// Pins a boot profile's chunks: under a cap they are evicted last,
+    /// and prefetching them may evict other chunks. Replaces the last set.
+    pub fn pin_profile(&self, chunks: &[u64]) {
+        if let Some(cap) = self.cap.get() {
+            cap.pin(chunks);
+        }
+    }
+
+    /// Present chunks that hold data (bitmap words without zero chunks).
+    fn present_words(&self) -> Vec<u64> {
+        let mut words = self.bitmap.words();
+        for (w, z) in words.iter_mut().zip(&self.zero) {
+            *w &= !z;
+        }
+        words
+    }
+
+    /// Evicts `victims` in the crash-safe order: bits cleared and synced,
+    /// then the holes punched. The caller keeps readers out (or has none).
+    fn evict_now(&self, victims: &[u64]) -> CacheResult<()> {
+        if victims.is_empty() {
+            return Ok(());
+        }
+        self.bitmap.clear_many(victims)?;
+        self.bitmap.sync_now()?;
+        room::punch(&self.data, victims, self.chunk_size, self.size).map_err(|source| {
+            CacheError::Data {
+                op: "punch",
+                offset: victims.first().copied().unwrap_or(0) * self.chunk_size,
+                source,
+            }
+        })?;
+        m::cache_evicted(victims.len() as u64);
+        m::cache_chunks_present(self.bitmap.count());
+        Ok(())
+    }
+
+    /// Under a cap, makes room for the run `start..start+n` and counts it
+    /// against the cap; `Ok(None)` means there is no room for it (a
+    /// prefetch of unpinned chunks at the cap, or nothing left to evict),
+    /// and it is served without being cached.
+    async fn make_room<'a>(
+        self: &Arc<Self>,
+        cap: &'a room::Cap,
+        start: u64,
+        n: u64,
+        class: Class,
+    ) -> CacheResult<Option<room::Reservation<'a>>> {
+        let _one = cap.lock.lock().await;
+        let used = self.bitmap.count().saturating_sub(self.zero_present()) + cap.reserved();
+        let over = (used + n).saturating_sub(cap.chunks);
+        if over == 0 {
+            return Ok(Some(cap.reserve(n)));
+        }
+        let allow = match class {
+            Class::Demand => room::Victims::Any,
+            // A profile's chunks may push out others; nothing else may
+            // push out anything (prefetch `full` stops at the cap).
+            Class::Prefetch if (start..start + n).all(|c| cap.is_pinned(c)) => {
+                room::Victims::Unpinned
+            }
+            Class::Prefetch => return Ok(None),
+        };
+        // Evict a little more than needed, so one bitmap sync serves
+        // several runs.
+        let want = over
+            + if class == Class::Demand {
+                cap.chunks / 32
+            } else {
+                0
+            };
+        let victims = cap.choose(&self.present_words(), want, allow);
+        if (victims.len() as u64) < over {
+            return Ok(None);
+        }
+        // Readers that saw these bits set finish before the punch; new
+        // readers see them clear.
+        let this = Arc::clone(self);
+        let _readers = Arc::clone(&self.disk).write_owned().await;
+        tokio::task::spawn_blocking(move || this.evict_now(&victims))
+            .await
+            .map_err(|e| CacheError::Data {
+                op: "evict",
+                offset: start * self.chunk_size,
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        Ok(Some(cap.reserve(n)))
+    }
+
+    /// Zero chunks counted present in the bitmap (a cache from before
+    /// manifest v2 may have written them); they take no room.
+    fn zero_present(&self) -> u64 {
+        if self.zero_count == 0 {
+            return 0;
+        }
+        self.bitmap
+            .words()
+            .iter()
+            .zip(&self.zero)
+            .map(|(w, z)| u64::from((w & z).count_ones()))
+            .sum()
+    }
+
+    /// Whether prefetch may fetch `first..=last` now: under a cap, only
+    /// if the run fits, or it is a profile's and other chunks can make
+    /// way for it.
+    #[must_use]
+    pub fn prefetch_fits(&self, first: u64, last: u64) -> bool {
+        let fetching = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len() as u64;
+        self.fits(fetching, first, last)
+    }
+
+    /// `prefetch_fits` with `fetching` chunks on the wire: they will want
+    /// room too (they are reserved only once fetched).
+    fn fits(&self, fetching: u64, first: u64, last: u64) -> bool {
+        let Some(cap) = self.cap.get() else {
+            return true;
+        };
+        let n = last + 1 - first;
+        let used = self.bitmap.count().saturating_sub(self.zero_present()) + fetching;
+        if used + n <= cap.chunks {
+            return true;
+        }
+        let unpinned = cap.unpinned(&self.present_words());
+        (first..=last).all(|c| cap.is_pinned(c)) && unpinned >= (used + n) - cap.chunks
+    }
+
+    /// Returns once the cache disk is not known to be full (prefetch
+    /// waits here after an ENOSPC).
+    pub async fn wait_for_disk(&self) {
+        self.full.wait().await;
+    }
+
+    /// Whether the cache disk is known to be full.
+    #[must_use]
+    pub fn disk_full(&self) -> bool {
+        self.full.is_full()
+    }
+
+    /// Shared pin of the data file for a read (under a cap only).
+    async fn pin_disk(&self) -> Option<tokio::sync::OwnedRwLockReadGuard<()>> {
+        self.cap.get()?;
+        Some(Arc::clone(&self.disk).read_owned().await)
     }
 
     /// Sets the fetch buffer (`--fetch-buffer`); call before serving.
@@ -451,6 +639,10 @@ impl ChunkCache {
     /// process. A damaged one is dropped (its bit cleared) so the next
     /// lookup fetches it again; returns whether it was good.
     async fn verify_on_disk(&self, c: u64) -> CacheResult<bool> {
+        let _pin = self.pin_disk().await;
+        if !self.bitmap.is_set(c) {
+            return Ok(false);
+        }
         let off = c * self.chunk_size;
         let len = usize::try_from(self.chunk_size.min(self.size - off)).unwrap_or(0);
         let buf = self.read_disk(off, len).await?;
@@ -522,7 +714,19 @@ impl ChunkCache {
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<Data> {
         self.check_range(offset, len as u64)?;
         self.verify_range(offset, len as u64).await?;
-        let parts = self.resolve(offset, len as u64).await?;
+        let (parts, _pin) = loop {
+            let parts = self.resolve(offset, len as u64).await?;
+            let pin = self.pin_disk().await;
+            // Under a cap, an eviction may have taken a chunk between the
+            // lookup and the pin: look again.
+            if pin.is_none()
+                || parts
+                    .iter()
+                    .all(|(c, p)| !matches!(p, Part::Disk) || self.bitmap.is_set(*c))
+            {
+                break (parts, pin);
+            }
+        };
         if parts.iter().all(|(_, p)| matches!(p, Part::Disk)) {
             // Hit path: every chunk is on disk, one pread.
             return self.read_disk(offset, len).await.map(Data::Owned);
@@ -591,6 +795,12 @@ impl ChunkCache {
     /// missing, the data would need disk I/O, or the range is invalid).
     #[must_use]
     pub fn try_read_cached(&self, offset: u64, len: usize) -> Option<IoBuf> {
+        // Under a cap, pinned from the bitmap check to the read; a busy
+        // pin (an eviction) sends the read down the async path.
+        let _pin = match self.cap.get() {
+            Some(_) => Some(Arc::clone(&self.disk).try_read_owned().ok()?),
+            None => None,
+        };
         let chunks = self.present_chunks(offset, len)?;
         // Sent only if preadv2 filled all of it.
         let mut buf = IoBuf::scratch(len);
@@ -613,7 +823,7 @@ impl ChunkCache {
         if usize::try_from(n).ok()? != len {
             return None;
         }
-        chunks.for_each(|_| self.hit());
+        chunks.for_each(|c| self.hit(c));
         Some(buf)
     }
 
@@ -635,13 +845,18 @@ impl ChunkCache {
     /// when it says yes.
     #[must_use]
     pub fn try_hit_resident(&self, offset: u64, len: usize) -> bool {
+        // Under a cap a queued sendfile could meet a punched hole: hits
+        // are copied instead (DESIGN.md, "A cache that fits its disk").
+        if self.cap.get().is_some() {
+            return false;
+        }
         let Some(chunks) = self.present_chunks(offset, len) else {
             return false;
         };
         if !crate::io::pagecache::is_resident(&self.data, offset, len as u64) {
             return false;
         }
-        chunks.for_each(|_| self.hit());
+        chunks.for_each(|c| self.hit(c));
         true
     }
 
@@ -720,18 +935,26 @@ impl ChunkCache {
 
     /// Fetches chunks `first..=last` for prefetch: missing ones with one
     /// low-priority upstream read, ones already in flight are joined (never
-    /// fetched twice). Returns once all are fetched.
+    /// fetched twice). Returns once all are fetched; `false` if the run
+    /// has no room under the cap (nothing was fetched).
     ///
     /// # Errors
     /// The fetch error of any chunk.
-    pub async fn prefetch(self: &Arc<Self>, first: u64, last: u64) -> CacheResult<()> {
+    pub async fn prefetch(self: &Arc<Self>, first: u64, last: u64) -> CacheResult<bool> {
         let last = last.min(self.chunks_total().saturating_sub(1));
-        for (chunk, claim) in self.begin_range(first, last, false, Class::Prefetch) {
+        if first > last {
+            return Ok(true);
+        }
+        let claims = self.begin_range(first, last, false, Class::Prefetch);
+        if claims.is_empty() {
+            return Ok(false);
+        }
+        for (chunk, claim) in claims {
             if let Claim::Fetch(rx) = claim {
                 Self::wait_fetch(chunk, rx).await?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn wait_fetch(chunk: u64, mut rx: watch::Receiver<FetchState>) -> CacheResult<Piece> {
@@ -775,7 +998,8 @@ impl ChunkCache {
 
     /// For each chunk of `first..=last`: present, zeros, or a receiver for
     /// its fetch. Missing chunks that nobody fetches yet are claimed under
-    /// one lock and fetched in runs of adjacent chunks.
+    /// one lock and fetched in runs of adjacent chunks. Prefetch gets
+    /// nothing (empty) when the range has no room under the cap.
     fn begin_range(
         self: &Arc<Self>,
         first: u64,
@@ -791,10 +1015,18 @@ impl ChunkCache {
                 .inflight
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Checked under the map's lock, so concurrent prefetch runs
+            // cannot each find the same last room.
+            if class == Class::Prefetch
+                && !(first..=last).all(|c| self.is_present(c) || map.contains_key(&c))
+                && !self.fits(map.len() as u64, first, last)
+            {
+                return Vec::new();
+            }
             for chunk in first..=last {
                 if self.is_zero(chunk) {
                     if count {
-                        self.hit();
+                        self.hit(chunk);
                     }
                     out.push((chunk, Claim::Zero));
                     continue;
@@ -803,7 +1035,7 @@ impl ChunkCache {
                 // leaves the map, so a reader never misses both.
                 if self.bitmap.is_set(chunk) {
                     if count {
-                        self.hit();
+                        self.hit(chunk);
                     }
                     out.push((chunk, Claim::Present));
                     continue;
@@ -841,9 +1073,17 @@ impl ChunkCache {
         out
     }
 
-    fn hit(&self) {
+    fn hit(&self, c: u64) {
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         m::chunk_hit();
+        self.touch(c);
+    }
+
+    /// Records a use of chunk `c` for eviction (under a cap).
+    fn touch(&self, c: u64) {
+        if let Some(cap) = self.cap.get() {
+            cap.touch(c);
+        }
     }
 
     fn forget(&self, chunk: u64) {
@@ -905,7 +1145,7 @@ impl ChunkCache {
                 at: i * cs,
             })));
         }
-        if let Err(e) = self.persist(start, n, offset, &run).await {
+        if let Err(e) = self.persist(start, n, offset, &run, class).await {
             // Readers already have their bytes; the chunks are simply
             // fetched again next time.
             tracing::warn!(chunk = start, error = %crate::error_chain(&e), "caching chunks failed");
@@ -928,7 +1168,7 @@ impl ChunkCache {
     /// again on its own, up to [`MAX_READS`] reads in all, and its readers
     /// get `Corrupt` if no read was good. Rare, so it copies.
     async fn salvage(
-        &self,
+        self: &Arc<Self>,
         start: u64,
         txs: Vec<watch::Sender<FetchState>>,
         run: &IoBuf,
@@ -955,7 +1195,7 @@ impl ChunkCache {
                         run: Arc::clone(&bytes),
                         at: 0,
                     })));
-                    if let Err(e) = self.persist(c, 1, c * self.chunk_size, &bytes).await {
+                    if let Err(e) = self.persist(c, 1, c * self.chunk_size, &bytes, class).await {
                         tracing::warn!(chunk = c, error = %crate::error_chain(&e), "caching chunk failed");
                     }
                 }
@@ -1015,17 +1255,72 @@ impl ChunkCache {
         );
     }
 
-    async fn persist(&self, start: u64, n: u64, offset: u64, buf: &Arc<IoBuf>) -> CacheResult<()> {
-        let data_err = |op, source| CacheError::Data { op, offset, source };
-        self.engine
+    /// Writes a verified run to the data file and marks it present. A
+    /// full disk, or no room under the cap, leaves it uncached: its
+    /// readers already have it.
+    async fn persist(
+        self: &Arc<Self>,
+        start: u64,
+        n: u64,
+        offset: u64,
+        buf: &Arc<IoBuf>,
+        class: Class,
+    ) -> CacheResult<()> {
+        if self.full.is_full() {
+            self.full.skip(buf.len() as u64);
+            return Ok(());
+        }
+        let _room = match self.cap.get() {
+            Some(cap) => match self.make_room(cap, start, n, class).await? {
+                Some(r) => Some(r),
+                None => {
+                    m::cache_uncached_bytes(buf.len() as u64);
+                    return Ok(());
+                }
+            },
+            None => None,
+        };
+        if let Err(e) = self
+            .engine
             .write_shared(&self.data, offset, Arc::clone(buf))
             .await
-            .map_err(|e| data_err("write", e))?;
-        self.make_durable()
-            .await
-            .map_err(|e| data_err("fdatasync", e))?;
+        {
+            return self.no_space(start, offset, buf.len(), e, "write");
+        }
+        if let Err(e) = self.make_durable().await {
+            return self.no_space(start, offset, buf.len(), e, "fdatasync");
+        }
         self.bitmap.set_range(start..start + n)?;
+        (start..start + n).for_each(|c| self.touch(c));
         m::cache_chunks_present(self.bitmap.count());
+        Ok(())
+    }
+
+    /// A failed write or sync of a run: for want of space, the disk is
+    /// marked full, the blocks a short write took are given back, and the
+    /// run stays uncached (its readers have it); otherwise an error.
+    fn no_space(
+        &self,
+        start: u64,
+        offset: u64,
+        len: usize,
+        e: std::io::Error,
+        op: &'static str,
+    ) -> CacheResult<()> {
+        if !room::is_no_space(&e) {
+            return Err(CacheError::Data {
+                op,
+                offset,
+                source: e,
+            });
+        }
+        self.full.enter(start);
+        self.full.skip(len as u64);
+        let n = (len as u64).div_ceil(self.chunk_size);
+        let run: Vec<u64> = (start..start + n).collect();
+        if let Err(e) = room::punch(&self.data, &run, self.chunk_size, self.size) {
+            tracing::debug!(chunk = start, error = %e, "cannot free a failed write's blocks");
+        }
         Ok(())
     }
 

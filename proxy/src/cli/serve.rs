@@ -169,6 +169,11 @@ pub struct ServeArgs {
     /// 8MiB); fetching waits beyond it.
     #[arg(long)]
     fetch_buffer: Option<String>,
+    /// Bytes the cache directory's data file may hold (e.g. 20GiB;
+    /// default: the whole image). Past it the least recently used chunks
+    /// are evicted, a boot profile's last.
+    #[arg(long)]
+    cache_size: Option<String>,
     /// Close NBD connections that send no request for this many seconds
     /// (default 0: never).
     #[arg(long)]
@@ -236,6 +241,7 @@ impl ServeArgs {
             connection_buffer: self.connection_buffer,
             reply_buffer: self.reply_buffer,
             fetch_buffer: self.fetch_buffer,
+            cache_size: self.cache_size,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
         };
@@ -579,6 +585,11 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine, manifest)
         .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
     cache.set_fetch_buffer(cfg.fetch_buffer);
+    if let Some(bytes) = cfg.cache_size {
+        cache
+            .set_cache_size(bytes)
+            .with_context(|| format!("cannot bring the cache within {bytes} bytes"))?;
+    }
     tracing::info!(
         dir = %cfg.cache_dir.display(),
         chunk_size = cfg.chunk_size,

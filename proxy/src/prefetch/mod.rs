@@ -138,7 +138,9 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
         next: tokio::time::Instant::now(),
     });
     let failed = Arc::new(AtomicU64::new(0));
+    let no_room = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut backoff = Duration::from_secs(1);
+    let mut at_cap = false;
     loop {
         let missing: Vec<u64> = plan
             .iter()
@@ -153,6 +155,15 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
             if (first..=last).all(|c| cache.is_present(c)) {
                 continue;
             }
+            // The plan goes profile first: once a run finds no room under
+            // --cache-size, what follows would push out what came before.
+            if !cache.prefetch_fits(first, last) {
+                at_cap = true;
+                break;
+            }
+            // After an ENOSPC, wait for room instead of fetching chunks
+            // that cannot be kept.
+            cache.wait_for_disk().await;
             // Demand first: wait until no client fetch is on the wire.
             cache.demand_idle().await;
             let Ok(permit) = Arc::clone(&sem).acquire_owned().await else {
@@ -161,11 +172,19 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
             if let Some(l) = limit.as_mut() {
                 l.take((last - first + 1) * cs).await;
             }
-            let (cache, failed) = (Arc::clone(&cache), Arc::clone(&failed));
+            let (cache, failed, no_room) = (
+                Arc::clone(&cache),
+                Arc::clone(&failed),
+                Arc::clone(&no_room),
+            );
             tokio::spawn(async move {
-                if let Err(e) = cache.prefetch(first, last).await {
-                    tracing::debug!(chunk = first, error = %crate::error_chain(&e), "prefetch read failed");
-                    failed.fetch_add(1, Ordering::Relaxed);
+                match cache.prefetch(first, last).await {
+                    Ok(true) => {}
+                    Ok(false) => no_room.store(true, Ordering::Relaxed),
+                    Err(e) => {
+                        tracing::debug!(chunk = first, error = %crate::error_chain(&e), "prefetch read failed");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 drop(permit);
             });
@@ -178,6 +197,10 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
         // Chunks fetched but not yet persisted are not "present": let them
         // land before the next pass looks for what is missing.
         cache.settle(Duration::from_secs(10)).await;
+        if at_cap || no_room.load(Ordering::Relaxed) {
+            at_cap = true;
+            break;
+        }
         let stuck = plan.iter().filter(|&&c| !cache.is_present(c)).count() >= missing_before;
         if failed.swap(0, Ordering::Relaxed) > 0 || stuck {
             tracing::warn!(retry_in = ?backoff, "prefetch reads failed; retrying");
@@ -187,6 +210,17 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
     }
     progress.abort();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
+    if at_cap {
+        let done = present_in(&cache, &plan);
+        m::prefetch_progress(done, total);
+        tracing::info!(
+            done,
+            total,
+            seconds = format!("{secs:.2}"),
+            "prefetch stopped: the cache is at --cache-size"
+        );
+        return;
+    }
     let fetched = total - before;
     m::prefetch_progress(total, total);
     tracing::info!(

@@ -150,6 +150,13 @@ pub async fn follow(
         let profile = published.as_ref().map(|p| &p.profile);
         if let Some(p) = profile {
             crate::metrics::profile_extents(p.extents.len());
+            // Under a cap, the profile's chunks are evicted last.
+            cache.pin_profile(&plan(
+                Some(p),
+                cache.chunk_size(),
+                cache.chunks_total(),
+                crate::config::PrefetchMode::Profile,
+            ));
         }
         if profile.is_some() || first {
             let chunks = plan(
