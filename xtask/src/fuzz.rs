@@ -31,6 +31,17 @@ pub struct Options {
     /// writes no results.
     #[arg(long)]
     pub brief: bool,
+    /// Fuzz running daemons over sockets instead (proxy/tests/socket_fuzz.rs,
+    /// release build): hostile clients, and a hostile parent; writes
+    /// results/socket-fuzz.json.
+    #[arg(long)]
+    pub socket: bool,
+    /// With --socket: hostile client sessions.
+    #[arg(long, default_value_t = 100_000)]
+    pub sessions: u64,
+    /// With --socket: reads through the hostile parent.
+    #[arg(long, default_value_t = 5_000)]
+    pub reads: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -164,6 +175,15 @@ fn run_target(name: &str, opts: &Options) -> Result<TargetResult> {
 /// # Errors
 /// Tools that cannot be installed, a target that does not build, a crash.
 pub fn run_fuzz(opts: &Options) -> Result<Results> {
+    if opts.socket {
+        run_socket(opts)?;
+        return Ok(Results {
+            version: 1,
+            toolchain: String::new(),
+            cargo_fuzz: String::new(),
+            targets: Vec::new(),
+        });
+    }
     let toolchain = ensure_tools()?;
     let names = if opts.targets.is_empty() {
         targets()?
@@ -207,6 +227,59 @@ pub fn run_fuzz(opts: &Options) -> Result<Results> {
     Ok(res)
 }
 
+/// The socket-level fuzz at length: both tests of
+/// `proxy/tests/socket_fuzz.rs` with large counts (each bounded to an
+/// hour), their figures gathered into `results/socket-fuzz.json`.
+///
+/// # Errors
+/// A test that fails (its seed is in the output) or writes no figures.
+fn run_socket(opts: &Options) -> Result<()> {
+    let out = std::env::temp_dir().join(format!("herd-socket-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&out)?;
+    step(&format!(
+        "socket fuzz: {} hostile client sessions, {} reads through a hostile parent",
+        opts.sessions, opts.reads
+    ));
+    let ran = run_visible(
+        Command::new("cargo")
+            .args([
+                "test",
+                "--release",
+                "--locked",
+                "-p",
+                "herd",
+                "--test",
+                "socket_fuzz",
+            ])
+            .args(["--", "--nocapture", "--test-threads=1"])
+            .env("HERD_SOCKET_FUZZ_SESSIONS", opts.sessions.to_string())
+            .env("HERD_SOCKET_FUZZ_READS", opts.reads.to_string())
+            .env("HERD_SOCKET_FUZZ_SECONDS", "3600")
+            .env("HERD_SOCKET_FUZZ_OUT", &out)
+            .current_dir(root()),
+    );
+    let read = |name: &str| -> Result<serde_json::Value> {
+        let p = out.join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("the socket fuzz wrote no {}", p.display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let figures = (|| -> Result<serde_json::Value> {
+        ran?;
+        Ok(serde_json::json!({
+            "version": 1,
+            "hostile_clients": read("clients")?,
+            "hostile_parent": read("parent")?,
+        }))
+    })();
+    let _ = std::fs::remove_dir_all(&out);
+    let figures = figures?;
+    let path = root().join("results/socket-fuzz.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+    step(&format!("results in {}", path.display()));
+    Ok(())
+}
+
 /// The brief run `cargo xtask test` makes: every target builds and runs a
 /// few seconds without a crash.
 ///
@@ -218,6 +291,9 @@ pub fn brief() -> Result<()> {
         time: None,
         targets: Vec::new(),
         brief: true,
+        socket: false,
+        sessions: 0,
+        reads: 0,
     })?;
     for t in &r.targets {
         anyhow::ensure!(t.executions > 0, "{} ran no executions", t.target);
