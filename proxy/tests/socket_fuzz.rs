@@ -219,9 +219,9 @@ fn requests(rng: &mut StdRng, size: u64) -> Vec<u8> {
 /// Reads what the server sends for a moment, then returns (dropping the
 /// socket closes it).
 fn drain(s: &mut TcpStream) {
-    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+    let _ = s.set_read_timeout(Some(Duration::from_millis(10)));
     let mut buf = vec![0u8; 64 * 1024];
-    let deadline = Instant::now() + Duration::from_millis(200);
+    let deadline = Instant::now() + Duration::from_millis(40);
     while Instant::now() < deadline {
         match s.read(&mut buf) {
             Ok(0) | Err(_) => return,

@@ -213,7 +213,7 @@ pub fn run_fuzz(opts: &Options) -> Result<Results> {
     let cargo_fuzz = output(Command::new("cargo").args(["fuzz", "--version"]))?
         .trim()
         .to_owned();
-    let res = Results {
+    let mut res = Results {
         version: 1,
         toolchain,
         cargo_fuzz,
@@ -221,6 +221,21 @@ pub fn run_fuzz(opts: &Options) -> Result<Results> {
     };
     if !opts.brief {
         let out = root().join("results/fuzz.json");
+        // A run of some targets updates their rows and keeps the others.
+        if !opts.targets.is_empty() {
+            if let Some(old) = std::fs::read_to_string(&out)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Results>(&t).ok())
+            {
+                let fresh: Vec<String> = res.targets.iter().map(|t| t.target.clone()).collect();
+                res.targets.extend(
+                    old.targets
+                        .into_iter()
+                        .filter(|t| !fresh.contains(&t.target)),
+                );
+                res.targets.sort_by(|a, b| a.target.cmp(&b.target));
+            }
+        }
         std::fs::write(&out, serde_json::to_string_pretty(&res)?)?;
         step(&format!("results in {}", out.display()));
     }
