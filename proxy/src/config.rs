@@ -133,6 +133,10 @@ pub struct FileConfig {
     pub reply_buffer: Option<String>,
     pub fetch_buffer: Option<String>,
     pub cache_size: Option<String>,
+    pub listen_iscsi: Option<Vec<String>>,
+    pub iscsi_target_iqn: Option<String>,
+    pub iscsi_target_chap: Option<PathBuf>,
+    pub iscsi_target_mutual_chap: Option<PathBuf>,
     pub idle_timeout: Option<u64>,
     pub write_timeout: Option<u64>,
 }
@@ -184,6 +188,23 @@ pub struct ServeConfig {
     /// `--cache-size`: bytes the cache's data file may hold (None: the
     /// whole image).
     pub cache_size: Option<u64>,
+    /// herd's own iSCSI target (`--listen-iscsi`).
+    pub iscsi_target: IscsiTargetSettings,
+}
+
+/// herd's iSCSI target: where it listens, its name, who may log in.
+#[derive(Debug, Clone, Default)]
+pub struct IscsiTargetSettings {
+    /// HOST:PORT to listen on (none: no target).
+    pub listen: Vec<String>,
+    /// The target name (default: derived from the host and export).
+    pub iqn: Option<String>,
+    /// `USER:SECRET` initiators must log in with (CHAP); none: no
+    /// authentication.
+    pub chap: Option<PathBuf>,
+    /// `USER:SECRET` the target answers with when an initiator asks for
+    /// mutual CHAP.
+    pub mutual_chap: Option<PathBuf>,
 }
 
 /// What a proxy fetches ahead of demand.
@@ -338,6 +359,15 @@ impl FileConfig {
             reply_buffer: other.reply_buffer.or(self.reply_buffer),
             fetch_buffer: other.fetch_buffer.or(self.fetch_buffer),
             cache_size: other.cache_size.or(self.cache_size),
+            listen_iscsi: other
+                .listen_iscsi
+                .filter(|l| !l.is_empty())
+                .or(self.listen_iscsi),
+            iscsi_target_iqn: other.iscsi_target_iqn.or(self.iscsi_target_iqn),
+            iscsi_target_chap: other.iscsi_target_chap.or(self.iscsi_target_chap),
+            iscsi_target_mutual_chap: other
+                .iscsi_target_mutual_chap
+                .or(self.iscsi_target_mutual_chap),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             write_timeout: other.write_timeout.or(self.write_timeout),
         }
@@ -595,6 +625,12 @@ impl FileConfig {
             limits,
             fetch_buffer,
             cache_size,
+            iscsi_target: IscsiTargetSettings {
+                listen: self.listen_iscsi.unwrap_or_default(),
+                iqn: self.iscsi_target_iqn,
+                chap: self.iscsi_target_chap,
+                mutual_chap: self.iscsi_target_mutual_chap,
+            },
             profile: self.profile,
             manifest: self.manifest,
             record_profile: self.record_profile,

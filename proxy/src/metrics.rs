@@ -73,6 +73,9 @@ fn register_at_zero() {
         "herd_iscsi_digest_errors_total",
         "herd_cache_evicted_chunks_total",
         "herd_cache_uncached_bytes_total",
+        "herd_iscsi_target_commands_total",
+        "herd_iscsi_target_digest_errors_total",
+        "herd_iscsi_target_rejects_total",
     ] {
         counter!(name).increment(0);
     }
@@ -99,6 +102,9 @@ fn register_at_zero() {
     }
     for source in DIGEST_SOURCES {
         counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
+    }
+    for result in ["ok", "failed"] {
+        counter!("herd_iscsi_target_logins_total", "result" => result).increment(0);
     }
     for reason in REFUSAL_REASONS {
         counter!("herd_nbd_connections_refused_total", "reason" => *reason).increment(0);
@@ -392,6 +398,20 @@ pub fn cache_capacity_chunks(n: u64) {
 }
 pub fn cache_evicted(n: u64) {
     counter!("herd_cache_evicted_chunks_total").increment(n);
+}
+/// An iSCSI login to herd's target ended.
+pub fn iscsi_target_login(ok: bool) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!("herd_iscsi_target_logins_total", "result" => result).increment(1);
+}
+pub fn iscsi_target_command() {
+    counter!("herd_iscsi_target_commands_total").increment(1);
+}
+pub fn iscsi_target_digest_error() {
+    counter!("herd_iscsi_target_digest_errors_total").increment(1);
+}
+pub fn iscsi_target_reject() {
+    counter!("herd_iscsi_target_rejects_total").increment(1);
 }
 pub fn cache_disk_full(full: bool) {
     gauge!("herd_cache_disk_full").set(if full { 1.0 } else { 0.0 });

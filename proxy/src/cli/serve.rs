@@ -174,6 +174,19 @@ pub struct ServeArgs {
     /// are evicted, a boot profile's last.
     #[arg(long)]
     cache_size: Option<String>,
+    /// Also serve the image as a read-only iSCSI LUN (LUN 0) on HOST:PORT
+    /// (repeatable; 3260 is iSCSI's port).
+    #[arg(long)]
+    listen_iscsi: Vec<String>,
+    /// The iSCSI target's name (default: iqn.2026-12.io.herd:HOST.EXPORT).
+    #[arg(long)]
+    iscsi_target_iqn: Option<String>,
+    /// File holding USER:SECRET: initiators must log in with CHAP as USER.
+    #[arg(long)]
+    iscsi_target_chap: Option<PathBuf>,
+    /// File holding USER:SECRET the target answers mutual CHAP with.
+    #[arg(long)]
+    iscsi_target_mutual_chap: Option<PathBuf>,
     /// Close NBD connections that send no request for this many seconds
     /// (default 0: never).
     #[arg(long)]
@@ -242,6 +255,10 @@ impl ServeArgs {
             reply_buffer: self.reply_buffer,
             fetch_buffer: self.fetch_buffer,
             cache_size: self.cache_size,
+            listen_iscsi: Some(self.listen_iscsi),
+            iscsi_target_iqn: self.iscsi_target_iqn,
+            iscsi_target_chap: self.iscsi_target_chap,
+            iscsi_target_mutual_chap: self.iscsi_target_mutual_chap,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
         };
@@ -676,6 +693,20 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             Arc::clone(&access),
         ));
     }
+    if !cfg.iscsi_target.listen.is_empty() {
+        let target = Arc::new(iscsi_target(&cfg, Arc::clone(&export))?);
+        for addr in &cfg.iscsi_target.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for iSCSI on {addr}"))?;
+            tracing::info!(listen = %l.local_addr().map_or_else(|_| addr.clone(), |a| a.to_string()), iqn = %target.iqn, "serving iSCSI");
+            tokio::spawn(herd::export::iscsi::serve(
+                l,
+                Arc::clone(&target),
+                Arc::clone(&access),
+            ));
+        }
+    }
     herd::metrics::serving();
     let syncer = Arc::clone(&cache);
     tokio::spawn(async move {
@@ -706,6 +737,39 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
 }
 
 /// Reads the root's profile and refuses one recorded on another image.
+/// The iSCSI target of `--listen-iscsi`: its name and credentials.
+fn iscsi_target(cfg: &ServeConfig, export: Arc<Export>) -> Result<herd::export::iscsi::Target> {
+    let creds = |p: &Option<std::path::PathBuf>| -> Result<Option<(String, Vec<u8>)>> {
+        let Some(p) = p else { return Ok(None) };
+        let raw = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read CHAP credentials {}", p.display()))?;
+        let (user, secret) = raw
+            .trim_end_matches(['\r', '\n'])
+            .split_once(':')
+            .with_context(|| format!("{} must hold USER:SECRET", p.display()))?;
+        // RFC 7143 §12.1.3: at least 12 bytes where IPsec is absent.
+        anyhow::ensure!(
+            secret.len() >= 12,
+            "the CHAP secret in {} is {} bytes; iSCSI needs at least 12",
+            p.display(),
+            secret.len()
+        );
+        Ok(Some((user.to_owned(), secret.as_bytes().to_vec())))
+    };
+    let auth = herd::export::iscsi::Auth {
+        chap: creds(&cfg.iscsi_target.chap)?,
+        mutual: creds(&cfg.iscsi_target.mutual_chap)?,
+    };
+    let iqn = cfg.iscsi_target.iqn.clone().unwrap_or_else(|| {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "host".into());
+        herd::export::iscsi::default_iqn(&host, &cfg.export_name)
+    });
+    Ok(herd::export::iscsi::Target::new(iqn, auth, export))
+}
+
 fn load_profile(path: &std::path::Path, size: u64, id: &ImageId) -> Result<Published> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;

@@ -1,3 +1,4 @@
 //! Exports: how a proxy serves its image to children.
 
+pub mod iscsi;
 pub mod nbd;

@@ -1,8 +1,10 @@
 //! iSCSI initiator (RFC 7143), read-mostly: what the root proxy uses to
-//! fetch the golden image from a LIO (or tgt) target.
+//! fetch the golden image from a LIO (or tgt) target. The codecs serve
+//! herd's own target too (`export::iscsi`).
 //!
 //! ```text
 //!  pdu.rs    BHS codec (pure)          text.rs  key=value (pure)
+//!  target_pdu.rs  the target's side of the BHS codec (pure)
 //!  scsi.rs   CDBs, sense, VPD (pure)   chap.rs  CHAP-MD5
 //!  login.rs  login phase: security (None / CHAP), operational keys, redirect
 //!  session.rs full-feature phase: CmdSN window, many READs in flight,
@@ -17,6 +19,7 @@ pub mod login;
 pub mod pdu;
 pub mod scsi;
 pub mod session;
+pub mod target_pdu;
 pub mod text;
 
 use std::sync::Arc;

@@ -49,13 +49,13 @@ pub enum PduError {
     TooLong { len: usize, max: usize },
 }
 
-fn be16(b: &[u8], at: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
-fn be32(b: &[u8], at: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
-fn put32(b: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
@@ -122,7 +122,7 @@ pub struct LoginReq {
 }
 
 /// Writes a complete PDU (header, data, padding) to `out`.
-fn finish(mut bhs: [u8; BHS_LEN], data: &[u8], out: &mut Vec<u8>) {
+pub(crate) fn finish(mut bhs: [u8; BHS_LEN], data: &[u8], out: &mut Vec<u8>) {
     let len = u32::try_from(data.len()).unwrap_or(0) & 0x00ff_ffff;
     bhs[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
     out.extend_from_slice(&bhs);

@@ -166,6 +166,12 @@ impl Gate {
         })
     }
 
+    /// How long a reply may wait for its client to read (`--write-timeout`).
+    #[must_use]
+    pub fn write_stall(&self) -> Duration {
+        self.limits.write_stall
+    }
+
     /// A new connection's reply budget.
     #[must_use]
     pub fn budget(self: &Arc<Self>) -> Budget {

@@ -1,0 +1,306 @@
+//! herd's iSCSI target (`--listen-iscsi`) against real initiators:
+//! libiscsi's tools (`iscsi-ls`, `iscsi-inq`, `iscsi-readcapacity16`),
+//! qemu's `iscsi://` driver through a leaf of a two-level tree, libiscsi's
+//! conformance suite (`iscsi-test-cu`), CHAP, and malformed PDUs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{assert_same_file, free_port, have, random_image, scratch, Herd};
+
+const MIB: usize = 1 << 20;
+const IQN: &str = "iqn.2026-12.io.herd:test.herd";
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
+/// A herd serving `upstream` by NBD and by iSCSI on a free port; returns
+/// it and the iSCSI port.
+fn start(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> (Herd, u16) {
+    for _ in 0..4 {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["--listen-iscsi", &listen, "--iscsi-target-iqn", IQN];
+        args.extend_from_slice(extra);
+        let herd = Herd::start(dir, name, upstream, &args);
+        if herd.log_lines("serving iSCSI") == 1 {
+            return (herd, port);
+        }
+        // The port went to another test between the probe and the bind.
+        assert!(herd.log_lines("Address already in use") > 0);
+    }
+    panic!("no free iSCSI port in four tries");
+}
+
+fn url(port: u16) -> String {
+    format!("iscsi://127.0.0.1:{port}/{IQN}/0")
+}
+
+#[test]
+fn libiscsi_tools_and_qemu_read_the_image_through_a_leaf() {
+    if !have("iscsi-ls") || !have("qemu-img") {
+        return;
+    }
+    let dir = scratch("iscsi-target-tools");
+    let img_path = dir.join("disk.img");
+    let img = random_image(&img_path, 48 * MIB);
+    let root = Herd::start(&dir, "root", img_path.to_str().expect("utf8"), &[]);
+    let (leaf, port) = start(&dir, "leaf", &root.url(), &[]);
+
+    // Discovery names the target and its portal; the LUN has the size.
+    let ls = stdout(Command::new("iscsi-ls").args(["-s", &format!("iscsi://127.0.0.1:{port}")]));
+    assert!(
+        ls.contains(&format!("Target:{IQN} Portal:127.0.0.1:{port},1")),
+        "{ls}"
+    );
+    assert!(ls.contains("Lun:0") && ls.contains("DIRECT_ACCESS"), "{ls}");
+    let inq = stdout(Command::new("iscsi-inq").arg(url(port)));
+    assert!(inq.contains("Vendor:HERD"), "{inq}");
+    assert!(
+        inq.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{inq}"
+    );
+    let cap = stdout(Command::new("iscsi-readcapacity16").arg(url(port)));
+    assert!(cap.contains(&format!("Total size:{}", 48 * MIB)), "{cap}");
+    assert!(
+        cap.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            48 * MIB / 512 - 1
+        )),
+        "{cap}"
+    );
+    // The VPD pages an initiator builds its device name from.
+    let vpd = stdout(Command::new("iscsi-inq").args(["-e", "1", "-c", "131", &url(port)]));
+    assert!(vpd.contains("NAA"), "{vpd}");
+
+    // qemu reads every byte through the leaf's cache.
+    let out = dir.join("copy.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &url(port)])
+        .arg(&out));
+    assert_same_file(&out, &img);
+    assert!(leaf.metric("herd_iscsi_target_commands_total") > 0.0);
+    assert_eq!(
+        leaf.metric("herd_upstream_read_bytes_total"),
+        (48 * MIB) as f64,
+        "each chunk fetched from the root once"
+    );
+    assert!(leaf.metric("herd_iscsi_target_logins_total{result=\"ok\"}") >= 4.0);
+    drop(leaf);
+    drop(root);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn libiscsi_conformance_suites_pass() {
+    if !have("iscsi-test-cu") {
+        return;
+    }
+    let dir = scratch("iscsi-target-cu");
+    let img_path = dir.join("disk.img");
+    random_image(&img_path, 16 * MIB);
+    let (node, port) = start(&dir, "node", img_path.to_str().expect("utf8"), &[]);
+    // Each suite on its own, so a failure names it. These are every
+    // suite that applies to a read-only disk without persistent
+    // reservations or VERIFY's byte compare.
+    for suite in [
+        "iSCSI",
+        "SCSI.TestUnitReady",
+        "SCSI.Inquiry",
+        "SCSI.ReadCapacity10",
+        "SCSI.ReadCapacity16",
+        "SCSI.Read6",
+        "SCSI.Read10",
+        "SCSI.Read12",
+        "SCSI.Read16",
+        "SCSI.ModeSense6",
+        "SCSI.StartStopUnit",
+        "SCSI.NoMedia",
+        "SCSI.Mandatory",
+        "SCSI.ReportSupportedOpcodes",
+    ] {
+        let out = Command::new("iscsi-test-cu")
+            .args(["--fail", "-t", suite, &url(port)])
+            .output()
+            .expect("iscsi-test-cu");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && !text.contains("FAILED"),
+            "iscsi-test-cu {suite} failed:\n{text}"
+        );
+    }
+    assert!(node.child.id() > 0);
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chap_is_required_when_configured() {
+    if !have("iscsi-ls") {
+        return;
+    }
+    let dir = scratch("iscsi-target-chap");
+    let img_path = dir.join("disk.img");
+    random_image(&img_path, 4 * MIB);
+    let creds = dir.join("chap");
+    std::fs::write(&creds, "alice:correct-horse-battery\n").expect("chap file");
+    let (node, port) = start(
+        &dir,
+        "node",
+        img_path.to_str().expect("utf8"),
+        &["--iscsi-target-chap", creds.to_str().expect("utf8")],
+    );
+    let with = |user: &str| format!("iscsi://{user}@127.0.0.1:{port}/{IQN}/0");
+    let good = Command::new("iscsi-readcapacity16")
+        .arg(with("alice%correct-horse-battery"))
+        .output()
+        .expect("iscsi-readcapacity16");
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    for bad in ["alice%wrong-password-xx", "mallory%correct-horse-battery"] {
+        let out = Command::new("iscsi-readcapacity16")
+            .arg(with(bad))
+            .output()
+            .expect("iscsi-readcapacity16");
+        assert!(!out.status.success(), "{bad} logged in");
+    }
+    let none = Command::new("iscsi-readcapacity16")
+        .arg(url(port))
+        .output()
+        .expect("iscsi-readcapacity16");
+    assert!(!none.status.success(), "logged in without CHAP");
+    assert_eq!(
+        node.metric("herd_iscsi_target_logins_total{result=\"failed\"}"),
+        3.0
+    );
+    assert_eq!(
+        node.metric("herd_iscsi_target_logins_total{result=\"ok\"}"),
+        1.0
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bytes of a login request PDU for `keys` (stage `csg` → `nsg`).
+fn login_pdu(csg: u8, nsg: u8, keys: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    herd::iscsi::pdu::encode_login(
+        &herd::iscsi::pdu::LoginReq {
+            transit: true,
+            csg,
+            nsg,
+            isid: [0x80, 0, 0, 1, 2, 3],
+            tsih: 0,
+            itt: 1,
+            cid: 0,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+        },
+        keys.replace(';', "\0").as_bytes(),
+        &mut out,
+    );
+    out
+}
+
+/// Whether the server closed the connection (EOF within 5 s), after
+/// draining whatever it sent first.
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            // Closed with our bytes unread: a reset.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn malformed_pdus_get_an_answer_or_a_closed_connection_and_the_target_serves_on() {
+    if !have("iscsi-readcapacity16") {
+        return;
+    }
+    let dir = scratch("iscsi-target-bad");
+    let img_path = dir.join("disk.img");
+    random_image(&img_path, 4 * MIB);
+    let (node, port) = start(&dir, "node", img_path.to_str().expect("utf8"), &[]);
+    let connect = || TcpStream::connect(("127.0.0.1", port)).expect("connect");
+
+    // A SCSI command before login: closed.
+    let mut s = connect();
+    let mut cmd = Vec::new();
+    herd::iscsi::pdu::encode_scsi_cmd(
+        &herd::iscsi::pdu::ScsiCmd {
+            lun: 0,
+            itt: 1,
+            read: true,
+            expected_len: 512,
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+            cdb: [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        },
+        &mut cmd,
+    );
+    s.write_all(&cmd).expect("send");
+    assert!(closed(&mut s), "a command before login was answered");
+
+    // A data segment larger than any we accept: closed.
+    let mut s = connect();
+    let mut big = login_pdu(0, 1, "InitiatorName=iqn.x;");
+    big[5..8].copy_from_slice(&[0x10, 0, 0]);
+    s.write_all(&big).expect("send");
+    assert!(closed(&mut s));
+
+    // A login to another target: a login response with status 0x0203,
+    // then closed.
+    let mut s = connect();
+    s.write_all(&login_pdu(
+        0,
+        1,
+        "InitiatorName=iqn.x;TargetName=iqn.nope;AuthMethod=None;",
+    ))
+    .expect("send");
+    let mut resp = [0u8; 48];
+    s.read_exact(&mut resp).expect("login response");
+    assert_eq!(resp[0] & 0x3f, 0x23);
+    assert_eq!((resp[36], resp[37]), (2, 3), "target not found");
+    assert!(closed(&mut s));
+
+    // Garbage: closed, or rejected and then closed at the bad length.
+    let mut s = connect();
+    s.write_all(&[0xffu8; 300]).expect("send");
+    assert!(closed(&mut s));
+
+    // The target still serves a good initiator.
+    run(Command::new("iscsi-readcapacity16").arg(url(port)));
+    assert_eq!(
+        node.metric("herd_iscsi_target_logins_total{result=\"failed\"}"),
+        1.0
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
