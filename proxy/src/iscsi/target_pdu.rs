@@ -5,7 +5,7 @@
 use super::pdu::{
     be16, be32, decode_lun, encode_lun, finish, put32, PduError, Sn, BHS_LEN, FINAL, IMMEDIATE,
     OP_DATA_IN, OP_LOGIN_REQ, OP_LOGIN_RESP, OP_LOGOUT_REQ, OP_LOGOUT_RESP, OP_NOP_IN, OP_NOP_OUT,
-    OP_REJECT, OP_SCSI_CMD, OP_SCSI_RESP, OP_TEXT_REQ, OP_TEXT_RESP, RESERVED_TAG,
+    OP_R2T, OP_REJECT, OP_SCSI_CMD, OP_SCSI_RESP, OP_TEXT_REQ, OP_TEXT_RESP, RESERVED_TAG,
 };
 
 /// Initiator opcodes the initiator side never sends.
@@ -74,7 +74,12 @@ pub enum InitiatorPdu {
         exp_stat_sn: u32,
     },
     DataOut {
+        final_: bool,
+        lun: u16,
         itt: u32,
+        ttt: u32,
+        data_sn: u32,
+        offset: u32,
     },
     LogoutReq {
         immediate: bool,
@@ -99,7 +104,7 @@ impl InitiatorPdu {
             | Self::TaskMgmt { itt, .. }
             | Self::LoginReq { itt, .. }
             | Self::TextReq { itt, .. }
-            | Self::DataOut { itt }
+            | Self::DataOut { itt, .. }
             | Self::LogoutReq { itt, .. }
             | Self::Snack { itt } => *itt,
         }
@@ -179,7 +184,14 @@ pub fn decode_initiator(b: &[u8]) -> Result<InitiatorHeader, PduError> {
             cmd_sn: be32(b, 24),
             exp_stat_sn: be32(b, 28),
         },
-        OP_DATA_OUT => InitiatorPdu::DataOut { itt },
+        OP_DATA_OUT => InitiatorPdu::DataOut {
+            final_: f & FINAL != 0,
+            lun: decode_lun(&b[8..16]),
+            itt,
+            ttt: be32(b, 20),
+            data_sn: be32(b, 36),
+            offset: be32(b, 40),
+        },
         OP_LOGOUT_REQ => InitiatorPdu::LogoutReq {
             immediate,
             reason: f & 0x7f,
@@ -345,6 +357,32 @@ pub fn encode_nop_in(itt: u32, ttt: u32, lun: [u8; 8], sn: Sn, data: &[u8], out:
     put32(&mut b, 20, ttt);
     put_sn(&mut b, sn);
     finish(b, data, out);
+}
+
+/// A Ready To Transfer (§11.8): asks for `len` bytes of data-out at
+/// `offset`. It carries StatSN but does not advance it.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_r2t(
+    lun: u16,
+    itt: u32,
+    ttt: u32,
+    sn: Sn,
+    r2t_sn: u32,
+    offset: u32,
+    len: u32,
+    out: &mut Vec<u8>,
+) {
+    let mut b = [0u8; BHS_LEN];
+    b[0] = OP_R2T;
+    b[1] = FINAL;
+    b[8..16].copy_from_slice(&encode_lun(lun));
+    put32(&mut b, 16, itt);
+    put32(&mut b, 20, ttt);
+    put_sn(&mut b, sn);
+    put32(&mut b, 36, r2t_sn);
+    put32(&mut b, 40, offset);
+    put32(&mut b, 44, len);
+    finish(b, &[], out);
 }
 
 /// A Logout Response (§11.15): `response` 0 closed successfully.
@@ -563,6 +601,13 @@ mod tests {
         let h = decode(&out).unwrap();
         assert_eq!(h.data_len, 48);
         assert_eq!(pdu::rejected_itt(&out[48..]), Some(0x0101_0101));
+        out.clear();
+        encode_r2t(0, 7, 9, SN, 0, 4096, 8192, &mut out);
+        assert!(matches!(
+            decode(&out).unwrap().pdu,
+            TargetPdu::R2t { itt: 7, sn: SN }
+        ));
+        assert_eq!(&out[40..48], &[0, 0, 16, 0, 0, 0, 32, 0]);
         out.clear();
         encode_logout_resp(4, 0, SN, &mut out);
         assert!(matches!(

@@ -91,7 +91,22 @@ pub enum Action {
     Good,
     /// CHECK CONDITION with this sense.
     Check(Sense),
+    /// VERIFY with BYTCHK: take `data_len` bytes of data-out and compare
+    /// them with `len` bytes of the image at `offset` (when `data_len` is
+    /// shorter, one block is compared with every block of the range).
+    Compare {
+        offset: u64,
+        len: u64,
+        data_len: u64,
+    },
 }
+
+/// MISCOMPARE, MISCOMPARE DURING VERIFY OPERATION.
+pub const MISCOMPARE: Sense = Sense {
+    key: 0x0e,
+    asc: 0x1d,
+    ascq: 0x00,
+};
 
 const INQUIRY: u8 = 0x12;
 const REPORT_LUNS: u8 = 0xa0;
@@ -147,12 +162,10 @@ pub fn execute(lun: Option<&Lun>, luns: &[u16], cdb: &[u8]) -> Action {
         0x08 | 0x28 | 0xa8 | 0x88 => read(lun, &c),
         REPORT_LUNS => report_luns(luns, &c),
         0x1a | 0x5a => mode_sense(lun, &c),
-        // VERIFY(10/16): a medium verification only, no data-out and no
-        // protection information.
-        0x2f | 0x8f if c[1] & 0xe6 != 0 => Check(INVALID_FIELD_IN_CDB),
-        // SYNCHRONIZE CACHE(10/16) (nothing is ever dirty) and VERIFY: GOOD
-        // once the range is on the LUN.
-        0x35 | 0x91 | 0x2f | 0x8f => extent(lun, lba_blocks(&c)).map_or_else(Check, |_| Good),
+        0x2f | 0x8f => verify(lun, &c),
+        // SYNCHRONIZE CACHE(10/16): nothing is ever dirty; GOOD once the
+        // range is on the LUN.
+        0x35 | 0x91 => extent(lun, lba_blocks(&c)).map_or_else(Check, |_| Good),
         // WRITE(6/10/12/16), WRITE AND VERIFY(10/12/16), WRITE SAME(10/16),
         // UNMAP, COMPARE AND WRITE, FORMAT UNIT, WRITE ATOMIC(16).
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x04
@@ -219,6 +232,34 @@ fn read(lun: &Lun, c: &[u8; 16]) -> Action {
         return Check(INVALID_FIELD_IN_CDB);
     }
     extent(lun, lba_blocks(c)).map_or_else(Check, |(offset, len)| Action::Read { offset, len })
+}
+
+/// VERIFY(10/16): the range is checked first (SBC-4 5.33), then BYTCHK:
+/// 0 a medium check (always good), 1 compare data-out with the range, 3
+/// compare one block of data-out with each block.
+fn verify(lun: &Lun, c: &[u8; 16]) -> Action {
+    // VRPROTECT: the LUN has no protection information.
+    if c[1] >> 5 != 0 {
+        return Check(INVALID_FIELD_IN_CDB);
+    }
+    let (offset, len) = match extent(lun, lba_blocks(c)) {
+        Ok(r) => r,
+        Err(s) => return Check(s),
+    };
+    match ((c[1] >> 1) & 3, len) {
+        (0, _) | (1 | 3, 0) => Good,
+        (1, _) => Action::Compare {
+            offset,
+            len,
+            data_len: len,
+        },
+        (3, _) => Action::Compare {
+            offset,
+            len,
+            data_len: u64::from(lun.block_size),
+        },
+        _ => Check(INVALID_FIELD_IN_CDB),
+    }
 }
 
 fn request_sense(sense: Sense, c: &[u8; 16]) -> Action {
@@ -740,7 +781,23 @@ mod tests {
         c[13] = 5;
         assert_eq!(run(&c), Good);
         c[1] = 0x02; // BYTCHK = 1: compare with data-out
+        assert_eq!(
+            run(&c),
+            Action::Compare {
+                offset: 0,
+                len: 5 * 512,
+                data_len: 5 * 512
+            }
+        );
+        c[1] = 0x06; // BYTCHK = 3: one block against each
+        assert!(matches!(run(&c), Action::Compare { data_len: 512, .. }));
+        c[1] = 0x04; // BYTCHK = 2: reserved
         chk(&c, INVALID_FIELD_IN_CDB);
+        // The range is checked before BYTCHK.
+        let mut far = cdb10(0x2f, 0x02, 2048, 1);
+        chk(&far, LBA_OUT_OF_RANGE);
+        far[1] = 0;
+        chk(&far, LBA_OUT_OF_RANGE);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::login::{self, Login, Negotiated};
-use super::scsi::{self, Action, Sense};
+use super::scsi::{self, Action, Sense, INVALID_FIELD_IN_CDB as INVALID_FIELD};
 use super::Target;
 use crate::cache::Data;
 use crate::export::nbd::limits::{Budget, Hold};
@@ -377,6 +377,8 @@ async fn full_feature<R: AsyncRead + Unpin>(
     address: &str,
 ) -> Result<(), SessionError> {
     let slots = Arc::new(Semaphore::new(WINDOW as usize));
+    let mut collecting: HashMap<u32, Collect> = HashMap::new();
+    let mut next_ttt: u32 = 1;
     loop {
         let (decoded, bhs, data, data_ok) = read_pdu(r, neg.header_digest, neg.data_digest).await?;
         let h = match decoded {
@@ -417,6 +419,38 @@ async fn full_feature<R: AsyncRead + Unpin>(
                     continue;
                 }
                 m::iscsi_target_command();
+                let unit = (lun == 0).then_some(&target.lun);
+                let action = scsi::execute(unit, &[0], &cdb);
+                if let Action::Compare {
+                    offset,
+                    len,
+                    data_len,
+                } = action
+                {
+                    // VERIFY with BYTCHK: solicit its data-out first.
+                    let held: u64 = collecting.values().map(|c| c.data.len() as u64).sum();
+                    if data_len > COLLECT_MAX || held + data_len > COLLECT_MAX {
+                        let mut out = Vec::new();
+                        // TASK SET FULL: the initiator retries later.
+                        tp::encode_scsi_resp(itt, 0x28, NO_SN, 0, 0, 0, &[], &mut out);
+                        send(tx, Reply::one(out, true)).await;
+                        continue;
+                    }
+                    let mut c = Collect {
+                        lun,
+                        ttt: next_ttt,
+                        offset,
+                        len,
+                        data: Vec::with_capacity(usize::try_from(data_len).unwrap_or(0)),
+                        total: u32::try_from(data_len).unwrap_or(u32::MAX),
+                        burst_end: 0,
+                        r2t_sn: 0,
+                    };
+                    next_ttt = next_ttt.wrapping_add(1) & 0x7fff_ffff;
+                    c.ask(itt, neg.max_burst, tx).await;
+                    collecting.insert(itt, c);
+                    continue;
+                }
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     return Ok(());
                 };
@@ -430,10 +464,10 @@ async fn full_feature<R: AsyncRead + Unpin>(
                     let reply = command(
                         &target,
                         &budget,
+                        action,
                         lun,
                         itt,
                         expected_len,
-                        &cdb,
                         max_send,
                         max_burst,
                     )
@@ -477,7 +511,20 @@ async fn full_feature<R: AsyncRead + Unpin>(
                 referenced,
                 ..
             } => {
-                let response = task_management(in_flight, function, lun, referenced);
+                // A VERIFY still collecting its data-out is a task too.
+                let collected = match function {
+                    1 => collecting.remove(&referenced).is_some(),
+                    2..=6 => {
+                        collecting.clear();
+                        false
+                    }
+                    _ => false,
+                };
+                let response = if collected {
+                    0
+                } else {
+                    task_management(in_flight, function, lun, referenced)
+                };
                 let mut out = Vec::new();
                 tp::encode_task_mgmt_resp(itt, response, NO_SN, &mut out);
                 send(tx, Reply::one(out, true)).await;
@@ -494,13 +541,115 @@ async fn full_feature<R: AsyncRead + Unpin>(
                 tracing::debug!(initiator = %neg.initiator, "iSCSI logout");
                 return Ok(());
             }
-            // Unsolicited data for a refused write: dropped.
-            InitiatorPdu::DataOut { .. } => {}
+            InitiatorPdu::DataOut {
+                itt, ttt, offset, ..
+            } => {
+                // Unsolicited data (for a refused write) is dropped.
+                let Some(c) = collecting.get_mut(&itt) else {
+                    continue;
+                };
+                let fits = c.data.len() + data.len() <= c.burst_end as usize;
+                if ttt != c.ttt || offset as usize != c.data.len() || !fits {
+                    reject(tx, REJECT_PROTOCOL, &bhs).await;
+                    continue;
+                }
+                c.data.extend_from_slice(&data);
+                if c.data.len() < c.burst_end as usize {
+                    continue;
+                }
+                if c.data.len() < c.total as usize {
+                    c.ask(itt, neg.max_burst, tx).await;
+                    continue;
+                }
+                let Some(c) = collecting.remove(&itt) else {
+                    continue;
+                };
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return Ok(());
+                };
+                let (target, tx2) = (Arc::clone(target), tx.clone());
+                let mut map = in_flight
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let task = tokio::spawn(async move {
+                    let reply = compare(&target, itt, c).await;
+                    let _ = tx2.send(reply).await;
+                    drop(slot);
+                });
+                map.insert(itt, task.abort_handle());
+            }
             InitiatorPdu::Snack { .. } | InitiatorPdu::LoginReq { .. } => {
                 reject(tx, REJECT_PROTOCOL, &bhs).await;
             }
         }
     }
+}
+
+/// Data-out a connection may be collecting for VERIFY at once.
+const COLLECT_MAX: u64 = 2 << 20;
+
+/// A VERIFY with BYTCHK collecting its data-out, one burst per R2T.
+struct Collect {
+    lun: u16,
+    ttt: u32,
+    offset: u64,
+    len: u64,
+    data: Vec<u8>,
+    total: u32,
+    /// Where the burst asked for last ends.
+    burst_end: u32,
+    r2t_sn: u32,
+}
+
+impl Collect {
+    /// Asks for the next burst (MaxOutstandingR2T is 1).
+    async fn ask(&mut self, itt: u32, max_burst: u32, tx: &mpsc::Sender<Reply>) {
+        let at = self.burst_end;
+        let n = (self.total - at).min(max_burst.max(512));
+        self.burst_end = at + n;
+        let mut out = Vec::new();
+        tp::encode_r2t(self.lun, itt, self.ttt, NO_SN, self.r2t_sn, at, n, &mut out);
+        self.r2t_sn += 1;
+        send(tx, Reply::one(out, false)).await;
+    }
+}
+
+/// VERIFY's compare: the data-out against the image, 1 MiB at a time;
+/// with one block of data-out, against every block.
+async fn compare(target: &Target, itt: u32, c: Collect) -> Reply {
+    let status = |status: u8, sense: &[u8]| {
+        let mut out = Vec::new();
+        tp::encode_scsi_resp(itt, status, NO_SN, 0, 0, 0, sense, &mut out);
+        Reply::of(Some(itt), vec![split(out, true)])
+    };
+    const STEP: u64 = 1 << 20;
+    let mut at = 0;
+    while at < c.len {
+        let n = STEP.min(c.len - at);
+        let image = match target
+            .export
+            .cache
+            .read(c.offset + at, usize::try_from(n).unwrap_or(0))
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(offset = c.offset + at, error = %crate::error_chain(&e), "iSCSI verify read failed");
+                return status(2, &READ_ERROR.fixed());
+            }
+        };
+        let same = if c.data.len() as u64 == c.len {
+            let from = usize::try_from(at).unwrap_or(0);
+            c.data.get(from..from + image.len()) == Some(&image[..])
+        } else {
+            !c.data.is_empty() && image.chunks(c.data.len()).all(|b| b == &c.data[..b.len()])
+        };
+        if !same {
+            return status(2, &scsi::MISCOMPARE.fixed());
+        }
+        at += n;
+    }
+    status(0, &[])
 }
 
 /// CmdSN of a PDU the window counts (not immediate).
@@ -578,20 +727,19 @@ async fn reject(tx: &mpsc::Sender<Reply>, reason: u8, bhs: &[u8; BHS_LEN]) {
 async fn command(
     target: &Target,
     budget: &Budget,
+    action: Action,
     lun: u16,
     itt: u32,
     expected: u32,
-    cdb: &[u8; 16],
     max_send: u32,
     max_burst: u32,
 ) -> Reply {
-    let unit = (lun == 0).then_some(&target.lun);
     let status = |status: u8, sense: &[u8], under: u32| {
         let mut out = Vec::new();
         tp::encode_scsi_resp(itt, status, NO_SN, 0, under, 0, sense, &mut out);
         Reply::of(Some(itt), vec![split(out, true)])
     };
-    let (data, hold) = match scsi::execute(unit, &[0], cdb) {
+    let (data, hold) = match action {
         Action::Good => return status(0, &[], expected),
         Action::Check(s) => return status(2, &s.fixed(), 0),
         Action::Data(bytes) => (
@@ -599,6 +747,8 @@ async fn command(
             None,
         ),
         Action::Read { len: 0, .. } => return status(0, &[], expected),
+        // Taken by the reader (it needs the data-out first).
+        Action::Compare { .. } => return status(2, &INVALID_FIELD.fixed(), 0),
         Action::Read { offset, len } => {
             let hold = budget.hold(len.min(u64::from(expected))).await;
             if let Some(rec) = &target.export.recorder {
