@@ -400,6 +400,17 @@ fn iscsi_smoke() -> Result<()> {
             row.pattern
         );
     }
+    anyhow::ensure!(
+        back.target_rows.len() == back.rows.len(),
+        "target rows missing"
+    );
+    for row in &back.target_rows {
+        anyhow::ensure!(
+            row.herd_target_median_iops > 0.0 && row.tgtd_median_iops > 0.0,
+            "{}: no target rate measured",
+            row.pattern
+        );
+    }
     Ok(())
 }
 

@@ -1,9 +1,13 @@
-//! `cargo xtask bench iscsi`: herd's iSCSI initiator against libiscsi's
-//! `iscsi-perf`, on the same tgtd LUN, side by side in one run.
+//! `cargo xtask bench iscsi`, side by side in one run:
 //!
-//! herd is measured with `herd iscsi bench` (the initiator alone: no cache,
-//! no NBD). Rounds are interleaved; medians of `reps`; IOPS are converted
-//! to MiB/s with the block size for both tools.
+//! * initiator rows: herd's iSCSI initiator against libiscsi's
+//!   `iscsi-perf`, on the same tgtd LUN (herd measured with `herd iscsi
+//!   bench`: the initiator alone, no cache, no NBD);
+//! * target rows: `iscsi-perf` against herd's target (`--listen-iscsi`,
+//!   cache warm) and against tgtd serving the same file.
+//!
+//! Rounds are interleaved; medians of `reps`; IOPS are converted to MiB/s
+//! with the block size.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,6 +76,19 @@ pub struct Row {
     pub ratio: f64,
 }
 
+/// `iscsi-perf` against herd's target and against tgtd, same file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TargetRow {
+    pub pattern: String,
+    pub herd_target_iops: Vec<f64>,
+    pub tgtd_iops: Vec<f64>,
+    pub herd_target_median_iops: f64,
+    pub tgtd_median_iops: f64,
+    pub herd_target_mib_s: f64,
+    pub tgtd_mib_s: f64,
+    pub ratio: f64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub version: u32,
@@ -79,6 +96,56 @@ pub struct Results {
     pub seconds: u64,
     pub reps: usize,
     pub rows: Vec<Row>,
+    pub target_rows: Vec<TargetRow>,
+}
+
+/// herd serving the LUN file by iSCSI, its cache filled before measuring.
+struct HerdTarget {
+    procs: super::Procs,
+    port: u16,
+}
+
+const HERD_IQN: &str = "iqn.2026-12.io.herd:bench.herd";
+
+fn start_herd_target(herd: &Path, lun: &Path, dir: &Path) -> Result<HerdTarget> {
+    let (port, nbd, metrics) = (free_port()?, free_port()?, free_port()?);
+    let cache = dir.join("herd-target-cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let log = std::fs::File::create(dir.join("herd-target.log"))?;
+    let child = Command::new(herd)
+        .args(["serve", "--upstream"])
+        .arg(lun)
+        .args(["--listen", &format!("127.0.0.1:{nbd}")])
+        .args(["--listen-iscsi", &format!("127.0.0.1:{port}")])
+        .args(["--iscsi-target-iqn", HERD_IQN])
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["--metrics", &format!("127.0.0.1:{metrics}")])
+        .args(["--prefetch", "full", "--prefetch-concurrency", "8"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("cannot start herd")?;
+    let mut procs = super::Procs::default();
+    procs.0.push(child);
+    crate::util::wait_port(port, Duration::from_secs(60))?;
+    // Warm: every chunk in herd's cache before the first job.
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let text = crate::util::http_get(addr, "/metrics")?;
+        let done = crate::util::prom_require(&text, "herd_prefetch_chunks_done")?;
+        let total = crate::util::prom_require(&text, "herd_prefetch_chunks_total")?;
+        if total > 0 && done == total {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("herd's cache did not fill in 10 minutes ({done}/{total})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(HerdTarget { procs, port })
 }
 
 struct Tgtd {
@@ -211,15 +278,23 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     }
     let t = start_tgtd(&lun)?;
     let url = format!("iscsi://127.0.0.1:{}/{}/1", t.port, t.iqn);
+    step("herd's target: filling its cache");
+    let ht = start_herd_target(&herd, &lun, &dir)?;
+    let herd_url = format!("iscsi://127.0.0.1:{}/{HERD_IQN}/0", ht.port);
     let mut herd_s = vec![Vec::new(); PATTERNS.len()];
     let mut perf_s = vec![Vec::new(); PATTERNS.len()];
+    let mut target_s = vec![Vec::new(); PATTERNS.len()];
+    let mut tgtd_s = vec![Vec::new(); PATTERNS.len()];
     for round in 0..reps {
         for (i, p) in PATTERNS.iter().enumerate() {
             step(&format!("round {}/{reps}: {}", round + 1, p.name));
             herd_s[i].push(herd_run(&herd, &url, p, secs)?);
             perf_s[i].push(perf_run(&url, p, secs)?);
+            target_s[i].push(perf_run(&herd_url, p, secs)?);
+            tgtd_s[i].push(perf_run(&url, p, secs)?);
         }
     }
+    drop(ht.procs);
     drop(t);
     #[allow(clippy::cast_precision_loss)]
     let rows: Vec<Row> = PATTERNS
@@ -240,12 +315,32 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             }
         })
         .collect();
+    #[allow(clippy::cast_precision_loss)]
+    let target_rows: Vec<TargetRow> = PATTERNS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (h, q) = (median(&target_s[i]), median(&tgtd_s[i]));
+            let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
+            TargetRow {
+                pattern: p.name.into(),
+                herd_target_iops: target_s[i].clone(),
+                tgtd_iops: tgtd_s[i].clone(),
+                herd_target_median_iops: h,
+                tgtd_median_iops: q,
+                herd_target_mib_s: to_mib(h),
+                tgtd_mib_s: to_mib(q),
+                ratio: if q > 0.0 { h / q } else { 0.0 },
+            }
+        })
+        .collect();
     let r = Results {
-        version: 1,
+        version: 2,
         lun_mib: mib,
         seconds: secs,
         reps,
         rows,
+        target_rows,
     };
     let out = opts.out.clone().unwrap_or_else(|| root().join("results"));
     std::fs::create_dir_all(&out)?;
@@ -263,6 +358,22 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             row.herd_mib_s,
             row.iscsi_perf_median_iops,
             row.iscsi_perf_mib_s,
+            row.ratio
+        ));
+    }
+    md.push_str(
+        "\n## herd's iSCSI target\n\n`iscsi-perf` against herd's target (`--listen-iscsi`, cache filled first) and against \
+         tgtd serving the same file, same rounds.\n\n\
+         | pattern | herd target IOPS | herd MiB/s | tgtd IOPS | tgtd MiB/s | herd ÷ tgtd |\n|---|---|---|---|---|---|\n",
+    );
+    for row in &r.target_rows {
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** |\n",
+            row.pattern,
+            row.herd_target_median_iops,
+            row.herd_target_mib_s,
+            row.tgtd_median_iops,
+            row.tgtd_mib_s,
             row.ratio
         ));
     }
