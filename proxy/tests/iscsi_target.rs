@@ -34,17 +34,34 @@ fn stdout(cmd: &mut Command) -> String {
 /// A herd serving `upstream` by NBD and by iSCSI on a free port; returns
 /// it and the iSCSI port.
 fn start(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> (Herd, u16) {
-    for _ in 0..4 {
+    for attempt in 0..4 {
         let port = free_port();
+        // A fresh log per attempt, so an old bind failure is not counted.
+        let name = &if attempt == 0 {
+            name.to_owned()
+        } else {
+            format!("{name}-{attempt}")
+        };
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["--listen-iscsi", &listen, "--iscsi-target-iqn", IQN];
         args.extend_from_slice(extra);
         let herd = Herd::start(dir, name, upstream, &args);
-        if herd.log_lines("serving iSCSI") == 1 {
-            return (herd, port);
+        // The iSCSI listener binds just after the NBD one.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if herd.log_lines("serving iSCSI") == 1 {
+                return (herd, port);
+            }
+            // The port went to another test between the probe and the bind.
+            if herd.log_lines("cannot listen for iSCSI") > 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "herd {name} neither serves iSCSI nor failed to bind after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        // The port went to another test between the probe and the bind.
-        assert!(herd.log_lines("Address already in use") > 0);
     }
     panic!("no free iSCSI port in four tries");
 }
