@@ -5,6 +5,7 @@
 //! ```text
 //!  login.rs    login negotiation: None / CHAP (one-way, mutual), keys (pure)
 //!  scsi.rs     the read-only disk: INQUIRY/VPD, READ CAPACITY, READ, … (pure)
+//!  opcodes.rs  the commands it supports; REPORT SUPPORTED OPERATION CODES
 //!  session.rs  one connection: login phase, CmdSN window, Data-In, TMF
 //! ```
 //!
@@ -13,6 +14,7 @@
 //! export's limits (`--max-connections*`, reply budgets, `--allow`).
 
 pub mod login;
+pub mod opcodes;
 pub mod scsi;
 mod session;
 

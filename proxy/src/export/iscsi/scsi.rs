@@ -5,6 +5,8 @@
 //! here may panic, so fields are read from a zero-padded copy of the CDB
 //! once its length has been checked against the opcode's group.
 
+use super::opcodes;
+
 /// What the image looks like as a LUN.
 #[derive(Debug, Clone)]
 pub struct Lun {
@@ -42,6 +44,12 @@ pub struct Sense {
     pub key: u8,
     pub asc: u8,
     pub ascq: u8,
+    /// Sense-key specific field pointer (SPC-4 4.5.2.4.2) of an ILLEGAL
+    /// REQUEST caused by the CDB: the byte, and the field's most
+    /// significant bit if it does not start at bit 7. Initiators tell "not
+    /// implemented" from "wrong value" by it (libiscsi does for MAINTENANCE
+    /// IN).
+    pub cdb_field: Option<(u16, Option<u8>)>,
 }
 
 impl Sense {
@@ -55,12 +63,31 @@ impl Sense {
         b[7] = 10;
         b[12] = self.asc;
         b[13] = self.ascq;
+        if let Some((byte, bit)) = self.cdb_field {
+            // SKSV, C/D (the error is in the CDB), BPV and the bit pointer.
+            b[15] = 0x80 | 0x40 | bit.map_or(0, |bit| 0x08 | (bit & 0x07));
+            b[16..18].copy_from_slice(&byte.to_be_bytes());
+        }
         b
+    }
+
+    /// This sense, pointing at a field of the CDB.
+    #[must_use]
+    pub const fn at(self, byte: u16, bit: Option<u8>) -> Self {
+        Self {
+            cdb_field: Some((byte, bit)),
+            ..self
+        }
     }
 }
 
-const fn sense(key: u8, asc: u8, ascq: u8) -> Sense {
-    Sense { key, asc, ascq }
+pub(super) const fn sense(key: u8, asc: u8, ascq: u8) -> Sense {
+    Sense {
+        key,
+        asc,
+        ascq,
+        cdb_field: None,
+    }
 }
 
 /// DATA PROTECT, WRITE PROTECTED.
@@ -102,11 +129,7 @@ pub enum Action {
 }
 
 /// MISCOMPARE, MISCOMPARE DURING VERIFY OPERATION.
-pub const MISCOMPARE: Sense = Sense {
-    key: 0x0e,
-    asc: 0x1d,
-    ascq: 0x00,
-};
+pub const MISCOMPARE: Sense = sense(0x0e, 0x1d, 0x00);
 
 const INQUIRY: u8 = 0x12;
 const REPORT_LUNS: u8 = 0xa0;
@@ -163,6 +186,12 @@ pub fn execute(lun: Option<&Lun>, luns: &[u16], cdb: &[u8]) -> Action {
         REPORT_LUNS => report_luns(luns, &c),
         0x1a | 0x5a => mode_sense(lun, &c),
         0x2f | 0x8f => verify(lun, &c),
+        // MAINTENANCE IN: REPORT SUPPORTED OPERATION CODES only.
+        opcodes::MAINTENANCE_IN if u16::from(c[1] & 0x1f) == opcodes::REPORT_SUPPORTED_OPCODES => {
+            opcodes::report(&c)
+        }
+        // The SERVICE ACTION field (byte 1, bits 4-0) names no command.
+        opcodes::MAINTENANCE_IN => Check(INVALID_FIELD_IN_CDB.at(1, Some(4))),
         // SYNCHRONIZE CACHE(10/16): nothing is ever dirty; GOOD once the
         // range is on the LUN.
         0x35 | 0x91 => extent(lun, lba_blocks(&c)).map_or_else(Check, |_| Good),
@@ -760,7 +789,7 @@ mod tests {
         assert_eq!(run(&ini::test_unit_ready()), Good);
         assert_eq!(run(&[0x1b, 0, 0, 0, 1, 0]), Good);
         assert_eq!(run(&[0x1e, 0, 0, 0, 1, 0]), Good);
-        chk(&[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], INVALID_OPCODE);
+        chk(&[0xa4, 0x0c, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], INVALID_OPCODE);
         chk(&[0xc0; 16], INVALID_OPCODE);
         chk(&[], INVALID_OPCODE);
         chk(&[0x12, 0, 0, 0], INVALID_FIELD_IN_CDB);

@@ -42,11 +42,7 @@ const LOGIN_TIME: Duration = Duration::from_secs(30);
 /// AHS bytes we read and skip (none are negotiated).
 const MAX_AHS: usize = 1024;
 /// MEDIUM ERROR, UNRECOVERED READ ERROR: a read the cache could not serve.
-const READ_ERROR: Sense = Sense {
-    key: 0x03,
-    asc: 0x11,
-    ascq: 0x00,
-};
+const READ_ERROR: Sense = scsi::sense(0x03, 0x11, 0x00);
 
 #[derive(Debug, Error)]
 pub enum SessionError {
