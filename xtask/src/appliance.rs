@@ -4,7 +4,8 @@
 //! - Debian bookworm minbase + systemd, udev, sshd, networkd (DHCP on every
 //!   wired interface), Debian's packaged kernel with its initramfs — which
 //!   carries LIO (target_core_*, iscsi_target_mod), nbd and iscsi_tcp as
-//!   modules — plus targetcli-fb and nbd-client;
+//!   modules — plus targetcli-fb, nbd-client and open-iscsi (the kernel
+//!   initiator, to attach a parent's herd iSCSI target);
 //! - herd at /usr/bin/herd, its eBPF object at /usr/lib/herd/herd-ebpf.o,
 //!   `herd.service` (reads /etc/herd/herd.toml) after `herd-setup.service`,
 //!   which takes the node's role and config from a disk labelled HERDCFG at
@@ -28,9 +29,9 @@ use sha2::{Digest, Sha256};
 use crate::util::{output, run, spinner, step, with_mounted, work_dir};
 
 /// Bump when the base package set changes: invalidates the cached base.
-const BASE_RECIPE: &str = "bookworm-minbase-v1";
+const BASE_RECIPE: &str = "bookworm-minbase-v2";
 const PACKAGES: &str = "systemd-sysv,udev,kmod,dbus,openssh-server,sudo,iproute2,netbase,\
-iputils-ping,procps,linux-image-amd64,initramfs-tools,targetcli-fb,nbd-client,e2fsprogs";
+iputils-ping,procps,linux-image-amd64,initramfs-tools,targetcli-fb,nbd-client,open-iscsi,e2fsprogs";
 pub const ROOT_LABEL: &str = "herd-appliance";
 /// Label of the per-node config disk `herd-setup` looks for.
 pub const CONFIG_LABEL: &str = "HERDCFG";
@@ -108,7 +109,9 @@ fn ensure_base(dir: &Path) -> Result<PathBuf> {
         return Ok(base);
     }
     let _ = fs::remove_dir_all(&base);
-    let pb = spinner("appliance: debootstrap bookworm minbase + kernel, sshd, targetcli (3-5 min)");
+    let pb = spinner(
+        "appliance: debootstrap bookworm minbase + kernel, sshd, targetcli, open-iscsi (3-5 min)",
+    );
     run(Command::new("debootstrap")
         .args([
             "--variant=minbase",

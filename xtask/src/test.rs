@@ -130,7 +130,10 @@ fn run_checks(opts: &Options, wanted: &dyn Fn(&str) -> bool) -> Result<()> {
             boot_profile_smoke,
         ));
         smokes.push(("appliance_boots_as_root_node_lio_to_nbd", appliance_smoke));
-        smokes.push(("testbed_cycle_lio_herd_kernel_nbd_vm_boot", testbed_smoke));
+        smokes.push((
+            "testbed_cycle_lio_herd_kernel_nbd_iscsi_vm_boot",
+            testbed_smoke,
+        ));
     }
     for (name, smoke) in smokes {
         if wanted(name) {

@@ -40,6 +40,8 @@ const POOL_DIR: &str = "/var/lib/libvirt/images";
 const BOX: &str = "herd-appliance";
 const NET: &str = "192.168.77";
 const NETWORKS: &[&str] = &["herd-testbed", "vagrant-libvirt"];
+/// Port of every node's herd iSCSI target: 3260 is LIO's on the root.
+const ISCSI_PORT: u16 = 3261;
 
 #[derive(clap::Subcommand, Debug, Clone, Copy)]
 pub enum Action {
@@ -394,7 +396,7 @@ fn up(o: &Options) -> Result<()> {
                  cache_dir = \"/var/cache/herd\"\nmetrics = \"0.0.0.0:9100\"\nparent_timeout = 300\n",
                 nodes[p].ip
             ),
-        };
+        } + &format!("listen_iscsi = [\"0.0.0.0:{ISCSI_PORT}\"]\n");
         config_disk(
             &Path::new(POOL_DIR).join(format!("herd-cfg-{}.img", n.name)),
             &NodeConfig {
@@ -443,6 +445,23 @@ pub struct Report {
     pub vm_boot_secs: f64,
     pub lio_sha256_matches: bool,
     pub kernel_nbd_file: String,
+    /// What the host node's kernel initiator (open-iscsi) read from its
+    /// parent's herd iSCSI target.
+    pub kernel_iscsi: KernelIscsi,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct KernelIscsi {
+    pub node: String,
+    pub target: String,
+    pub iqn: String,
+    /// /etc/hostname of the mounted file system.
+    pub file: String,
+    /// The kernel's read-only flag of the SCSI disk (MODE SENSE's WP bit).
+    pub read_only: bool,
+    pub size_bytes: u64,
+    /// SCSI commands the parent's target answered during the check.
+    pub target_commands: u64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -461,6 +480,10 @@ impl std::fmt::Display for Report {
             self.vm_boot_secs,
             if self.lio_sha256_matches { "matches" } else { "DIFFERS" },
             self.kernel_nbd_file)?;
+        let k = &self.kernel_iscsi;
+        writeln!(f, "testbed: {}'s kernel initiator logged in to {} ({}), {} MiB {}, read /etc/hostname = {:?}; the target answered {} SCSI commands",
+            k.node, k.target, k.iqn, k.size_bytes >> 20,
+            if k.read_only { "read-only" } else { "WRITABLE" }, k.file, k.target_commands)?;
         for n in &self.nodes {
             writeln!(
                 f,
@@ -576,17 +599,91 @@ fn check(o: &Options) -> Result<Report> {
         lio_sha256_matches,
         "golden {want}, LIO disk {lio}, through herd {via_herd}"
     );
+    // 4. A host node's kernel initiator attaches its parent's herd target.
+    let parent = &nodes[leaf.parent.unwrap_or(0)];
+    let kernel_iscsi = kernel_iscsi(leaf, parent).context("open-iscsi on the host node")?;
     let r = Report {
-        version: 1,
+        version: 2,
         nodes: metrics,
         vm_boot_secs,
         lio_sha256_matches,
         kernel_nbd_file,
+        kernel_iscsi,
     };
     fs::write(
         results.join("testbed.json"),
         serde_json::to_string_pretty(&r)?,
     )?;
+    Ok(r)
+}
+
+/// open-iscsi on `node` discovers `parent`'s herd target, logs in, mounts
+/// the LUN read-only and reads a known file; then logs out and forgets the
+/// node record, also when a step failed.
+fn kernel_iscsi(node: &Node, parent: &Node) -> Result<KernelIscsi> {
+    let portal = format!("{}:{ISCSI_PORT}", parent.ip);
+    let commands = |what: &str| -> Result<u64> {
+        let prom = output(
+            Command::new("curl").args(["-sf", &format!("http://{}:9100/metrics", parent.ip)]),
+        )
+        .with_context(|| format!("metrics of {} {what}", parent.name))?;
+        crate::util::prom_require(&prom, "herd_iscsi_target_commands_total")
+    };
+    let before = commands("before the login")?;
+    let out = ssh(
+        &node.ip,
+        &format!(
+            r#"set -u
+modprobe iscsi_tcp || exit 1
+iqn=$(iscsiadm -m discovery -t sendtargets -p {portal} | awk '{{print $2; exit}}')
+[ -n "$iqn" ] || {{ echo "discovery at {portal} found no target" >&2; exit 1; }}
+echo "iqn=$iqn"
+cleanup() {{
+    umount /mnt 2>/dev/null
+    iscsiadm -m node -T "$iqn" -p {portal} --logout >/dev/null 2>&1
+    iscsiadm -m node -T "$iqn" -p {portal} -o delete >/dev/null 2>&1
+}}
+trap cleanup EXIT
+iscsiadm -m node -T "$iqn" -p {portal} --login >/dev/null || exit 1
+dev=""
+for i in $(seq 1 100); do
+    dev=$(iscsiadm -m session -P 3 | awk '/Attached scsi disk/ {{print $4; exit}}')
+    [ -n "$dev" ] && [ -b "/dev/$dev" ] && break
+    sleep 0.2
+done
+[ -n "$dev" ] && [ -b "/dev/$dev" ] || {{ echo "no SCSI disk attached after the login" >&2; exit 1; }}
+echo "ro=$(cat /sys/block/$dev/ro)"
+echo "size=$(blockdev --getsize64 /dev/$dev)"
+mount -o ro "/dev/$dev" /mnt || exit 1
+echo "file=$(cat /mnt/etc/hostname)"
+"#
+        ),
+    )?;
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_owned)
+            .with_context(|| {
+                format!(
+                    "no {k}= in the initiator's output:
+{out}"
+                )
+            })
+    };
+    let r = KernelIscsi {
+        node: node.name.clone(),
+        target: portal,
+        iqn: field("iqn")?,
+        file: field("file")?,
+        read_only: field("ro")? == "1",
+        size_bytes: field("size")?.parse()?,
+        target_commands: commands("after the check")?.saturating_sub(before),
+    };
+    let want = fs::metadata(golden()?)?.len();
+    anyhow::ensure!(
+        r.file == "herd-demo" && r.read_only && r.size_bytes == want && r.target_commands > 0,
+        "kernel initiator: {r:?} (want herd-demo, read-only, {want} bytes, commands counted)"
+    );
     Ok(r)
 }
 
