@@ -139,6 +139,73 @@ fn a_client_that_stops_reading_stalls_only_itself() {
     assert!((sink.len() as u64) < 2000 * len, "not every reply was sent");
 }
 
+/// --write-timeout is about a client that stops reading, not a slow one:
+/// a client that keeps reading, slower than herd can reply, keeps its
+/// connection for longer than the timeout (it once lost it when the
+/// deadline covered a whole batch of queued replies).
+#[test]
+fn a_slow_client_that_keeps_reading_is_not_cut() {
+    let dir = scratch("limits-slow");
+    let img = dir.join("img");
+    let data = random_image(&img, 32 * MIB as usize);
+    let herd = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--connection-buffer", "1MiB", "--write-timeout", "1"],
+    );
+    let warm = dir.join("warm");
+    common::nbdcopy(&herd.url(), &warm);
+    // 1000 reads of 60 KiB (59 MiB), read back at ~15 MiB/s: ~4 s.
+    let mut c = RawClient::connect(herd.port, "herd");
+    let len = 60 * KIB;
+    let n = 1000u64;
+    let offset = |i: u64| (i * len) % (32 * MIB - len);
+    let mut reqs = Vec::new();
+    for i in 0..n {
+        proto::encode_request(
+            &proto::Request {
+                flags: 0,
+                command: proto::CMD_READ,
+                handle: i,
+                offset: offset(i),
+                length: u32::try_from(len).expect("len"),
+            },
+            &mut reqs,
+        );
+    }
+    c.s.write_all(&reqs).expect("send requests");
+    c.s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let t = Instant::now();
+    let mut seen = vec![false; n as usize];
+    let mut buf = vec![0u8; len as usize];
+    for got in 0..n {
+        let mut hdr = [0u8; 16];
+        c.s.read_exact(&mut hdr)
+            .unwrap_or_else(|e| panic!("reply {got} of {n}: {e}"));
+        assert_eq!(&hdr[..4], &[0x67, 0x44, 0x66, 0x98], "simple reply magic");
+        assert_eq!(&hdr[4..8], &[0; 4], "reply error");
+        let h = u64::from_be_bytes(hdr[8..16].try_into().expect("8 bytes"));
+        c.s.read_exact(&mut buf).expect("reply data");
+        let o = offset(h) as usize;
+        assert_eq!(&buf[..], &data[o..o + len as usize], "reply {h}");
+        seen[h as usize] = true;
+        // Pace the reading at ~15 MiB/s.
+        let due = Duration::from_secs_f64((got + 1) as f64 * len as f64 / (15.0 * MIB as f64));
+        if let Some(wait) = due.checked_sub(t.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    assert!(seen.iter().all(|s| *s));
+    assert!(
+        t.elapsed() > Duration::from_secs(2),
+        "the client read for {:?}, not longer than --write-timeout",
+        t.elapsed()
+    );
+    assert_eq!(herd.log_lines("stopped reading its replies"), 0);
+}
+
 #[test]
 fn idle_connections_are_closed_after_the_timeout() {
     let dir = scratch("limits-idle");
