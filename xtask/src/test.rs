@@ -401,12 +401,50 @@ fn appliance_smoke() -> Result<()> {
 }
 
 fn testbed_smoke() -> Result<()> {
+    let out = crate::util::work_dir("testbed-bench-quick");
+    let _ = std::fs::remove_dir_all(&out);
     let r = crate::vagrant::cycle(&crate::vagrant::Options {
         action: crate::vagrant::Action::Cycle,
         nodes: 3,
         fanout: 2,
+        bench: true,
+        storm: crate::vagrant::bench::Args::quick(out.clone()),
     })?;
     println!("{r}");
+    // The quick storm: every replayed byte checked, and each chunk of the
+    // working set left LIO once.
+    let text = std::fs::read_to_string(out.join("storm.json"))?;
+    let s: crate::vagrant::bench::TestbedStorm = serde_json::from_str(&text)?;
+    anyhow::ensure!(
+        s.storm.baselines.len() == 2,
+        "quick testbed storm: {} baselines",
+        s.storm.baselines.len()
+    );
+    for b in &s.storm.baselines {
+        anyhow::ensure!(
+            b.vms == s.storm.hosts * s.storm.vms_per_host
+                && b.boot_secs.len() == b.vms
+                && b.bytes_read > 0
+                && b.verified_bytes == b.bytes_read
+                && b.errors == 0
+                && b.mismatches == 0,
+            "testbed {}: {} VMs, {} bytes read, {} verified, {} errors, {} wrong",
+            b.name,
+            b.boot_secs.len(),
+            b.bytes_read,
+            b.verified_bytes,
+            b.errors,
+            b.mismatches
+        );
+        let lio = s.lio_bytes.get(&b.name).copied().unwrap_or(0);
+        let ws = s.storm.working_set_chunks_bytes;
+        anyhow::ensure!(
+            lio >= s.storm.working_set_bytes && lio as f64 <= ws as f64 * 1.05,
+            "testbed {}: the root read {lio} bytes from LIO; the working set is {} ({ws} in whole chunks)",
+            b.name,
+            s.storm.working_set_bytes
+        );
+    }
     Ok(())
 }
 

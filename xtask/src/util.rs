@@ -102,14 +102,22 @@ pub fn raw_overlay(out: &std::path::Path, backing: &str, size: u64) -> Result<()
 /// Runs `cmd` as root on a test VM over SSH with the test key (no host-key
 /// checks: the VMs are throwaway), returning its stdout.
 pub fn ssh_root(key: &std::path::Path, host: &str, port: u16, cmd: &str) -> Result<String> {
-    output(
-        Command::new("ssh")
-            .args(["-q", "-o", "StrictHostKeyChecking=no"])
-            .args(["-o", "UserKnownHostsFile=/dev/null"])
-            .args(["-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-i"])
-            .arg(key)
-            .args(["-p", &port.to_string(), &format!("root@{host}"), cmd]),
-    )
+    output(ssh_command(key, host, port, &[]).arg(cmd))
+}
+
+/// `ssh root@host` with the options every test VM needs (no host-key
+/// prompts, key only) and `extra` ones; the remote command is for the
+/// caller to add.
+pub fn ssh_command(key: &std::path::Path, host: &str, port: u16, extra: &[&str]) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-q", "-o", "StrictHostKeyChecking=no"])
+        .args(["-o", "UserKnownHostsFile=/dev/null"])
+        .args(["-o", "ConnectTimeout=10", "-o", "BatchMode=yes"])
+        .args(extra)
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), &format!("root@{host}")]);
+    c
 }
 
 /// One sample's value from Prometheus text, if present. Counters are

@@ -74,7 +74,7 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(
         s,
-        "Patterns: QD is the total queue depth (iodepth × fio jobs). Chart: `dataplane.svg`; raw numbers: `dataplane.json`; the iSCSI initiator benchmark: `iscsi.md`; the boot storm at fleet scale: `storm/README.md`. \
+        "Patterns: QD is the total queue depth (iodepth × fio jobs). Chart: `dataplane.svg`; raw numbers: `dataplane.json`; the iSCSI initiator and target benchmark: `iscsi.md`; the boot storm at fleet scale: `storm/README.md`, and on the Vagrant testbed beside the emulated fleet at the same size: `testbed/README.md`. \
          Where herd falls short of its targets, and why: `DESIGN.md`, Known limits.\n"
     );
     for (group, title) in [

@@ -1,10 +1,13 @@
-//! `cargo xtask vagrant box | up | check | down | cycle`: the multi-node
-//! testbed (vagrant-libvirt) built from the appliance image.
+//! `cargo xtask vagrant box | up | check | bench | report | down | cycle`:
+//! the multi-node testbed (vagrant-libvirt) built from the appliance image,
+//! and the boot storm on it (`bench.rs`).
 //!
 //! libvirt runs without an init system here, so `up` starts `virtlogd` and
 //! `libvirtd` itself (recipe in shared/MACHINE-NOTES.md) and `down` stops
 //! what it started, after removing every domain, network and volume the
 //! testbed created.
+
+pub mod bench;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -53,7 +56,14 @@ pub enum Action {
     Check,
     /// Destroy the testbed and everything it created.
     Down,
-    /// up, check, down (down also when up or check fail).
+    /// The boot storm on the running testbed (see `bench.rs`); results
+    /// go to results/testbed/.
+    Bench,
+    /// Write the bench's report again from results/testbed/storm.json,
+    /// beside the emulated fleet's run in results/testbed/emulated/.
+    Report,
+    /// up, check (and bench with --bench), down (down also when a step
+    /// fails).
     Cycle,
     /// `vagrant validate` (no daemon needed).
     Validate,
@@ -64,11 +74,16 @@ pub struct Options {
     #[command(subcommand)]
     pub action: Action,
     /// Nodes in the tree (root included).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, global = true, default_value_t = 3)]
     pub nodes: usize,
     /// Children per node.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, global = true, default_value_t = 2)]
     pub fanout: usize,
+    /// With cycle: run the storm bench between check and down.
+    #[arg(long, global = true)]
+    pub bench: bool,
+    #[command(flatten)]
+    pub storm: bench::Args,
 }
 
 /// A node of the tree, as the Vagrantfile names it.
@@ -146,6 +161,8 @@ pub fn run_action(o: &Options) -> Result<()> {
         Action::Up => up(o),
         Action::Check => check(o).map(|r| println!("{r}")),
         Action::Down => down(o),
+        Action::Bench => bench::run(o.nodes, o.fanout, &o.storm).map(drop),
+        Action::Report => bench::report(&o.storm),
         Action::Cycle => cycle(o).map(|r| println!("{r}")),
     }
 }
@@ -153,7 +170,12 @@ pub fn run_action(o: &Options) -> Result<()> {
 /// up, check, down — down also when up or check failed.
 pub fn cycle(o: &Options) -> Result<Report> {
     let t = Instant::now();
-    let res = up(o).and_then(|()| check(o));
+    let res = up(o).and_then(|()| check(o)).and_then(|mut r| {
+        if o.bench {
+            r.storm = Some(bench::run(o.nodes, o.fanout, &o.storm)?);
+        }
+        Ok(r)
+    });
     let d = down(o);
     let r = res?;
     d?;
@@ -172,6 +194,8 @@ pub fn validate() -> Result<()> {
         action: Action::Validate,
         nodes: 3,
         fanout: 2,
+        bench: false,
+        storm: bench::Args::quick(PathBuf::new()),
     };
     let out = output(
         vagrant(&o)
@@ -402,12 +426,16 @@ fn up(o: &Options) -> Result<()> {
             &NodeConfig {
                 role: n.role,
                 herd_toml,
-                lio_env: (n.role == "root").then(|| format!("GOLDEN_DEVICE=/dev/vdc\nIQN={IQN}\n")),
+                lio_env: (n.role == "root")
+                    .then(|| format!("GOLDEN_DEVICE=/dev/vdc\nSTORM_DEVICE=/dev/vdd\nIQN={IQN}\n")),
                 authorized_keys: Some(public.clone()),
             },
         )?;
     }
     fs::copy(golden()?, Path::new(POOL_DIR).join("herd-golden.img"))?;
+    // The storm bench's image, LIO's LUN 1 on the root.
+    let (storm_image, _) = bench::synthetic()?;
+    fs::copy(storm_image, Path::new(POOL_DIR).join("herd-storm.img"))?;
     virsh(&["pool-refresh", "default"])?;
     let t = Instant::now();
     step(&format!(
@@ -448,6 +476,9 @@ pub struct Report {
     /// What the host node's kernel initiator (open-iscsi) read from its
     /// parent's herd iSCSI target.
     pub kernel_iscsi: KernelIscsi,
+    /// The storm bench, when the cycle ran it (written to its own file).
+    #[serde(skip)]
+    pub storm: Option<bench::TestbedStorm>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -609,6 +640,7 @@ fn check(o: &Options) -> Result<Report> {
         lio_sha256_matches,
         kernel_nbd_file,
         kernel_iscsi,
+        storm: None,
     };
     fs::write(
         results.join("testbed.json"),

@@ -23,8 +23,8 @@
 //! all data local. Results: `results/storm/{storm.json,*.svg,README.md}`.
 
 pub mod fidelity;
-mod plot;
-mod report;
+pub(crate) mod plot;
+pub(crate) mod report;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -269,7 +269,7 @@ pub struct BaselineResult {
 }
 
 /// A parsed rate like "100mbit" in bytes per second.
-fn rate_bytes(s: &str) -> Result<f64> {
+pub(crate) fn rate_bytes(s: &str) -> Result<f64> {
     let s = s.trim().to_ascii_lowercase();
     let (num, mul) = [
         ("gbit", 1e9 / 8.0),
@@ -290,7 +290,7 @@ fn rate_bytes(s: &str) -> Result<f64> {
     Ok(v * mul)
 }
 
-fn parse_size(s: &str) -> Result<u64> {
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, mul) = [
         ("KiB", 1u64 << 10),
@@ -455,29 +455,7 @@ fn run_in(
     link_bps: f64,
     chunk: u64,
 ) -> Result<Results> {
-    // The synthetic image and the trace rebased onto it are kept across runs.
-    let images = work_dir("storm-images");
-    std::fs::create_dir_all(&images)?;
-    // Keyed by the trace's content: a re-recorded trace gets its own.
-    let digest = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(std::fs::read(trace)?);
-        d.iter()
-            .take(6)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let stem = format!(
-        "{}-{digest}-x{}-s{}",
-        trace
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("trace"),
-        opts.image_scale,
-        opts.seed
-    );
-    let mut image = images.join(format!("{stem}.img"));
-    let mut profile = images.join(format!("{stem}.profile"));
+    let (mut image, mut profile) = synthetic(herd, trace, opts.image_scale, opts.seed)?;
     let mut verify = ["--verify-seed".to_owned(), opts.seed.to_string()];
     let mut disk = None;
     if opts.real_vms > 0 {
@@ -498,17 +476,6 @@ fn run_in(
         .context("real VMs boot the Debian image: the trace must be of its size")?;
         verify = ["--verify-image".to_owned(), image.display().to_string()];
         disk = Some(d);
-    } else if !(image.exists() && profile.exists()) {
-        step(&format!("writing the synthetic image {}", image.display()));
-        run(Command::new(herd)
-            .args(["replay", "image", "--trace"])
-            .arg(trace)
-            .args(["--seed", &opts.seed.to_string()])
-            .args(["--image-scale", &opts.image_scale.to_string()])
-            .arg("--out")
-            .arg(&image)
-            .arg("--profile-out")
-            .arg(&profile))?;
     }
     let env = Env {
         herd: herd.to_owned(),
@@ -606,6 +573,49 @@ fn run_in(
     })
 }
 
+/// The seeded synthetic image of the trace's size × `scale` and the trace
+/// rebased onto it, written once and kept across runs (keyed by the
+/// trace's content, so a re-recorded trace gets its own).
+pub(crate) fn synthetic(
+    herd: &Path,
+    trace: &Path,
+    scale: u64,
+    seed: u64,
+) -> Result<(PathBuf, PathBuf)> {
+    let images = work_dir("storm-images");
+    std::fs::create_dir_all(&images)?;
+    let digest = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(std::fs::read(trace)?);
+        d.iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let stem = format!(
+        "{}-{digest}-x{scale}-s{seed}",
+        trace
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("trace"),
+    );
+    let image = images.join(format!("{stem}.img"));
+    let profile = images.join(format!("{stem}.profile"));
+    if !(image.exists() && profile.exists()) {
+        step(&format!("writing the synthetic image {}", image.display()));
+        run(Command::new(herd)
+            .args(["replay", "image", "--trace"])
+            .arg(trace)
+            .args(["--seed", &seed.to_string()])
+            .args(["--image-scale", &scale.to_string()])
+            .arg("--out")
+            .arg(&image)
+            .arg("--profile-out")
+            .arg(&profile))?;
+    }
+    Ok((image, profile))
+}
+
 /// A profile's extents (offset, length, first access µs), read straight
 /// from the v1 format (DESIGN.md): 24-byte records after the header.
 pub fn profile_extents(profile: &Path) -> Result<Vec<(u64, u64, u64)>> {
@@ -624,7 +634,7 @@ pub fn profile_extents(profile: &Path) -> Result<Vec<(u64, u64, u64)>> {
 }
 
 /// Bytes of the chunks the trace touches.
-fn chunk_bytes(profile: &Path, chunk: u64) -> Result<u64> {
+pub(crate) fn chunk_bytes(profile: &Path, chunk: u64) -> Result<u64> {
     let mut chunks = std::collections::BTreeSet::new();
     for (off, len, _) in profile_extents(profile)? {
         if len > 0 {
