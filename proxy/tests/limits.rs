@@ -109,9 +109,10 @@ fn a_client_that_stops_reading_stalls_only_itself() {
         (MIB - len) as f64,
         Duration::from_secs(10),
     );
-    let held = herd.metric("herd_reply_buffer_bytes");
-    assert!(held >= (MIB - len) as f64, "the stuck client holds {held}");
-    assert!(held <= MIB as f64, "the stuck client holds {held} > 1 MiB");
+    // What it holds moves (the kernel's send buffer grows under autotuning
+    // and takes a little more), but never past its budget.
+    let peak = herd.metric("herd_reply_buffer_bytes_peak");
+    assert!(peak <= MIB as f64, "the stuck client held {peak} > 1 MiB");
 
     // Another client is served in full meanwhile.
     let out = dir.join("other");
