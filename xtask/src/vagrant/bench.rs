@@ -217,14 +217,7 @@ impl Guest {
 
     /// (busy, total) CPU ticks of the guest.
     fn cpu(&self) -> Result<(u64, u64)> {
-        let line = self.sh("head -1 /proc/stat")?;
-        let v: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        let total: u64 = v.iter().sum();
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        let (total, idle) = storm::cpu_ticks(&self.sh("head -1 /proc/stat")?);
         Ok((total - idle, total))
     }
 
@@ -590,15 +583,7 @@ fn baseline(
              setsid sh {DIR}/storm.sh > {DIR}/replay.json 2> {DIR}/replay.log < /dev/null & echo started"
         ))?;
     }
-    let total = hosts * a.vms;
-    let pb = indicatif::ProgressBar::new(total as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>15} [{elapsed_precise}] {bar:25} {pos}/{len} VMs booted",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_prefix(b.name());
+    let pb = storm::boot_progress(hosts * a.vms, b);
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let mut done = vec![false; hosts];
     while done.iter().any(|d| !d) {
@@ -713,11 +698,7 @@ fn baseline(
     // bound's second term), measured in the same guest.
     let local_secs = if b == Baseline::FullCopy {
         let s = hs[0].sh(&replay_cmd(a, &format!("{DIR}/copy.img"), None))?;
-        let sum = s
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find_map(|v| v.get("summary").cloned())
-            .context("the local replay printed no summary")?;
+        let sum = storm::summary_in(&s).context("the local replay printed no summary")?;
         anyhow::ensure!(
             sum["verified_bytes"].as_u64() == sum["bytes"].as_u64(),
             "the local replay did not verify every byte: {sum}"

@@ -686,10 +686,14 @@ pub fn replay_summary(cmd: &mut Command, what: &str) -> Result<serde_json::Value
         "{what} failed: {}\n{text}",
         String::from_utf8_lossy(&out.stderr)
     );
+    summary_in(&text).with_context(|| format!("{what} printed no summary"))
+}
+
+/// The summary line of `herd replay run --json` output.
+pub(crate) fn summary_in(text: &str) -> Option<serde_json::Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find_map(|v| v.get("summary").cloned())
-        .with_context(|| format!("{what} printed no summary"))
 }
 
 fn local_replay(env: &Env, opts: &Options) -> Result<Local> {
@@ -770,15 +774,32 @@ pub(crate) fn metrics_of(i: usize) -> Result<String> {
 fn cpu_sample() -> Result<(u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat")?;
     let line = s.lines().next().context("/proc/stat is empty")?;
+    Ok(cpu_ticks(line))
+}
+
+/// (total, idle + iowait) ticks of /proc/stat's `cpu` line.
+pub(crate) fn cpu_ticks(line: &str) -> (u64, u64) {
     let v: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
     let total: u64 = v.iter().sum();
-    // idle + iowait
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Ok((total, idle))
+    (total, idle)
+}
+
+/// The storm's progress bar: VMs booted of `total`, for baseline `b`.
+pub(crate) fn boot_progress(total: usize, b: Baseline) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>15} [{elapsed_precise}] {bar:25} {pos}/{len} VMs booted  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_prefix(b.name());
+    pb
 }
 
 fn clock_ticks() -> f64 {
@@ -1014,14 +1035,7 @@ fn run_baseline(
     let mut real_boots = Vec::new();
 
     let total_vms = hosts * opts.vms;
-    let pb = indicatif::ProgressBar::new(total_vms as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix:>15} [{elapsed_precise}] {bar:25} {pos}/{len} VMs booted  {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    pb.set_prefix(b.name());
+    let pb = boot_progress(total_vms, b);
     let mut reps: Vec<(usize, u64, serde_json::Value)> = Vec::new();
     let mut exited = 0;
     let mut cpu_samples = Vec::new();
