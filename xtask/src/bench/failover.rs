@@ -264,8 +264,12 @@ fn one_round(fleet: &mut Fleet, env: &Env, fault: Fault) -> Result<Round> {
         ]))?,
         Fault::Errors => std::fs::write(&trigger, b"")?,
         Fault::RootRestart => {
-            let root_pid = fleet.pid_of(0).context("root not running")?;
-            signal_pid(root_pid, libc::SIGKILL);
+            fleet.pid_of(0).context("root not running")?;
+            // Killed and reaped, as a supervisor restarts it: a process
+            // still exiting holds the cache's lock and the port, and the
+            // new root would exit at once (a loaded CI run saw it: every
+            // read in flight failed after the 30 s parent timeout).
+            fleet.kill_host(0);
             root_proc = Some(
                 fleet
                     .spawn(
