@@ -58,6 +58,9 @@ pub const DEFAULT_READ_AHEAD: u64 = 256 << 10;
 /// Seconds to wait for a parent at startup: proxies of a tree start in any
 /// order, so a child outlives a parent that comes up a little later.
 pub const DEFAULT_PARENT_TIMEOUT: u64 = 30;
+/// `--spin-us` above this is refused: past a few hundred microseconds a
+/// vCPU's wake-up is no longer what a spin saves.
+pub const MAX_SPIN_US: u64 = 1000;
 
 /// One upstream or an ordered list of them.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -139,6 +142,7 @@ pub struct FileConfig {
     pub iscsi_target_mutual_chap: Option<PathBuf>,
     pub idle_timeout: Option<u64>,
     pub write_timeout: Option<u64>,
+    pub spin_us: Option<u64>,
 }
 
 /// Validated settings.
@@ -188,6 +192,9 @@ pub struct ServeConfig {
     /// `--cache-size`: bytes the cache's data file may hold (None: the
     /// whole image).
     pub cache_size: Option<u64>,
+    /// `--spin-us`: how long an NBD connection that sends back to back is
+    /// polled for its next request before its task sleeps (zero: never).
+    pub spin: std::time::Duration,
     /// herd's own iSCSI target (`--listen-iscsi`).
     pub iscsi_target: IscsiTargetSettings,
 }
@@ -370,6 +377,7 @@ impl FileConfig {
                 .or(self.iscsi_target_mutual_chap),
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             write_timeout: other.write_timeout.or(self.write_timeout),
+            spin_us: other.spin_us.or(self.spin_us),
         }
     }
 
@@ -619,12 +627,24 @@ impl FileConfig {
                 Some(bytes)
             }
         };
+        let spin =
+            match self.spin_us {
+                None => crate::export::nbd::spin::DEFAULT_WINDOW,
+                Some(us) if us > MAX_SPIN_US => return Err(inv(
+                    "spin_us",
+                    format!(
+                        "{us} is more than {MAX_SPIN_US}: a spin that long costs a CPU for little"
+                    ),
+                )),
+                Some(us) => std::time::Duration::from_micros(us),
+            };
         Ok(ServeConfig {
             tls,
             allow,
             limits,
             fetch_buffer,
             cache_size,
+            spin,
             iscsi_target: IscsiTargetSettings {
                 listen: self.listen_iscsi.unwrap_or_default(),
                 iqn: self.iscsi_target_iqn,
@@ -800,6 +820,24 @@ mod tests {
         .validate()
         .expect_err("empty prefix");
         assert!(e.to_string().contains("fleet"), "{e}");
+    }
+
+    #[test]
+    fn spin_defaults_on_and_a_long_one_is_refused() {
+        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+        let spin = |extra: &str| {
+            FileConfig::parse(&format!("{base}{extra}"))
+                .expect("parse")
+                .validate()
+                .map(|c| c.spin)
+        };
+        assert_eq!(
+            spin("").ok(),
+            Some(crate::export::nbd::spin::DEFAULT_WINDOW)
+        );
+        assert_eq!(spin("spin_us = 0\n").ok(), Some(std::time::Duration::ZERO));
+        let e = spin("spin_us = 5000\n").expect_err("too long");
+        assert!(e.to_string().contains("spin_us"), "{e}");
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn register_at_zero() {
         "herd_iscsi_target_commands_total",
         "herd_iscsi_target_digest_errors_total",
         "herd_iscsi_target_rejects_total",
+        "herd_export_spin_microseconds_total",
     ] {
         counter!(name).increment(0);
     }
@@ -109,6 +110,9 @@ fn register_at_zero() {
     for reason in REFUSAL_REASONS {
         counter!("herd_nbd_connections_refused_total", "reason" => *reason).increment(0);
     }
+    for outcome in ["request", "idle"] {
+        counter!("herd_export_spins_total", "outcome" => outcome).increment(0);
+    }
     for (side, result) in [
         ("export", "ok"),
         ("export", "failed"),
@@ -140,6 +144,15 @@ fn describe() {
         "bytes of the side exports (herd-manifest, herd-profile) sent to NBD clients"
     );
     describe_counter!("herd_served_requests_total", "NBD requests answered");
+    describe_counter!(
+        "herd_export_spins_total",
+        "waits for a connection's next request that spun first, by how they ended (request: it came within --spin-us; idle: it did not)"
+    );
+    describe_counter!(
+        "herd_export_spin_microseconds_total",
+        Unit::Microseconds,
+        "time connection tasks spent spinning for a next request (CPU kept awake)"
+    );
     describe_counter!(
         "herd_upstream_read_bytes_total",
         Unit::Bytes,
@@ -337,6 +350,12 @@ pub fn served_side(bytes: u64) {
 }
 pub fn served_zero_copy(bytes: u64) {
     counter!("herd_served_zero_copy_bytes_total").increment(bytes);
+}
+pub fn export_spin(request: bool, spent: std::time::Duration) {
+    let outcome = if request { "request" } else { "idle" };
+    counter!("herd_export_spins_total", "outcome" => outcome).increment(1);
+    counter!("herd_export_spin_microseconds_total")
+        .increment(u64::try_from(spent.as_micros()).unwrap_or(u64::MAX));
 }
 pub fn request() {
     counter!("herd_served_requests_total").increment(1);

@@ -102,6 +102,46 @@ fn pipelined_reads_are_all_answered_correctly() {
     );
 }
 
+/// QD1 reads, every byte checked, then the spin counters (request, idle,
+/// microseconds).
+fn qd1_reads(spin_us: &str) -> (f64, f64, f64) {
+    let dir = scratch(&format!("spin-{spin_us}"));
+    let img = dir.join("golden.img");
+    let data = random_image(&img, 4 * MIB);
+    let h = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--spin-us", spin_us],
+    );
+    let mut c = RawClient::connect(h.port, "");
+    for i in 0..2000u64 {
+        let off = (i * 4096 * 37) % (4 * MIB as u64 - 4096);
+        c.send(proto::CMD_READ, i, off, 4096, &[]);
+        let (hd, err, got) = c.reply(|_| 4096);
+        assert_eq!((hd, err), (i, 0));
+        assert_eq!(got, data[off as usize..off as usize + 4096], "read {i}");
+    }
+    (
+        h.metric("herd_export_spins_total{outcome=\"request\"}"),
+        h.metric("herd_export_spins_total{outcome=\"idle\"}"),
+        h.metric("herd_export_spin_microseconds_total"),
+    )
+}
+
+#[test]
+fn a_client_reading_back_to_back_is_spun_for_and_spin_off_never_spins() {
+    // The widest window: a loaded test machine may take a while to run
+    // the client between a reply and its next request.
+    let (request, idle, us) = qd1_reads("1000");
+    assert!(
+        request > 0.0,
+        "no request arrived while spinning ({idle} idle spins)"
+    );
+    assert!(us > 0.0, "spin time not counted");
+    assert_eq!(qd1_reads("0"), (0.0, 0.0, 0.0), "--spin-us 0 still spun");
+}
+
 #[test]
 fn large_cached_reads_leave_zero_copy_in_order_and_intact() {
     let (_dir, data, h) = root("zerocopy", 8 * MIB);

@@ -195,6 +195,11 @@ pub struct ServeArgs {
     /// many seconds (default 60).
     #[arg(long)]
     write_timeout: Option<u64>,
+    /// Microseconds an NBD connection that sends requests back to back is
+    /// polled for its next one before its task sleeps (default 50; 0:
+    /// never). Wins QD1 latency on an idle machine for a little CPU.
+    #[arg(long)]
+    spin_us: Option<u64>,
 }
 
 impl ServeArgs {
@@ -261,6 +266,7 @@ impl ServeArgs {
             iscsi_target_mutual_chap: self.iscsi_target_mutual_chap,
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
+            spin_us: self.spin_us,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -683,6 +689,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         tls: tls_server,
         allow: cfg.allow.clone(),
         gate: nbd_export::limits::Gate::new(cfg.limits),
+        spin: cfg.spin,
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;

@@ -8,6 +8,7 @@
 
 mod handshake;
 pub mod limits;
+pub mod spin;
 mod transmission;
 mod zerocopy;
 
@@ -158,6 +159,9 @@ pub struct Access {
     pub allow: Vec<ipnet::IpNet>,
     /// Connection counts and reply budgets.
     pub gate: Arc<limits::Gate>,
+    /// `--spin-us`: how long a connection that sends back to back is
+    /// polled for its next request before its task sleeps (zero: never).
+    pub spin: std::time::Duration,
 }
 
 impl Access {

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::limits::Hold;
+use super::spin::Spin;
 use super::zerocopy::ZeroCopy;
 use super::{errno_for, Export};
 use crate::cache::Data;
@@ -127,6 +128,11 @@ pub async fn run(
     // 4 KiB request at QD1).
     let mut r = tokio::io::BufReader::with_capacity(READ_BUF, r);
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT * 2);
+    // TLS connections have no dup and are not spun for.
+    let mut spin = dup
+        .as_ref()
+        .and_then(|fd| fd.try_clone().ok())
+        .and_then(|fd| Spin::new(fd, access.spin));
     let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
         Ok(z) => Some(z),
         Err(e) => {
@@ -168,7 +174,16 @@ pub async fn run(
         }
         _ => None,
     };
+    // Requests read since the connection last waited for one.
+    let mut batch = 0u32;
     let result = loop {
+        if let Some(s) = spin.as_mut() {
+            if r.buffer().is_empty() {
+                s.wait(batch).await;
+                batch = 0;
+            }
+        }
+        batch = batch.saturating_add(1);
         let next = async {
             match limits.idle_timeout {
                 Some(t) => tokio::time::timeout(t, r.read_exact(&mut hdr))
