@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
-use crate::util::{free_port, median, output, root, run, step};
+use crate::util::{free_port, median, output, proc_cpu_secs, root, run, step};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -119,11 +119,18 @@ pub struct Cell {
     pub median: f64,
     pub min: f64,
     pub max: f64,
+    /// The server's CPU over each sample's fio run, in cores busy (user +
+    /// system time ÷ wall time, every process of the server).
+    #[serde(default)]
+    pub cpu: Vec<f64>,
 }
 
 impl Cell {
-    fn new(server: &Server, group: &str, pattern: &str, unit: &str, samples: &[f64]) -> Self {
+    fn new(server: &Server, group: &str, pattern: &str, unit: &str, runs: &[(f64, f64)]) -> Self {
+        let samples: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let samples = &samples[..];
         Self {
+            cpu: runs.iter().map(|r| r.1).collect(),
             server: server.name().into(),
             group: group.into(),
             pattern: pattern.into(),
@@ -274,6 +281,11 @@ pub fn pinned_pattern(placement: &str) -> String {
 }
 
 impl Running {
+    /// CPU seconds every process of the server has used so far.
+    fn cpu_secs(&self) -> f64 {
+        self.procs.iter().map(|p| proc_cpu_secs(p.id())).sum()
+    }
+
     /// Pins every thread of every process of the server to `cpu` (threads
     /// made later inherit it).
     fn pin(&self, cpu: usize) -> Result<()> {
@@ -553,12 +565,24 @@ struct Mode {
 
 /// Starts `s` afresh (relays so every job starts from a cold cache, the
 /// others for symmetry), runs one fio job on it and stops it.
-fn job(env: &Env, s: Server, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<f64> {
+/// Returns fio's figure and the server's CPU over the run (cores busy).
+fn job(
+    env: &Env,
+    s: Server,
+    p: &Pattern,
+    runtime: u64,
+    size_mib: u64,
+    mode: Mode,
+) -> Result<(f64, f64)> {
     let r = start(env, s).with_context(|| format!("starting {}", s.name()))?;
     if let Some((_, cpu)) = mode.pin {
         r.pin(cpu)?;
     }
-    fio(&r, p, runtime, size_mib, mode).with_context(|| format!("fio {} on {}", p.name, s.name()))
+    let (cpu0, t0) = (r.cpu_secs(), std::time::Instant::now());
+    let v = fio(&r, p, runtime, size_mib, mode)
+        .with_context(|| format!("fio {} on {}", p.name, s.name()))?;
+    let cores = (r.cpu_secs() - cpu0) / t0.elapsed().as_secs_f64().max(1e-3);
+    Ok((v, cores))
 }
 
 /// Runs one fio job and returns IOPS or MiB/s.
@@ -738,10 +762,11 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .chain(lineup("relay", &Server::RELAY))
         .chain(lineup("tls", &Server::TLS))
         .collect();
-    let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
+    let mut samples: Vec<Vec<Vec<(f64, f64)>>> =
+        vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let pin_runs = cores >= 2 && !opts.herd_only;
-    let mut pinned: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
+    let mut pinned: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
     let per_round = servers.len() * PATTERNS.len()
         + if pin_runs {
             hit.len() * PLACEMENTS.len()

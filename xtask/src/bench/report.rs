@@ -100,6 +100,7 @@ pub fn markdown(r: &Results) -> String {
     }
     tls_cost(&mut s, r);
     pinned(&mut s, r);
+    qd1_cpu(&mut s, r);
     let _ = writeln!(
         s,
         "## Fraction of the loopback TCP ceiling (MiB/s patterns)\n"
@@ -183,6 +184,57 @@ fn pinned(s: &mut String, r: &Results) {
             placement,
             &pinned_pattern(placement),
         );
+    }
+    s.push('\n');
+}
+
+/// What the servers' 4 KiB QD1 figures cost in CPU: herd spins for a
+/// client that sends back to back (`--spin-us`), so its gain is shown
+/// beside the cores it kept busy.
+fn qd1_cpu(s: &mut String, r: &Results) {
+    let names = servers(r, "hit");
+    let pattern = PATTERNS[0].name;
+    let rows: Vec<(String, String)> = std::iter::once(("unpinned".to_owned(), pattern.to_owned()))
+        .chain(
+            PLACEMENTS
+                .iter()
+                .map(|(p, _)| ((*p).to_owned(), pinned_pattern(p))),
+        )
+        .filter(|(_, pat)| {
+            names
+                .iter()
+                .any(|n| cell(r, n, pat).is_some_and(|c| !c.cpu.is_empty()))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## CPU for {pattern}: cores busy (IOPS per core-second)\n\n\
+         The server's user + system time over each fio run (warm-up included) ÷ its wall time, medians. \
+         herd polls a connection that sends back to back for up to 50 µs before it sleeps \
+         (`--spin-us`): IOPS bought with CPU show here.\n"
+    );
+    let _ = write!(s, "| placement |");
+    for n in &names {
+        let _ = write!(s, " {n} |");
+    }
+    s.push('\n');
+    let _ = writeln!(s, "|---|{}", "---|".repeat(names.len()));
+    for (label, pat) in rows {
+        let _ = write!(s, "| {label} |");
+        for n in &names {
+            match cell(r, n, &pat).filter(|c| !c.cpu.is_empty()) {
+                Some(c) => {
+                    let cores = crate::util::median(&c.cpu);
+                    let per = if cores > 0.0 { c.median / cores } else { 0.0 };
+                    let _ = write!(s, " {cores:.2} ({per:.0}) |");
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
     }
     s.push('\n');
 }

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
 use crate::fleet::{self, host_addr, Fleet};
-use crate::util::{http_get, prom_require, root, run, step, work_dir};
+use crate::util::{clock_ticks, http_get, proc_cpu_secs, prom_require, root, run, step, work_dir};
 
 /// Port of every herd's NBD listener and metrics endpoint inside its host.
 pub(crate) const NBD_PORT: u16 = 10809;
@@ -800,33 +800,6 @@ pub(crate) fn boot_progress(total: usize, b: Baseline) -> indicatif::ProgressBar
     );
     pb.set_prefix(b.name());
     pb
-}
-
-fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// CPU seconds (user + system) a running process has used; 0 once gone.
-fn proc_cpu_secs(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line.
-    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    f.iter().sum::<u64>() as f64 / clock_ticks()
 }
 
 /// Peak resident set of a process (VmHWM), in bytes.
