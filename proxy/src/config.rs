@@ -627,17 +627,18 @@ impl FileConfig {
                 Some(bytes)
             }
         };
-        let spin =
-            match self.spin_us {
-                None => crate::export::nbd::spin::DEFAULT_WINDOW,
-                Some(us) if us > MAX_SPIN_US => return Err(inv(
+        let spin = match self.spin_us {
+            None => crate::export::nbd::spin::DEFAULT_WINDOW,
+            Some(us) if us > MAX_SPIN_US => {
+                return Err(inv(
                     "spin_us",
                     format!(
                         "{us} is more than {MAX_SPIN_US}: a spin that long costs a CPU for little"
                     ),
-                )),
-                Some(us) => std::time::Duration::from_micros(us),
-            };
+                ))
+            }
+            Some(us) => std::time::Duration::from_micros(us),
+        };
         Ok(ServeConfig {
             tls,
             allow,

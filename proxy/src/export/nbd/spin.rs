@@ -22,6 +22,7 @@
 //! the window costs at most one window every 64 requests.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -49,8 +50,9 @@ const CYCLE_CAP: Duration = Duration::from_millis(2);
 
 /// One connection's spin state.
 pub struct Spin {
-    /// A dup of the client socket, only peeked at.
-    fd: OwnedFd,
+    /// The connection's dup of the client socket (shared with its
+    /// zero-copy sender), only peeked at.
+    fd: Arc<OwnedFd>,
     window: Duration,
     /// Waits left that sleep at once.
     skip: u32,
@@ -74,7 +76,7 @@ pub enum Outcome {
 
 impl Spin {
     /// `None` when `window` is zero (spinning off).
-    pub fn new(fd: OwnedFd, window: Duration) -> Option<Self> {
+    pub fn new(fd: Arc<OwnedFd>, window: Duration) -> Option<Self> {
         (!window.is_zero()).then_some(Self {
             fd,
             window,
@@ -229,7 +231,7 @@ mod tests {
 
     fn pair_with(window: Duration) -> (std::os::unix::net::UnixStream, Spin) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let fd = b.as_fd().try_clone_to_owned().unwrap();
+        let fd = Arc::new(b.as_fd().try_clone_to_owned().unwrap());
         // The spin only peeks: b stays open (dropped with the test) so
         // a's writes are not EPIPE.
         std::mem::forget(b);
@@ -239,7 +241,8 @@ mod tests {
     #[test]
     fn zero_window_is_off() {
         let (a, _) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(Spin::new(a.as_fd().try_clone_to_owned().unwrap(), Duration::ZERO).is_none());
+        let fd = Arc::new(a.as_fd().try_clone_to_owned().unwrap());
+        assert!(Spin::new(fd, Duration::ZERO).is_none());
     }
 
     #[tokio::test]

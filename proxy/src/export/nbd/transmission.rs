@@ -128,11 +128,10 @@ pub async fn run(
     // 4 KiB request at QD1).
     let mut r = tokio::io::BufReader::with_capacity(READ_BUF, r);
     let (tx, rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT * 2);
-    // TLS connections have no dup and are not spun for.
-    let mut spin = dup
-        .as_ref()
-        .and_then(|fd| fd.try_clone().ok())
-        .and_then(|fd| Spin::new(fd, access.spin));
+    // One dup serves the zero-copy sender and the spin (no fd more per
+    // connection); TLS connections have none and are not spun for.
+    let dup = dup.map(Arc::new);
+    let mut spin = dup.clone().and_then(|fd| Spin::new(fd, access.spin));
     let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
         Ok(z) => Some(z),
         Err(e) => {

@@ -12,12 +12,14 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 pub struct ZeroCopy {
-    sock: AsyncFd<OwnedFd>,
+    /// Shared with the connection's spin, which only peeks at it.
+    sock: AsyncFd<Arc<OwnedFd>>,
 }
 
 impl ZeroCopy {
@@ -25,9 +27,9 @@ impl ZeroCopy {
     ///
     /// # Errors
     /// The runtime could not register the descriptor.
-    pub fn new(sock: OwnedFd) -> io::Result<Self> {
-        // SAFETY: an OwnedFd is open and keeps its descriptor until the
-        // AsyncFd that owns it drops.
+    pub fn new(sock: Arc<OwnedFd>) -> io::Result<Self> {
+        // SAFETY: an OwnedFd is open and keeps its descriptor until its
+        // last Arc drops, and the AsyncFd holds one.
         let sock = unsafe { AsyncFd::register_with_interest(sock, Interest::WRITABLE) }
             .map_err(io::Error::from)?;
         Ok(Self { sock })
