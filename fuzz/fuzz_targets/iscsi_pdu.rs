@@ -1,8 +1,9 @@
 //! Everything an iSCSI target can send: BHS headers, login/text key data,
-//! sense data and SCSI parameter pages. Decoders must never panic.
+//! sense data and SCSI parameter pages, and the same bytes as a stream cut
+//! into pieces of a size the input picks. Decoders must never panic.
 #![no_main]
 
-use herd::iscsi::{pdu, scsi, text};
+use herd::iscsi::{pdu, scsi, stream, text};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,4 +26,22 @@ fuzz_target!(|data: &[u8]| {
     let _ = scsi::parse_block_limits(data);
     let _ = scsi::parse_report_luns(data);
     let _ = scsi::parse_lba_status(data);
+    let step = usize::from(data[0]) + 1;
+    for digests in [false, true] {
+        let mut p = stream::PduStream::new(digests, digests);
+        'feed: for piece in data[1..].chunks(step) {
+            let mut input = piece;
+            loop {
+                match p.next(&mut input) {
+                    Ok(Some(_)) => {}
+                    // Whatever it did not yield it keeps: input is used up.
+                    Ok(None) => {
+                        assert!(input.is_empty());
+                        break;
+                    }
+                    Err(_) => break 'feed,
+                }
+            }
+        }
+    }
 });

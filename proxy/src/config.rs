@@ -27,7 +27,7 @@
 //! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! iscsi_digests = false  # offer CRC32C header/data digests
-//! iscsi_socket = "epoll" # or "uring": what drives the session socket
+//! net_io = "epoll"       # or "uring": what drives the sockets to the parent
 //! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
 //! manifest = "/srv/golden.img.herd-manifest"  # root only: made by `herd manifest build`
 //! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
@@ -36,6 +36,7 @@
 //! prefetch_rate = "50MiB"   # optional cap, bytes per second
 //! ```
 
+use crate::io::ring_stream::NetIo;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -117,7 +118,7 @@ pub struct FileConfig {
     pub iscsi_initiator: Option<String>,
     pub iscsi_recovery: Option<u64>,
     pub iscsi_digests: Option<bool>,
-    pub iscsi_socket: Option<String>,
+    pub net_io: Option<String>,
     pub profile: Option<PathBuf>,
     pub manifest: Option<PathBuf>,
     pub record_profile: Option<PathBuf>,
@@ -195,6 +196,8 @@ pub struct ServeConfig {
     /// `--spin-us`: how long an NBD connection that sends back to back is
     /// polled for its next request before its task sleeps (zero: never).
     pub spin: std::time::Duration,
+    /// What drives the sockets to the parent.
+    pub net_io: NetIo,
     /// herd's own iSCSI target (`--listen-iscsi`).
     pub iscsi_target: IscsiTargetSettings,
 }
@@ -245,8 +248,6 @@ pub struct IscsiSettings {
     pub recovery: std::time::Duration,
     /// Offer CRC32C header and data digests.
     pub digests: bool,
-    /// Drive the session socket with io_uring instead of epoll.
-    pub uring_socket: bool,
 }
 
 pub const DEFAULT_INITIATOR: &str = "iqn.2026-11.dev.herd:initiator";
@@ -345,7 +346,7 @@ impl FileConfig {
             iscsi_initiator: other.iscsi_initiator.or(self.iscsi_initiator),
             iscsi_recovery: other.iscsi_recovery.or(self.iscsi_recovery),
             iscsi_digests: other.iscsi_digests.or(self.iscsi_digests),
-            iscsi_socket: other.iscsi_socket.or(self.iscsi_socket),
+            net_io: other.net_io.or(self.net_io),
             profile: other.profile.or(self.profile),
             manifest: other.manifest.or(self.manifest),
             record_profile: other.record_profile.or(self.record_profile),
@@ -639,7 +640,12 @@ impl FileConfig {
             }
             Some(us) => std::time::Duration::from_micros(us),
         };
+        let net_io = match self.net_io.as_deref() {
+            None => NetIo::default(),
+            Some(s) => s.parse().map_err(|e| inv("net_io", e))?,
+        };
         Ok(ServeConfig {
+            net_io,
             tls,
             allow,
             limits,
@@ -689,16 +695,6 @@ impl FileConfig {
                     .unwrap_or_else(|| DEFAULT_INITIATOR.to_owned()),
                 recovery: std::time::Duration::from_secs(self.iscsi_recovery.unwrap_or(30)),
                 digests: self.iscsi_digests.unwrap_or(false),
-                uring_socket: match self.iscsi_socket.as_deref() {
-                    None | Some("epoll") => false,
-                    Some("uring") => true,
-                    Some(other) => {
-                        return Err(inv(
-                            "iscsi_socket",
-                            format!("`{other}` is neither epoll nor uring"),
-                        ))
-                    }
-                },
             },
         })
     }
@@ -839,6 +835,21 @@ mod tests {
         assert_eq!(spin("spin_us = 0\n").ok(), Some(std::time::Duration::ZERO));
         let e = spin("spin_us = 5000\n").expect_err("too long");
         assert!(e.to_string().contains("spin_us"), "{e}");
+    }
+
+    #[test]
+    fn net_io_defaults_to_epoll_and_a_typo_is_refused() {
+        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+        let io = |extra: &str| {
+            FileConfig::parse(&format!("{base}{extra}"))
+                .expect("parse")
+                .validate()
+                .map(|c| c.net_io)
+        };
+        assert_eq!(io("").ok(), Some(NetIo::Epoll));
+        assert_eq!(io("net_io = \"uring\"\n").ok(), Some(NetIo::Uring));
+        let e = io("net_io = \"iouring\"\n").expect_err("typo");
+        assert!(e.to_string().contains("net_io"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{assert_same_file, have, nbdcopy, random_image, run, scratch, Herd, Peer};
+use common::{assert_same_file, have, nbdcopy, random_image, run, scrape_opt, scratch, Herd, Peer};
 
 const MIB: usize = 1 << 20;
 
@@ -18,7 +18,9 @@ fn three_level_chain_is_byte_identical() {
     let img = dir.join("golden.img");
     let data = random_image(&img, 256 * MIB);
     let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), &[]);
-    let mid = Herd::start(&dir, "mid", &root.url(), &[]);
+    // mid reads over rings, leaf over the tests' default (epoll, or rings
+    // when the xtask reruns these tests with HERD_TEST_NET_IO=uring).
+    let mid = Herd::start(&dir, "mid", &root.url(), &["--net-io", "uring"]);
     let leaf = Herd::start(&dir, "leaf", &mid.url(), &["--chunk-size", "256KiB"]);
 
     let out = dir.join("nbdcopy.raw");
@@ -43,6 +45,21 @@ fn three_level_chain_is_byte_identical() {
         leaf.metric_eventually("herd_cache_chunks_present", 1024.0),
         1024.0
     );
+    let streams = |h: &Herd, io: &str| {
+        scrape_opt(
+            h.metrics,
+            &format!("herd_net_streams_total{{link=\"nbd\",io=\"{io}\"}}"),
+        )
+    };
+    assert!(streams(&mid, "uring").unwrap_or(0.0) >= 1.0);
+    assert_eq!(streams(&mid, "epoll"), None);
+    let (io, other) = if common::net_io() == "uring" {
+        ("uring", "epoll")
+    } else {
+        ("epoll", "uring")
+    };
+    assert!(streams(&leaf, io).unwrap_or(0.0) >= 1.0);
+    assert_eq!(streams(&leaf, other), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

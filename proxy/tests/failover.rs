@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    build_manifest, free_port, have, random_image, scratch, wait_port, Herd, RawClient, HERD,
+    build_manifest, free_port, have, net_io, random_image, scrape_opt, scratch, wait_port, Herd,
+    RawClient, HERD,
 };
 
 const IMAGE: usize = 96 << 20;
@@ -156,6 +157,18 @@ fn kill_9_of_a_relay_under_load_costs_readers_nothing() {
     assert_eq!(active(&t.leaf, t.a.port), 0.0);
     assert_eq!(active(&t.leaf, t.b.port), 1.0);
     root_fetched_each_chunk_once(&t.root);
+    // The leaf's links to A and then B ran on the path asked for.
+    let (io, other) = if net_io() == "uring" {
+        ("uring", "epoll")
+    } else {
+        ("epoll", "uring")
+    };
+    assert!(t.leaf.metric(&streams(io)) >= 2.0);
+    assert_eq!(scrape_opt(t.leaf.metrics, &streams(other)), None);
+}
+
+fn streams(io: &str) -> String {
+    format!("herd_net_streams_total{{link=\"nbd\",io=\"{io}\"}}")
 }
 
 #[test]
@@ -241,13 +254,28 @@ fn a_parent_that_returns_errors_sends_reads_to_the_next() {
 
 #[test]
 fn a_root_restart_is_a_pause_not_an_error() {
-    let dir = scratch("failover-root-restart");
+    root_restart("failover-root-restart", "epoll");
+}
+
+#[test]
+fn a_root_restart_is_a_pause_on_rings_too() {
+    root_restart("failover-root-restart-uring", "uring");
+}
+
+fn root_restart(name: &str, net_io: &str) {
+    let dir = scratch(name);
     let img = dir.join("golden.img");
     let data = Arc::new(random_image(&img, IMAGE));
     let port = free_port();
     let up = img.display().to_string();
     let mut root = herd(&dir, "root", std::slice::from_ref(&up), port, &[]);
-    let leaf = herd(&dir, "leaf", &[nbd(port)], free_port(), &[]);
+    let leaf = herd(
+        &dir,
+        "leaf",
+        &[nbd(port)],
+        free_port(),
+        &["--net-io", net_io],
+    );
     let r = Readers::start(leaf.port, &data);
     r.wait_progress(16 << 20);
     root.kill9();
@@ -259,6 +287,14 @@ fn a_root_restart_is_a_pause_not_an_error() {
     // the rejoin window.
     leaf.wait_metric_at_least(&active_metric(port), 1.0, Duration::from_secs(20));
     assert_eq!(active(&leaf, port), 1.0);
+    // Before and after the restart, on the path asked for: a ring never
+    // falls back silently.
+    assert!(leaf.metric(&streams(net_io)) >= 2.0);
+    let other = if net_io == "uring" { "epoll" } else { "uring" };
+    assert_eq!(scrape_opt(leaf.metrics, &streams(other)), None);
+    if net_io == "uring" {
+        assert!(leaf.metric("herd_ring_completions_total{link=\"nbd\",op=\"recv\"}") > 0.0);
+    }
 }
 
 /// A fleet powers on at once: a child whose tree parent is still starting

@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scratch, sparse_image, Herd,
-    Tgtd,
+    assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scrape_opt, scratch,
+    sparse_image, Herd, Tgtd,
 };
 
 const MIB: usize = 1 << 20;
@@ -138,6 +138,33 @@ fn read_across_target_restart(
         "the read failed across the restart"
     );
     assert_same_file(&out, &data);
+    // Every session (the first and the one after the restart) ran on the
+    // path asked for (`--net-io`, else the tests' default), and a ring never
+    // falls back silently.
+    let (used, unused) = if herd_args.contains(&"uring")
+        || (!herd_args.contains(&"epoll") && common::net_io() == "uring")
+    {
+        ("uring", "epoll")
+    } else {
+        ("epoll", "uring")
+    };
+    let streams = |io: &str| {
+        scrape_opt(
+            h.metrics,
+            &format!("herd_net_streams_total{{link=\"iscsi\",io=\"{io}\"}}"),
+        )
+    };
+    assert!(streams(used).unwrap_or(0.0) >= 2.0, "{:?}", streams(used));
+    assert_eq!(streams(unused), None, "a session ran on {unused}");
+    let ring_recvs = scrape_opt(
+        h.metrics,
+        "herd_ring_completions_total{link=\"iscsi\",op=\"recv\"}",
+    );
+    if used == "uring" {
+        assert!(ring_recvs.unwrap_or(0.0) > 0.0, "{ring_recvs:?}");
+    } else {
+        assert_eq!(ring_recvs, None);
+    }
     let log = std::fs::read_to_string(&h.log).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     log
@@ -336,14 +363,14 @@ fn a_corrupted_pdu_fails_its_digest_and_the_read_is_reissued() {
 }
 
 #[test]
-fn io_uring_socket_mode_reads_byte_identical_across_a_restart() {
+fn a_session_on_its_own_ring_reads_byte_identical_across_a_restart() {
     if !have("tgtd") || !have("nbdcopy") {
         return;
     }
     read_across_target_restart(
         "iscsi-uring",
         64,
-        &["--iscsi-socket", "uring"],
+        &["--net-io", "uring"],
         4,
         Duration::from_millis(500),
     );

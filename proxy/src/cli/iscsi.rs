@@ -65,8 +65,7 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             isid: iscsi::isid(),
             digests: false,
         };
-        let mode = iscsi::SocketMode::Epoll;
-        let s = iscsi::connect(&portal, &spec, 0, &mode)
+        let s = iscsi::connect(&portal, &spec, 0, herd::io::ring_stream::NetIo::default())
             .await
             .with_context(|| format!("login to {target} failed"))?;
         println!(
@@ -82,7 +81,8 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             if lun.is_some_and(|want| want != l) {
                 continue;
             }
-            let s = iscsi::connect(&portal, &spec, l, &mode).await?;
+            let s =
+                iscsi::connect(&portal, &spec, l, herd::io::ring_stream::NetIo::default()).await?;
             let inq = cmd(&s, scsi::inquiry(None, 96), 96)
                 .await
                 .and_then(|d| scsi::parse_inquiry(&d));
@@ -167,9 +167,9 @@ pub struct BenchArgs {
     /// Offer CRC32C header and data digests.
     #[arg(long)]
     digests: bool,
-    /// Drive the session socket with io_uring instead of epoll.
-    #[arg(long)]
-    uring: bool,
+    /// What drives the session socket: epoll or uring (a ring it owns).
+    #[arg(long, default_value = "epoll")]
+    net_io: herd::io::ring_stream::NetIo,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -200,11 +200,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             initiator: herd::config::DEFAULT_INITIATOR.to_owned(),
             chap: None,
             recovery: std::time::Duration::from_secs(10),
-            socket: if a.uring {
-                iscsi::SocketMode::Uring(herd::io::Engine::start(256, false)?)
-            } else {
-                iscsi::SocketMode::Epoll
-            },
+            net_io: a.net_io,
             digests: a.digests,
         };
         let up = Arc::new(IscsiUpstream::connect(t).await?);

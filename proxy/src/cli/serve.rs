@@ -101,9 +101,10 @@ pub struct ServeArgs {
     /// Offer CRC32C header and data digests to the iSCSI target.
     #[arg(long)]
     iscsi_digests: bool,
-    /// What drives the iSCSI session socket: epoll (default) or uring.
+    /// What drives the sockets to the parent (iSCSI session, NBD
+    /// connections): epoll (default) or uring (a ring each owns).
     #[arg(long)]
-    iscsi_socket: Option<String>,
+    net_io: Option<String>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
     #[arg(long)]
     no_direct_io: bool,
@@ -237,7 +238,7 @@ impl ServeArgs {
             iscsi_initiator: self.iscsi_initiator,
             iscsi_recovery: None,
             iscsi_digests: self.iscsi_digests.then_some(true),
-            iscsi_socket: self.iscsi_socket,
+            net_io: self.net_io,
             profile: self.profile,
             manifest: self.manifest,
             record_profile: self.record_profile,
@@ -279,6 +280,7 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     let workers = args.workers;
     let cfg = args.into_config()?;
+    herd::io::ring_stream::configure(cfg.net_io);
     // One worker per core by default, plus the io_uring thread for file
     // I/O (DESIGN.md has the measurements behind this).
     let workers = workers
@@ -332,11 +334,7 @@ async fn open_anchor(
                 initiator: cfg.iscsi.initiator.clone(),
                 chap,
                 recovery: cfg.iscsi.recovery,
-                socket: if cfg.iscsi.uring_socket {
-                    herd::iscsi::SocketMode::Uring(engine.clone())
-                } else {
-                    herd::iscsi::SocketMode::Epoll
-                },
+                net_io: cfg.net_io,
                 digests: cfg.iscsi.digests,
             };
             let up = IscsiUpstream::connect(t).await.with_context(|| {

@@ -19,6 +19,7 @@ pub mod login;
 pub mod pdu;
 pub mod scsi;
 pub mod session;
+pub mod stream;
 pub mod target_pdu;
 pub mod text;
 
@@ -30,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use login::{Chap, LoginSpec};
-pub use session::{Session, SocketMode};
+pub use session::Session;
 
 /// Default iSCSI port.
 pub const ISCSI_PORT: u16 = 3260;
@@ -141,10 +142,10 @@ pub async fn connect(
     portal: &Portal,
     spec: &LoginSpec,
     lun: u16,
-    mode: &session::SocketMode,
+    io: crate::io::ring_stream::NetIo,
 ) -> Result<Arc<Session>, IscsiError> {
     let (s, params) = open(portal, spec).await?;
-    Ok(Session::start(s, params, lun, mode)?)
+    Ok(Session::start(s, params, lun, io)?)
 }
 
 /// A SendTargets result: target name and its portals.

@@ -8,9 +8,8 @@
 //!                                                              Async, Reject
 //! ```
 //!
-//! The socket is driven either by tokio (epoll; the default, measured
-//! faster) or by io_uring (the process's `io::Engine`: recv/send ops on a
-//! blocking socket); see `SocketMode`. Many commands are in flight at once;
+//! The socket is driven by a ring the session owns (`io::ring_stream`;
+//! the default) or by tokio's epoll reactor; see `SocketMode`. Many commands are in flight at once;
 //! each waits on a oneshot keyed by its Initiator Task Tag. When the connection drops, every pending command
 //! fails with `Fault::Lost` and the caller (the upstream) logs in again and
 //! reissues it.
@@ -19,7 +18,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,11 +25,12 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
-use crate::io::Engine;
+use crate::io::ring_stream::{self, Driven, NetIo, RingRx, RingTx};
 
 use super::login::Params;
 use super::pdu::{self, ScsiCmd, Sn, TargetPdu};
 use super::scsi::{self, Sense};
+use super::stream::{Event, PduStream, StreamError};
 use crate::io::IoBuf;
 
 /// Result of one SCSI command.
@@ -71,45 +70,87 @@ struct State {
     pending: HashMap<u32, Pending>,
 }
 
-/// What drives the session's socket after login.
-///
-/// Measured against one tgtd LUN (DESIGN.md): tokio/epoll gave 20.7k IOPS
-/// at 4 KiB QD1 and 1.9 GB/s at 64 KiB QD16; the io_uring engine thread
-/// 3.1k and 0.9 GB/s (two thread crossings per PDU). Epoll is the default.
-#[derive(Clone, Default)]
-pub enum SocketMode {
-    #[default]
-    Epoll,
-    Uring(Engine),
-}
-
 enum Tx {
     Epoll(OwnedWriteHalf),
-    Uring { sock: Arc<File>, engine: Engine },
+    Ring(RingTx),
 }
 
 enum Rx {
     Epoll(OwnedReadHalf),
-    Uring { sock: Arc<File>, engine: Engine },
+    Ring(RingRx),
 }
 
 impl Rx {
-    /// Appends whatever has arrived (at least one byte); false at EOF or
-    /// on error.
-    async fn fill(&mut self, acc: &mut Vec<u8>) -> bool {
+    /// Feeds whatever arrives next to `parser` and acts on what it yields;
+    /// false when the connection is over (EOF, error, bad PDU).
+    async fn pump(
+        &mut self,
+        scratch: &mut Vec<u8>,
+        parser: &mut PduStream,
+        session: &std::sync::Weak<Session>,
+    ) -> bool {
         match self {
             Self::Epoll(r) => {
                 // read_buf appends into spare capacity: no zero-filling.
-                acc.reserve(RECV_SIZE);
-                r.read_buf(acc).await.unwrap_or(0) > 0
+                scratch.clear();
+                scratch.reserve(RECV_SIZE);
+                if r.read_buf(scratch).await.unwrap_or(0) == 0 {
+                    return false;
+                }
+                consume(parser, scratch, session).await
             }
-            Self::Uring { sock, engine } => {
-                match engine.recv_some(sock, IoBuf::scratch(RECV_SIZE)).await {
-                    Ok(b) if !b.is_empty() => {
-                        acc.extend_from_slice(&b);
-                        true
+            Self::Ring(r) => match r.recv().await {
+                Ok(Some(chunk)) => consume(parser, &chunk, session).await,
+                _ => false,
+            },
+        }
+    }
+}
+
+/// Acts on every event `input` completes: Data-In payload is copied
+/// straight into its command's buffer.
+async fn consume(
+    parser: &mut PduStream,
+    mut input: &[u8],
+    session: &std::sync::Weak<Session>,
+) -> bool {
+    loop {
+        let event = match parser.next(&mut input) {
+            Ok(Some(e)) => e,
+            Ok(None) => return true,
+            Err(StreamError::Digest { header, data }) => {
+                // ERL 0: a digest error ends the connection; the commands
+                // are reissued on a new one.
+                tracing::warn!(
+                    header,
+                    data,
+                    "iSCSI digest mismatch; dropping the connection"
+                );
+                crate::metrics::iscsi_digest_error();
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "iSCSI target sent a bad PDU; dropping the connection");
+                return false;
+            }
+        };
+        let Some(s) = session.upgrade() else {
+            return false;
+        };
+        match event {
+            Event::Data { itt, offset, bytes } => {
+                let mut st = s.lock();
+                if let Some(p) = st.pending.get_mut(&itt) {
+                    let end = offset + bytes.len();
+                    if end <= p.buf.len() {
+                        p.buf[offset..end].copy_from_slice(bytes);
+                        p.received = p.received.max(end);
                     }
-                    _ => false,
+                }
+            }
+            Event::Pdu { pdu, payload } => {
+                if !handle(&s, pdu, &payload).await {
+                    return false;
                 }
             }
         }
@@ -154,30 +195,15 @@ impl Session {
         stream: TcpStream,
         params: Params,
         lun: u16,
-        mode: &SocketMode,
+        io: NetIo,
     ) -> std::io::Result<Arc<Self>> {
         let fd = stream.as_raw_fd();
-        let (tx, rx) = match mode {
-            SocketMode::Epoll => {
+        let (tx, rx) = match ring_stream::drive(stream.into_std()?, io, "iscsi")? {
+            Driven::Tokio(stream) => {
                 let (r, w) = stream.into_split();
                 (Tx::Epoll(w), Rx::Epoll(r))
             }
-            SocketMode::Uring(engine) => {
-                let std = stream.into_std()?;
-                // io_uring waits on a blocking socket without spinning on EAGAIN.
-                std.set_nonblocking(false)?;
-                let sock = Arc::new(File::from(std::os::fd::OwnedFd::from(std)));
-                (
-                    Tx::Uring {
-                        sock: Arc::clone(&sock),
-                        engine: engine.clone(),
-                    },
-                    Rx::Uring {
-                        sock,
-                        engine: engine.clone(),
-                    },
-                )
-            }
+            Driven::Ring(w, r) => (Tx::Ring(w), Rx::Ring(r)),
         };
         let s = Arc::new(Self {
             fd,
@@ -219,7 +245,7 @@ impl Session {
         pdu::add_digests(&mut pdu, self.params.header_digest, self.params.data_digest);
         match w {
             Tx::Epoll(w) => w.write_all(&pdu).await.is_ok(),
-            Tx::Uring { sock, engine } => engine.send(sock, IoBuf::from_slice(&pdu)).await.is_ok(),
+            Tx::Ring(w) => w.send(pdu).is_ok(),
         }
     }
 
@@ -422,64 +448,11 @@ async fn reader_loop(
     header_digest: bool,
     data_digest: bool,
 ) {
-    // Receive whatever has arrived (one receive may bring many PDUs) and
-    // parse every complete PDU in it.
-    let mut acc: Vec<u8> = Vec::with_capacity(RECV_SIZE);
-    let mut pos = 0usize;
-    'outer: loop {
-        loop {
-            let avail = &acc[pos..];
-            if avail.len() >= pdu::BHS_LEN {
-                let h = match pdu::decode(&avail[..pdu::BHS_LEN]) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "iSCSI target sent a malformed PDU; dropping the connection");
-                        break 'outer;
-                    }
-                };
-                if h.data_len > 16 << 20 {
-                    tracing::warn!(
-                        len = h.data_len,
-                        "iSCSI data segment too large; dropping the connection"
-                    );
-                    break 'outer;
-                }
-                let hd = if header_digest { 4 } else { 0 };
-                let dd = if data_digest && h.data_len > 0 { 4 } else { 0 };
-                let total = pdu::BHS_LEN + h.ahs_len + hd + pdu::padded(h.data_len) + dd;
-                if avail.len() >= total {
-                    let at = pdu::BHS_LEN + h.ahs_len + hd;
-                    let hdr_ok = hd == 0 || avail[at - 4..at] == pdu::digest(&avail[..at - 4]);
-                    let data_end = at + pdu::padded(h.data_len);
-                    let data_ok = dd == 0
-                        || avail[data_end..data_end + 4] == pdu::digest(&avail[at..data_end]);
-                    if !(hdr_ok && data_ok) {
-                        // ERL 0: a digest error ends the connection; the
-                        // commands are reissued on a new one.
-                        tracing::warn!(
-                            header = hdr_ok,
-                            data = data_ok,
-                            "iSCSI digest mismatch; dropping the connection"
-                        );
-                        crate::metrics::iscsi_digest_error();
-                        break 'outer;
-                    }
-                    let Some(s) = session.upgrade() else { return };
-                    if !handle(&s, h.pdu, &avail[at..at + h.data_len]).await {
-                        break 'outer;
-                    }
-                    pos += total;
-                    continue;
-                }
-            }
-            break;
-        }
-        acc.drain(..pos);
-        pos = 0;
-        if !rx.fill(&mut acc).await {
-            break;
-        }
-    }
+    // One receive may bring many PDUs, or part of one: the parser takes
+    // whatever arrives.
+    let mut parser = PduStream::new(header_digest, data_digest);
+    let mut scratch: Vec<u8> = Vec::new();
+    while rx.pump(&mut scratch, &mut parser, &session).await {}
     if let Some(s) = session.upgrade() {
         s.kill();
     }

@@ -28,7 +28,7 @@ pub struct IscsiTarget {
     /// How long reads wait for a lost target to come back.
     pub recovery: Duration,
     /// What drives the session's socket.
-    pub socket: crate::iscsi::SocketMode,
+    pub net_io: crate::io::ring_stream::NetIo,
     /// Offer CRC32C header and data digests.
     pub digests: bool,
 }
@@ -94,7 +94,7 @@ impl IscsiUpstream {
     /// Login failures (bad IQN, authentication, unreachable) or a LUN that
     /// cannot report its capacity.
     pub async fn connect(t: IscsiTarget) -> UpstreamResult<Self> {
-        let session = is::connect(&t.portal, &t.spec(), t.lun, &t.socket)
+        let session = is::connect(&t.portal, &t.spec(), t.lun, t.net_io)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
         let mut up = Self {
@@ -200,7 +200,7 @@ impl IscsiUpstream {
                 return Ok(Arc::clone(s));
             }
         }
-        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, &self.t.socket)
+        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, self.t.net_io)
             .await
             .map_err(|e| iscsi_err(&self.t, e))?;
         tracing::info!(target = %self.t.target, "iSCSI session (re)established");

@@ -21,6 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
 use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult, UpstreamUrl};
+use crate::io::ring_stream::{self, Driven, RingRx, RingTx};
 use crate::io::IoBuf;
 use crate::nbd::proto::{self, Info, InfoRequest, Request};
 use crate::net::BoxStream;
@@ -49,8 +50,14 @@ struct Pending {
     tx: oneshot::Sender<Result<IoBuf, Fault>>,
 }
 
+/// The send side of a parent connection.
+enum Writer {
+    Tokio(tokio::sync::Mutex<WriteHalf<BoxStream>>),
+    Ring(RingTx),
+}
+
 struct Conn {
-    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
+    writer: Writer,
     pending: Mutex<HashMap<u64, Pending>>,
     dead: AtomicBool,
     next_handle: AtomicU64,
@@ -106,11 +113,18 @@ impl Conn {
             },
             &mut req,
         );
-        {
-            let mut w = self.writer.lock().await;
-            if w.write_all(&req).await.is_err() || w.flush().await.is_err() {
-                drop(w);
-                self.kill();
+        match &self.writer {
+            Writer::Tokio(w) => {
+                let mut w = w.lock().await;
+                if w.write_all(&req).await.is_err() || w.flush().await.is_err() {
+                    drop(w);
+                    self.kill();
+                }
+            }
+            Writer::Ring(w) => {
+                if w.send(req).is_err() {
+                    self.kill();
+                }
             }
         }
         rx.await.unwrap_or(Err(Fault::Lost))
@@ -154,6 +168,90 @@ async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
     }
     if let Some(c) = conn.upgrade() {
         c.kill();
+    }
+}
+
+/// `reader_loop` for a connection on its own ring: replies are parsed as
+/// they stream in, each payload copied once, from the provided buffer it
+/// arrived in to the buffer the caller gets.
+async fn ring_reader_loop(conn: std::sync::Weak<Conn>, mut rx: RingRx) {
+    let mut hdr = [0u8; proto::SIMPLE_REPLY_LEN];
+    let mut have = 0usize;
+    // The reply whose payload is arriving: who waits, the buffer, bytes in.
+    let mut body: Option<(Pending, IoBuf, usize)> = None;
+    'outer: loop {
+        let Ok(Some(chunk)) = rx.recv().await else {
+            break;
+        };
+        let mut data: &[u8] = &chunk;
+        while !data.is_empty() {
+            if let Some((_, buf, got)) = body.as_mut() {
+                let n = (buf.len() - *got).min(data.len());
+                buf[*got..*got + n].copy_from_slice(&data[..n]);
+                *got += n;
+                data = &data[n..];
+                if *got == buf.len() {
+                    if let Some((p, buf, _)) = body.take() {
+                        let _ = p.tx.send(Ok(buf));
+                    }
+                }
+                continue;
+            }
+            let n = (hdr.len() - have).min(data.len());
+            hdr[have..have + n].copy_from_slice(&data[..n]);
+            have += n;
+            data = &data[n..];
+            if have < hdr.len() {
+                continue;
+            }
+            have = 0;
+            let Ok(proto::ReplyHeader::Simple { error, handle }) = proto::decode_reply_header(&hdr)
+            else {
+                tracing::warn!("parent sent a malformed reply header; dropping the connection");
+                break 'outer;
+            };
+            let Some(c) = conn.upgrade() else { return };
+            let pending = c.pending.lock().ok().and_then(|mut p| p.remove(&handle));
+            drop(c);
+            let Some(p) = pending else {
+                tracing::warn!(
+                    handle,
+                    "parent replied to an unknown handle; dropping the connection"
+                );
+                break 'outer;
+            };
+            if error != 0 {
+                let _ = p.tx.send(Err(Fault::Errno(error)));
+            } else if p.len == 0 {
+                let _ = p.tx.send(Ok(IoBuf::scratch(0)));
+            } else {
+                // Every byte is written by the copies above before it is
+                // handed out.
+                let buf = IoBuf::scratch(p.len);
+                body = Some((p, buf, 0));
+            }
+        }
+    }
+    if let Some((p, _, _)) = body {
+        let _ = p.tx.send(Err(Fault::Lost));
+    }
+    if let Some(c) = conn.upgrade() {
+        c.kill();
+    }
+}
+
+/// Moves a plain TCP parent connection onto a ring of its own when
+/// `net_io` asks for it; TLS and Unix-socket links stay on tokio.
+fn drive(s: BoxStream) -> std::io::Result<Result<(RingTx, RingRx), BoxStream>> {
+    if !s.as_any().is::<TcpStream>() {
+        return Ok(Err(s));
+    }
+    let Ok(tcp) = s.into_any().downcast::<TcpStream>() else {
+        return Err(std::io::Error::other("stream type changed under us"));
+    };
+    match ring_stream::drive(tcp.into_std()?, ring_stream::configured(), "nbd")? {
+        Driven::Ring(tx, rx) => Ok(Ok((tx, rx))),
+        Driven::Tokio(tcp) => Ok(Err(Box::new(tcp))),
     }
 }
 
@@ -467,14 +565,29 @@ impl NbdUpstream {
                 reason: "timed out".into(),
             })
         })?;
-        let (r, w) = tokio::io::split(s);
-        let conn = Arc::new_cyclic(|weak| Conn {
-            writer: tokio::sync::Mutex::new(w),
-            pending: Mutex::new(HashMap::new()),
-            dead: AtomicBool::new(false),
-            next_handle: AtomicU64::new(1),
-            reader: tokio::spawn(reader_loop(weak.clone(), r)),
-        });
+        let io = |source| UpstreamError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let conn = match drive(s).map_err(io)? {
+            Ok((tx, rx)) => Arc::new_cyclic(|weak| Conn {
+                writer: Writer::Ring(tx),
+                pending: Mutex::new(HashMap::new()),
+                dead: AtomicBool::new(false),
+                next_handle: AtomicU64::new(1),
+                reader: tokio::spawn(ring_reader_loop(weak.clone(), rx)),
+            }),
+            Err(s) => {
+                let (r, w) = tokio::io::split(s);
+                Arc::new_cyclic(|weak| Conn {
+                    writer: Writer::Tokio(tokio::sync::Mutex::new(w)),
+                    pending: Mutex::new(HashMap::new()),
+                    dead: AtomicBool::new(false),
+                    next_handle: AtomicU64::new(1),
+                    reader: tokio::spawn(reader_loop(weak.clone(), r)),
+                })
+            }
+        };
         Ok((conn, info))
     }
 

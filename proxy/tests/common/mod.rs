@@ -131,6 +131,13 @@ pub struct Herd {
     pub log: PathBuf,
 }
 
+/// The `--net-io` the tests' daemons run with unless a test picks one:
+/// `HERD_TEST_NET_IO` (`cargo xtask test` runs the end-to-end tests of the
+/// parent links again with `uring`), else herd's default, epoll.
+pub fn net_io() -> String {
+    std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "epoll".into())
+}
+
 impl Herd {
     /// Starts `herd serve` with `upstream` and waits until it listens; a
     /// daemon that lost its ports to another test is started again on
@@ -172,9 +179,15 @@ impl Herd {
         } else {
             &["--chunk-size", "1MiB"]
         };
+        let io = if extra.contains(&"--net-io") {
+            Vec::new()
+        } else {
+            vec!["--net-io".to_owned(), net_io()]
+        };
         let mut child = Command::new(HERD)
             .args(["serve", "--upstream", upstream])
             .args(chunk)
+            .args(io)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args([
                 "--cache-dir",

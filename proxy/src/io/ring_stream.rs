@@ -1,0 +1,764 @@
+//! A TCP stream driven by an io_uring ring of its own: the session that owns
+//! the stream owns the ring, so no thread is crossed to send or receive.
+//!
+//! ```text
+//!  callers ── send(bytes) ─▶ queue ─▶ one SendMsg in flight ──────────────▶ socket
+//!                             (what queued meanwhile goes out as one iovec batch)
+//!  owner task ◀─ ring fd readable (tokio's epoll) ◀─ CQEs ◀─ multishot recv into
+//!                                                           the provided-buffer ring
+//! ```
+//!
+//! The socket is non-blocking and registered with the ring, so a receive
+//! waits on the socket's own wakeup (no io-wq thread) and one armed
+//! multishot receive yields every segment that arrives, each into a buffer
+//! the kernel picks from a ring the owner refills. The ring's fd sits in
+//! tokio's reactor: the task that owns the session wakes when completions
+//! are posted and reaps them from shared memory, so a request costs one
+//! `io_uring_enter` to send and none to receive. Sends are ordered by
+//! keeping one in flight; whatever callers queue meanwhile is sent as one
+//! `sendmsg` when it completes. DESIGN.md ("Runtime model") has the
+//! measurements that chose this over tokio's epoll path and over the file
+//! engine's thread.
+
+use std::alloc::Layout;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+
+/// user_data of the multishot receive.
+const RECV: u64 = 1;
+/// user_data of the send in flight.
+const SEND: u64 = 2;
+/// user_data of the cancellation issued when the stream is dropped.
+const CANCEL: u64 = 3;
+/// The provided-buffer group (one per ring).
+const BGID: u16 = 0;
+/// Provided buffers: enough for a 1 MiB reply and more in flight.
+const BUFS: u16 = 64;
+const BUF_SIZE: usize = 64 * 1024;
+/// The most iovecs one sendmsg takes (UIO_MAXIOV).
+const MAX_IOV: usize = 1024;
+/// How long a dropped stream waits for the kernel to let go of its buffers.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Ring counters, as `herd_ring_*` metrics labelled with the link.
+fn count(link: &'static str, op: &'static str, n: u64) {
+    metrics::counter!("herd_ring_completions_total", "link" => link, "op" => op).increment(n);
+}
+
+/// What drives a network stream: `net_io` in the configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetIo {
+    /// A ring the stream owns (this module); falls back to epoll where
+    /// io_uring is unavailable.
+    Uring,
+    /// tokio's reactor: the default, measured faster here (DESIGN.md).
+    #[default]
+    Epoll,
+}
+
+impl std::str::FromStr for NetIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uring" => Ok(Self::Uring),
+            "epoll" => Ok(Self::Epoll),
+            other => Err(format!("`{other}` is neither uring nor epoll")),
+        }
+    }
+}
+
+static CONFIGURED: std::sync::OnceLock<NetIo> = std::sync::OnceLock::new();
+
+/// Sets the process's `net_io` (once, at start) for links opened deep in
+/// the upstream code (NBD parent connections).
+pub fn configure(io: NetIo) {
+    let _ = CONFIGURED.set(io);
+}
+
+/// The process's `net_io`: epoll unless configured otherwise.
+#[must_use]
+pub fn configured() -> NetIo {
+    CONFIGURED.get().copied().unwrap_or_default()
+}
+
+/// A TCP stream on the path `NetIo` chose.
+pub enum Driven {
+    Ring(RingTx, RingRx),
+    /// Epoll: asked for, or io_uring failed (logged once per process).
+    Tokio(tokio::net::TcpStream),
+}
+
+/// Puts a connected stream on the path `io` asks for, falling back to
+/// epoll (logged once) when a ring cannot be set up, and counts it in
+/// `herd_net_streams_total{link,io}`.
+///
+/// # Errors
+/// When the socket cannot be handed to tokio either.
+pub fn drive(sock: std::net::TcpStream, io: NetIo, link: &'static str) -> io::Result<Driven> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let sock = match io {
+        NetIo::Epoll => sock,
+        NetIo::Uring => match split(sock, link) {
+            Ok((tx, rx)) => {
+                metrics::counter!("herd_net_streams_total", "link" => link, "io" => "uring")
+                    .increment(1);
+                return Ok(Driven::Ring(tx, rx));
+            }
+            Err((e, sock)) => {
+                WARNED.call_once(|| {
+                    tracing::warn!(error = %e, "io_uring unavailable for sockets; using epoll");
+                });
+                sock
+            }
+        },
+    };
+    sock.set_nonblocking(true)?;
+    metrics::counter!("herd_net_streams_total", "link" => link, "io" => "epoll").increment(1);
+    Ok(Driven::Tokio(tokio::net::TcpStream::from_std(sock)?))
+}
+
+/// Sets a stream up on a ring of its own and splits it into the send side
+/// (shared by callers) and the receive side (owned by one task).
+///
+/// # Errors
+/// When io_uring, multishot receive (Linux 6.0) or provided-buffer rings
+/// (5.19) are unavailable, or the process may not create rings; the socket
+/// comes back with the error so the caller can fall back to epoll.
+pub fn split(
+    sock: std::net::TcpStream,
+    link: &'static str,
+) -> Result<(RingTx, RingRx), (io::Error, std::net::TcpStream)> {
+    match setup(&sock) {
+        Ok((ring, bufs, afd)) => Ok(assemble(ring, bufs, afd, OwnedFd::from(sock), link)),
+        Err(e) => Err((e, sock)),
+    }
+}
+
+type Parts = (IoUring, ProvidedBufs, AsyncFd<RingFd>);
+
+/// Everything that can fail, done before the socket is given up.
+fn setup(sock: &std::net::TcpStream) -> io::Result<Parts> {
+    sock.set_nonblocking(true)?;
+    // No IPI to a running thread for a completion: it runs its task work
+    // at its next syscall, and a sleeping one is still woken.
+    let ring = IoUring::builder().setup_coop_taskrun().build(64)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if !(probe.is_supported(opcode::RecvMulti::CODE)
+        && probe.is_supported(opcode::SendMsg::CODE)
+        && probe.is_supported(opcode::AsyncCancel2::CODE))
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring lacks recv/sendmsg/cancel",
+        ));
+    }
+    ring.submitter().register_files(&[sock.as_raw_fd()])?;
+    let bufs = ProvidedBufs::new()?;
+    // SAFETY: the entries array is page-aligned, holds BUFS entries and
+    // lives in `Shared` until the ring is dropped (see `Shared::drop`).
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(bufs.ring as u64, BUFS, BGID, 0)?;
+    }
+    // SAFETY: the ring's fd stays open while `afd` lives: `RingRx` drops
+    // `afd` (its first field) before its Arc to `Shared`, which owns the ring.
+    let afd = unsafe {
+        AsyncFd::register_with_interest(RingFd(ring.as_raw_fd()), tokio::io::Interest::READABLE)
+    }?;
+    Ok((ring, bufs, afd))
+}
+
+fn assemble(
+    ring: IoUring,
+    bufs: ProvidedBufs,
+    afd: AsyncFd<RingFd>,
+    fd: OwnedFd,
+    link: &'static str,
+) -> (RingTx, RingRx) {
+    let shared = Arc::new(Shared {
+        ring,
+        fd,
+        q: Mutex::new(SendQueue::default()),
+        inflight: AtomicUsize::new(0),
+        bufs,
+        link,
+    });
+    let mut rx = RingRx {
+        afd,
+        shared: Arc::clone(&shared),
+        ready: VecDeque::new(),
+        tail: 0,
+        armed: false,
+        eof: false,
+        error: None,
+    };
+    for bid in 0..BUFS {
+        rx.give_back(bid);
+    }
+    // Armed on the first `recv`: a failure to arm then ends the stream.
+    (RingTx { shared }, rx)
+}
+
+/// The ring's fd as tokio's reactor sees it (readable: completions posted).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The provided-buffer ring's memory: the entries the kernel takes buffers
+/// from and the buffers themselves.
+struct ProvidedBufs {
+    ring: *mut types::BufRingEntry,
+    mem: *mut u8,
+    ring_layout: Layout,
+    mem_layout: Layout,
+    /// The kernel may still write here: never free it.
+    leak: bool,
+}
+
+// SAFETY: the pointers are to heap memory owned by this value; entries are
+// written only by the one `RingRx` and buffers read only after the kernel
+// handed them over in a CQE.
+unsafe impl Send for ProvidedBufs {}
+// SAFETY: as above; `&ProvidedBufs` only reads the pointers.
+unsafe impl Sync for ProvidedBufs {}
+
+impl ProvidedBufs {
+    fn new() -> io::Result<Self> {
+        let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        // 16 bytes an entry; the kernel wants the ring page-aligned.
+        let ring_layout = Layout::from_size_align(usize::from(BUFS) * 16, 4096).map_err(bad)?;
+        let mem_layout =
+            Layout::from_size_align(usize::from(BUFS) * BUF_SIZE, 4096).map_err(bad)?;
+        // SAFETY: both layouts have a non-zero size.
+        let ring = unsafe { std::alloc::alloc_zeroed(ring_layout) };
+        // SAFETY: as above.
+        let mem = unsafe { std::alloc::alloc(mem_layout) };
+        if ring.is_null() || mem.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        Ok(Self {
+            ring: ring.cast(),
+            mem,
+            ring_layout,
+            mem_layout,
+            leak: false,
+        })
+    }
+
+    fn buf(&self, bid: u16) -> *mut u8 {
+        // SAFETY: bid < BUFS, so the offset stays inside `mem`.
+        unsafe { self.mem.add(usize::from(bid) * BUF_SIZE) }
+    }
+}
+
+impl Drop for ProvidedBufs {
+    fn drop(&mut self) {
+        if self.leak {
+            return;
+        }
+        // SAFETY: allocated in `new` with these layouts; `Shared::drop`
+        // leaks this value instead when the kernel may still use it.
+        unsafe {
+            std::alloc::dealloc(self.ring.cast(), self.ring_layout);
+            std::alloc::dealloc(self.mem, self.mem_layout);
+        }
+    }
+}
+
+/// A sendmsg the kernel owns: the buffers, their iovecs and the header stay
+/// put until its completion.
+struct Flight {
+    /// Owned only so the iovecs stay valid.
+    _bufs: Vec<Vec<u8>>,
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet fully sent.
+    first: usize,
+    msg: Box<libc::msghdr>,
+}
+
+// SAFETY: the raw pointers point into `bufs` and `iov`, which this value
+// owns; it moves between threads only under the queue's mutex.
+unsafe impl Send for Flight {}
+
+impl Flight {
+    fn new(bufs: Vec<Vec<u8>>) -> Self {
+        let iov = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: an all-zero msghdr is valid (no name, no control).
+        let msg: Box<libc::msghdr> = Box::new(unsafe { std::mem::zeroed() });
+        let mut f = Self {
+            _bufs: bufs,
+            iov,
+            first: 0,
+            msg,
+        };
+        f.point();
+        f
+    }
+
+    /// Points the header at the iovecs still to send.
+    fn point(&mut self) {
+        let rest = &mut self.iov[self.first..];
+        self.msg.msg_iov = rest.as_mut_ptr();
+        self.msg.msg_iovlen = rest.len() as _;
+    }
+
+    /// Accounts `n` bytes sent; true when everything went.
+    fn advance(&mut self, mut n: usize) -> bool {
+        while n > 0 && self.first < self.iov.len() {
+            let v = &mut self.iov[self.first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                self.first += 1;
+            } else {
+                // SAFETY: n < iov_len, so the pointer stays in its buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+        self.point();
+        self.first == self.iov.len()
+    }
+
+    fn sqe(&self) -> squeue::Entry {
+        opcode::SendMsg::new(types::Fixed(0), &raw const *self.msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(SEND)
+    }
+}
+
+#[derive(Default)]
+struct SendQueue {
+    flight: Option<Flight>,
+    queued: Vec<Vec<u8>>,
+    /// The connection failed or was shut down: sends fail at once.
+    closed: bool,
+}
+
+struct Shared {
+    ring: IoUring,
+    fd: OwnedFd,
+    /// Guards the submission queue as well as the sends.
+    q: Mutex<SendQueue>,
+    /// Ops the kernel still owns (multishot recv counts once).
+    inflight: AtomicUsize,
+    bufs: ProvidedBufs,
+    link: &'static str,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SendQueue> {
+        self.q
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues one SQE; the caller holds the queue lock, which is what makes
+    /// the shared submission queue single-producer.
+    fn push(&self, _q: &SendQueue, sqe: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: every push happens under the queue lock (witnessed by
+        // `_q`), so this is the only submission-queue handle alive.
+        let mut sq = unsafe { self.ring.submission_shared() };
+        // SAFETY: what the entry points at (a Flight's header and buffers,
+        // or nothing) lives until its completion is reaped.
+        if unsafe { sq.push(sqe) }.is_err() {
+            return Err(io::Error::other("io_uring submission queue full"));
+        }
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn submit(&self) -> io::Result<()> {
+        self.ring.submitter().submit().map(drop)
+    }
+
+    fn shutdown(&self) {
+        let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown();
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(0)).all())
+            .build()
+            .user_data(CANCEL);
+        {
+            let q = self.lock();
+            let _ = self.push(&q, &cancel);
+        }
+        // Wait until the kernel is done with the buffers and headers it was
+        // given; the shutdown makes every op end at once.
+        let deadline = Instant::now() + DRAIN;
+        let ts = types::Timespec::new().nsec(100_000_000);
+        while self.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            // SAFETY: the receive side is gone (it holds an Arc to us), so
+            // this is the only completion-queue handle.
+            let cq = unsafe { self.ring.completion_shared() };
+            for cqe in cq {
+                if cqe.user_data() != RECV || !cqueue::more(cqe.flags()) {
+                    self.inflight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        if self.inflight.load(Ordering::Acquire) > 0 {
+            tracing::warn!(
+                link = self.link,
+                "io_uring ops outlived their stream; leaking its buffers"
+            );
+            self.bufs.leak = true;
+            std::mem::forget(self.lock().flight.take());
+        }
+    }
+}
+
+/// The send side: any task may send; bytes go out in the order sent.
+#[derive(Clone)]
+pub struct RingTx {
+    shared: Arc<Shared>,
+}
+
+impl RingTx {
+    /// Sends `bytes` after everything sent before. Returns once queued (one
+    /// `io_uring_enter` when nothing is in flight); a failure to deliver
+    /// surfaces on the receive side, which ends the connection.
+    ///
+    /// # Errors
+    /// When the connection has already failed or been shut down.
+    pub fn send(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let mut q = self.shared.lock();
+        if q.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if q.flight.is_some() {
+            q.queued.push(bytes);
+            return Ok(());
+        }
+        let f = Flight::new(vec![bytes]);
+        let sqe = f.sqe();
+        q.flight = Some(f);
+        self.shared.push(&q, &sqe)?;
+        drop(q);
+        self.shared.submit()
+    }
+
+    /// Ends the connection both ways: the receive side sees end of stream.
+    pub fn shutdown(&self) {
+        self.shared.lock().closed = true;
+        self.shared.shutdown();
+    }
+}
+
+/// The receive side, owned by one task: it also reaps the send completions.
+pub struct RingRx {
+    /// Dropped first: deregistered while the ring's fd is still open.
+    afd: AsyncFd<RingFd>,
+    shared: Arc<Shared>,
+    /// Received buffers not yet handed out: (buffer id, length).
+    ready: VecDeque<(u16, usize)>,
+    /// Our copy of the provided-buffer ring's tail.
+    tail: u16,
+    armed: bool,
+    eof: bool,
+    error: Option<io::Error>,
+}
+
+/// Received bytes in a provided buffer; the buffer goes back to the kernel
+/// when this is dropped.
+pub struct Chunk<'a> {
+    rx: &'a mut RingRx,
+    bid: u16,
+    len: usize,
+}
+
+impl std::ops::Deref for Chunk<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the kernel wrote `len` bytes into buffer `bid` and handed
+        // it over in a CQE; it is not given back until this chunk drops.
+        unsafe { std::slice::from_raw_parts(self.rx.shared.bufs.buf(self.bid), self.len) }
+    }
+}
+
+impl Drop for Chunk<'_> {
+    fn drop(&mut self) {
+        self.rx.give_back(self.bid);
+    }
+}
+
+impl RingRx {
+    /// Returns buffer `bid` to the kernel.
+    fn give_back(&mut self, bid: u16) {
+        let ring = self.shared.bufs.ring;
+        let slot = usize::from(self.tail & (BUFS - 1));
+        // SAFETY: slot < BUFS; only this value writes entries, and the
+        // kernel reads an entry only once the tail below covers it.
+        unsafe {
+            let e = &mut *ring.add(slot);
+            e.set_addr(self.shared.bufs.buf(bid) as u64);
+            e.set_len(BUF_SIZE as u32);
+            e.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        // SAFETY: the tail is the u16 overlaying entry 0's reserved field,
+        // aligned and inside the ring; the kernel reads it atomically.
+        let tail = unsafe { &*types::BufRingEntry::tail(ring).cast::<AtomicU16>() };
+        tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Arms the multishot receive.
+    fn arm(&mut self) -> io::Result<()> {
+        let sqe = opcode::RecvMulti::new(types::Fixed(0), BGID)
+            .build()
+            .user_data(RECV);
+        {
+            let q = self.shared.lock();
+            self.shared.push(&q, &sqe)?;
+        }
+        self.armed = true;
+        self.shared.submit()
+    }
+
+    /// Reaps every posted completion.
+    fn reap(&mut self) {
+        let mut recvs = 0u64;
+        let mut sends = 0u64;
+        let shared = Arc::clone(&self.shared);
+        // SAFETY: only the receive side (this, `&mut`) reads completions
+        // while the stream lives.
+        let cq = unsafe { shared.ring.completion_shared() };
+        for cqe in cq {
+            match cqe.user_data() {
+                RECV => {
+                    recvs += 1;
+                    let more = cqueue::more(cqe.flags());
+                    if !more {
+                        self.armed = false;
+                        self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    let res = cqe.result();
+                    if res > 0 {
+                        if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                            self.ready.push_back((bid, res as usize));
+                        }
+                    } else if res == 0 {
+                        self.eof = true;
+                    } else if res != -libc::ENOBUFS {
+                        // Out of buffers just needs re-arming once some
+                        // are back; anything else ends the stream.
+                        self.error = Some(io::Error::from_raw_os_error(-res));
+                    }
+                }
+                SEND => {
+                    sends += 1;
+                    self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
+                    self.sent(cqe.result());
+                }
+                _ => {
+                    self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        if recvs > 0 {
+            count(self.shared.link, "recv", recvs);
+        }
+        if sends > 0 {
+            count(self.shared.link, "send", sends);
+        }
+    }
+
+    /// Completes the send in flight and starts the next batch.
+    fn sent(&mut self, res: i32) {
+        let mut q = self.shared.lock();
+        let next = match q.flight.as_mut() {
+            Some(f) if res > 0 => {
+                if f.advance(res as usize) {
+                    if q.queued.is_empty() {
+                        q.flight = None;
+                        None
+                    } else {
+                        let n = q.queued.len().min(MAX_IOV);
+                        let f = Flight::new(q.queued.drain(..n).collect());
+                        let sqe = f.sqe();
+                        q.flight = Some(f);
+                        Some(sqe)
+                    }
+                } else {
+                    // A short send: the rest goes before anything queued.
+                    Some(f.sqe())
+                }
+            }
+            _ => {
+                q.closed = true;
+                q.flight = None;
+                q.queued.clear();
+                if self.error.is_none() {
+                    self.error = Some(if res < 0 {
+                        io::Error::from_raw_os_error(-res)
+                    } else {
+                        io::ErrorKind::WriteZero.into()
+                    });
+                }
+                None
+            }
+        };
+        if let Some(sqe) = next {
+            let pushed = self.shared.push(&q, &sqe);
+            drop(q);
+            if let Err(e) = pushed.and_then(|()| self.shared.submit()) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    /// Waits for the next received bytes; `None` at end of stream.
+    ///
+    /// # Errors
+    /// When the connection failed (receive or send).
+    pub async fn recv(&mut self) -> io::Result<Option<Chunk<'_>>> {
+        loop {
+            if let Some((bid, len)) = self.ready.pop_front() {
+                return Ok(Some(Chunk { rx: self, bid, len }));
+            }
+            if let Some(e) = self.error.take() {
+                self.eof = true;
+                return Err(e);
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            if !self.armed {
+                self.arm()?;
+            }
+            let mut guard = self.afd.readable().await?;
+            // SAFETY: only this value reads completions.
+            let empty = unsafe { self.shared.ring.completion_shared() }.is_empty();
+            if empty {
+                guard.clear_ready();
+                continue;
+            }
+            drop(guard);
+            self.reap();
+        }
+    }
+}
+
+impl Drop for RingRx {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.shutdown();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    async fn read_n(rx: &mut RingRx, n: usize) -> Vec<u8> {
+        let mut got = Vec::with_capacity(n);
+        while got.len() < n {
+            let c = rx.recv().await.unwrap().expect("stream ended early");
+            got.extend_from_slice(&c);
+        }
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_sent_by_many_tasks_arrive_whole_and_in_each_senders_order() {
+        let (c, mut peer) = pair();
+        let (tx, mut rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        // The peer echoes everything back.
+        let echo = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut total = 0usize;
+            loop {
+                let n = peer.read(&mut buf).unwrap();
+                if n == 0 {
+                    return total;
+                }
+                peer.write_all(&buf[..n]).unwrap();
+                total += n;
+            }
+        });
+        // Two senders, each numbering its 8-byte records, plus one large
+        // send that spans many provided buffers and short sends.
+        let mut tasks = Vec::new();
+        for who in 0u32..2 {
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0u32..2000 {
+                    let mut rec = who.to_le_bytes().to_vec();
+                    rec.extend_from_slice(&i.to_le_bytes());
+                    tx.send(rec).unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        tx.send(big.clone()).unwrap();
+        let got = read_n(&mut rx, 2 * 2000 * 8 + big.len()).await;
+        let (recs, tail) = got.split_at(2 * 2000 * 8);
+        let mut next = [0u32; 2];
+        for r in recs.chunks(8) {
+            let who = u32::from_le_bytes(r[..4].try_into().unwrap()) as usize;
+            let i = u32::from_le_bytes(r[4..].try_into().unwrap());
+            assert_eq!(i, next[who], "sender {who}'s records out of order");
+            next[who] += 1;
+        }
+        assert_eq!(next, [2000, 2000]);
+        assert_eq!(tail, &big[..], "the large send arrived changed");
+        tx.shutdown();
+        assert!(
+            rx.recv().await.unwrap().is_none(),
+            "no end of stream after shutdown"
+        );
+        assert!(
+            tx.send(vec![1]).is_err(),
+            "a send after shutdown was accepted"
+        );
+        drop((tx, rx));
+        assert_eq!(echo.join().unwrap(), 2 * 2000 * 8 + big.len());
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_ends_the_stream() {
+        let (c, mut peer) = pair();
+        let (_tx, mut rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        peer.write_all(b"last words").unwrap();
+        drop(peer);
+        assert_eq!(read_n(&mut rx, 10).await, b"last words");
+        assert!(rx.recv().await.unwrap().is_none());
+    }
+}
