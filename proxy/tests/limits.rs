@@ -259,3 +259,53 @@ fn fetched_bytes_wait_for_the_disk_within_the_fetch_buffer() {
     leaf.metric_eventually("herd_cache_unpersisted_bytes", 0.0);
     leaf.metric_eventually("herd_cache_chunks_present", 512.0);
 }
+
+/// herd raises its open-file soft limit to the hard one (a connection
+/// holds two descriptors, and systemd's soft 1024 would cap clients near
+/// 500), and names a hard limit too low for `--max-connections`.
+#[test]
+fn the_open_file_limit_is_raised_and_a_short_one_is_named() {
+    if !have("prlimit") {
+        return;
+    }
+    let dir = scratch("limits-nofile");
+    let img = dir.join("golden.img");
+    random_image(&img, 1 << 20);
+    // Starts herd under `nofile` (soft:hard); returns its "Max open files"
+    // line and its log.
+    let run = |name: &str, nofile: &str| {
+        let port = common::free_port();
+        let log = dir.join(format!("{name}.log"));
+        let mut child = std::process::Command::new("prlimit")
+            .arg(format!("--nofile={nofile}"))
+            .arg(common::HERD)
+            .args(["serve", "--upstream", img.to_str().expect("utf8")])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--cache-dir")
+            .arg(dir.join(format!("{name}-cache")))
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn herd under prlimit");
+        common::wait_port(port);
+        let limits =
+            std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap_or_default()
+            .to_owned();
+        (line, std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    let (line, log) = run("raised", "256:8192");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.get(3..5), Some(&["8192", "8192"][..]), "{line}");
+    assert!(!log.contains("open-file limit"), "{log}");
+    let (_, log) = run("short", "512:512");
+    assert!(
+        log.contains("open-file limit is below what --max-connections needs"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

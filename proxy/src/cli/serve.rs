@@ -281,6 +281,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let workers = args.workers;
     let cfg = args.into_config()?;
     herd::io::ring_stream::configure(cfg.net_io);
+    raise_open_file_limit(cfg.limits.max_connections);
     // One worker per core by default, plus the io_uring thread for file
     // I/O (DESIGN.md has the measurements behind this).
     let workers = workers
@@ -295,6 +296,32 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve_async(cfg))
+}
+
+/// Raises the open-file soft limit to the hard one: a client connection
+/// holds two descriptors (socket and the zero-copy sender's dup), so
+/// systemd's default soft limit of 1024 would refuse clients long before
+/// `--max-connections` (1024). Warns when even the hard limit is short.
+fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Two per connection, plus the cache, parents, rings and listeners.
+    let needed = 2 * max_connections as u64 + 256;
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            max_connections,
+            "the open-file limit is below what --max-connections needs; raise LimitNOFILE"
+        );
+    }
 }
 
 /// Opens the image itself: a file or a LUN (a root, a trust anchor).
