@@ -478,7 +478,7 @@ fn iscsi_smoke() -> Result<()> {
     for row in &back.rows {
         anyhow::ensure!(
             row.herd_median_iops > 0.0
-                && row.herd_epoll_median_iops > 0.0
+                && row.herd_uring_median_iops > 0.0
                 && row.iscsi_perf_median_iops > 0.0,
             "{}: no rate measured",
             row.pattern

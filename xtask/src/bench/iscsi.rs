@@ -3,7 +3,7 @@
 //! * initiator rows: herd's iSCSI initiator against libiscsi's
 //!   `iscsi-perf`, on the same tgtd LUN (herd measured with `herd iscsi
 //!   bench`: the initiator alone, no cache, no NBD), herd on its default
-//!   path (the session's own io_uring ring) and on the epoll fallback;
+//!   path (epoll) and with the session on its own io_uring ring;
 //! * target rows: `iscsi-perf` against herd's target (`--listen-iscsi`,
 //!   cache warm) and against tgtd serving the same file.
 //!
@@ -68,14 +68,14 @@ const PATTERNS: &[Pattern] = &[
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Row {
     pub pattern: String,
-    /// herd on its default path (`--net-io uring`).
+    /// herd on its default path (epoll).
     pub herd_iops: Vec<f64>,
-    /// herd with `--net-io epoll`.
+    /// herd with `--net-io uring`.
     #[serde(default)]
-    pub herd_epoll_iops: Vec<f64>,
+    pub herd_uring_iops: Vec<f64>,
     #[serde(default)]
-    pub herd_epoll_median_iops: f64,
-    /// herd (default) ÷ herd (epoll).
+    pub herd_uring_median_iops: f64,
+    /// herd on the ring ÷ herd on epoll.
     #[serde(default)]
     pub uring_vs_epoll: f64,
     pub iscsi_perf_iops: Vec<f64>,
@@ -292,15 +292,15 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let ht = start_herd_target(&herd, &lun, &dir)?;
     let herd_url = format!("iscsi://127.0.0.1:{}/{HERD_IQN}/0", ht.port);
     let mut herd_s = vec![Vec::new(); PATTERNS.len()];
-    let mut epoll_s = vec![Vec::new(); PATTERNS.len()];
+    let mut uring_s = vec![Vec::new(); PATTERNS.len()];
     let mut perf_s = vec![Vec::new(); PATTERNS.len()];
     let mut target_s = vec![Vec::new(); PATTERNS.len()];
     let mut tgtd_s = vec![Vec::new(); PATTERNS.len()];
     for round in 0..reps {
         for (i, p) in PATTERNS.iter().enumerate() {
             step(&format!("round {}/{reps}: {}", round + 1, p.name));
-            herd_s[i].push(herd_run(&herd, &url, p, secs, "uring")?);
-            epoll_s[i].push(herd_run(&herd, &url, p, secs, "epoll")?);
+            herd_s[i].push(herd_run(&herd, &url, p, secs, "epoll")?);
+            uring_s[i].push(herd_run(&herd, &url, p, secs, "uring")?);
             perf_s[i].push(perf_run(&url, p, secs)?);
             target_s[i].push(perf_run(&herd_url, p, secs)?);
             tgtd_s[i].push(perf_run(&url, p, secs)?);
@@ -314,14 +314,14 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .enumerate()
         .map(|(i, p)| {
             let (h, q) = (median(&herd_s[i]), median(&perf_s[i]));
-            let e = median(&epoll_s[i]);
+            let u = median(&uring_s[i]);
             let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
             Row {
                 pattern: p.name.into(),
                 herd_iops: herd_s[i].clone(),
-                herd_epoll_iops: epoll_s[i].clone(),
-                herd_epoll_median_iops: e,
-                uring_vs_epoll: if e > 0.0 { h / e } else { 0.0 },
+                herd_uring_iops: uring_s[i].clone(),
+                herd_uring_median_iops: u,
+                uring_vs_epoll: if h > 0.0 { u / h } else { 0.0 },
                 iscsi_perf_iops: perf_s[i].clone(),
                 herd_median_iops: h,
                 iscsi_perf_median_iops: q,
@@ -364,8 +364,8 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let mut md = format!(
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s), medians. \
-         herd runs on its default path (the session's own io_uring ring) and on the epoll fallback (`--net-io epoll`).\n\n\
-         | pattern | herd IOPS | herd MiB/s | herd epoll IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | herd ÷ epoll | herd ÷ iscsi-perf |\n\
+         herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`).\n\n\
+         | pattern | herd IOPS | herd MiB/s | herd uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | herd ÷ iscsi-perf |\n\
          |---|---|---|---|---|---|---|---|\n"
     );
     for row in &r.rows {
@@ -374,7 +374,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             row.pattern,
             row.herd_median_iops,
             row.herd_mib_s,
-            row.herd_epoll_median_iops,
+            row.herd_uring_median_iops,
             row.iscsi_perf_median_iops,
             row.iscsi_perf_mib_s,
             row.uring_vs_epoll,
