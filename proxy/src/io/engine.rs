@@ -35,11 +35,6 @@ enum Kind {
     Read,
     Write,
     Fdatasync,
-    /// One stream-socket receive of whatever has arrived (at least one
-    /// byte, or EOF); no offset.
-    RecvSome,
-    /// Stream-socket send of the whole buffer; no offset.
-    Send,
 }
 
 /// What an op reads into or writes from: a buffer it owns, or (writes
@@ -79,7 +74,7 @@ impl Op {
     fn finish(self, res: io::Result<()>) {
         let out = res.map(|()| match self.buf {
             OpBuf::Owned(mut b) => {
-                if matches!(self.kind, Kind::Read | Kind::RecvSome) {
+                if self.kind == Kind::Read {
                     b.truncate(self.done);
                 }
                 b
@@ -235,24 +230,6 @@ impl Engine {
             .map(drop)
     }
 
-    /// Receives what has arrived on a stream socket, up to `buf.len()`
-    /// bytes (waiting for at least one); empty means the peer closed.
-    ///
-    /// # Errors
-    /// The OS error of the failed recv.
-    pub async fn recv_some(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::RecvSome, sock, 0, OpBuf::Owned(buf))
-            .await
-    }
-
-    /// Sends all of `buf` on a connected stream socket.
-    ///
-    /// # Errors
-    /// The OS error of the failed send.
-    pub async fn send(&self, sock: &Arc<File>, buf: IoBuf) -> io::Result<IoBuf> {
-        self.submit(Kind::Send, sock, 0, OpBuf::Owned(buf)).await
-    }
-
     /// Makes written data durable.
     ///
     /// # Errors
@@ -271,7 +248,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     if n == 0 {
-        if matches!(op.kind, Kind::Read | Kind::RecvSome) {
+        if op.kind == Kind::Read {
             op.finish(Ok(())); // end of file
         } else {
             op.finish(Err(io::ErrorKind::WriteZero.into()));
@@ -279,7 +256,7 @@ fn progress(mut op: Op, n: usize) -> Option<Op> {
         return None;
     }
     op.done += n;
-    if op.done >= op.buf.bytes().len() || op.kind == Kind::RecvSome {
+    if op.done >= op.buf.bytes().len() {
         op.finish(Ok(()));
         None
     } else {
@@ -298,11 +275,6 @@ fn sync_loop(rx: &mpsc::Receiver<Op>) {
                 }
                 Kind::Write => op.file.write_at(&op.buf.bytes()[op.done..], off),
                 Kind::Fdatasync => op.file.sync_data().map(|()| 0),
-                Kind::RecvSome => {
-                    let done = op.done;
-                    std::io::Read::read(&mut &*op.file, &mut op.buf.bytes_mut()[done..])
-                }
-                Kind::Send => std::io::Write::write(&mut &*op.file, &op.buf.bytes()[op.done..]),
             };
             match res {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -337,13 +309,6 @@ fn sqe_for(op: &mut Op, key: u64) -> io_uring::squeue::Entry {
             .build(),
         Kind::Fdatasync => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
-            .build(),
-        Kind::RecvSome => {
-            let done = op.done;
-            opcode::Recv::new(fd, op.buf.bytes_mut()[done..].as_mut_ptr(), remaining).build()
-        }
-        Kind::Send => opcode::Send::new(fd, op.buf.bytes()[op.done..].as_ptr(), remaining)
-            .flags(libc::MSG_NOSIGNAL)
             .build(),
     };
     entry.user_data(key)

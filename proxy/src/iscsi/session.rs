@@ -8,9 +8,11 @@
 //!                                                              Async, Reject
 //! ```
 //!
-//! The socket is driven by a ring the session owns (`io::ring_stream`;
-//! the default) or by tokio's epoll reactor; see `SocketMode`. Many commands are in flight at once;
-//! each waits on a oneshot keyed by its Initiator Task Tag. When the connection drops, every pending command
+//! The socket is driven by tokio's epoll reactor (the default) or by a ring
+//! the session owns (`net_io = "uring"`, `io::ring_stream`); received bytes
+//! go through the streaming PDU parser (`stream.rs`) either way. Many
+//! commands are in flight at once; each waits on a oneshot keyed by its
+//! Initiator Task Tag. When the connection drops, every pending command
 //! fails with `Fault::Lost` and the caller (the upstream) logs in again and
 //! reissues it.
 
