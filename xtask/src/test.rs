@@ -218,6 +218,26 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
+    // Each herd row says what bounds it.
+    let md = std::fs::read_to_string(out.join("README.md"))?;
+    let bounds = md
+        .split("## What bounds each row")
+        .nth(1)
+        .context("the report lacks what bounds each row")?;
+    for p in dataplane::PATTERNS {
+        let row = bounds
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", p.name)))
+            .with_context(|| format!("no bound row for {}", p.name))?;
+        anyhow::ensure!(
+            ["loopback (", "CPU (", "server core (", "latency ("]
+                .iter()
+                .any(|v| row.contains(v))
+                && !row.contains('–'),
+            "{}: no verdict in {row}",
+            p.name
+        );
+    }
     Ok(())
 }
 

@@ -246,6 +246,26 @@ pub fn clock_ticks() -> f64 {
     }
 }
 
+/// CPU seconds every core of the machine has spent busy (all but idle and
+/// iowait) since boot, from /proc/stat; 0 if it cannot be read.
+pub fn machine_busy_secs() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    // user nice system idle iowait irq softirq steal ...
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    let busy = f.iter().take(8).sum::<u64>().saturating_sub(idle);
+    busy as f64 / clock_ticks()
+}
+
 /// CPU seconds (user + system) a running process has used; 0 once gone.
 pub fn proc_cpu_secs(pid: u32) -> f64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::build_herd;
-use crate::util::{free_port, median, output, proc_cpu_secs, root, run, step};
+use crate::util::{free_port, machine_busy_secs, median, output, proc_cpu_secs, root, run, step};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
@@ -123,14 +123,28 @@ pub struct Cell {
     /// system time ÷ wall time, every process of the server).
     #[serde(default)]
     pub cpu: Vec<f64>,
+    /// The whole machine's CPU over each sample's run, in cores busy
+    /// (client, server and everything else): with `cpu` and the ceilings,
+    /// what bounds the row.
+    #[serde(default)]
+    pub machine_cpu: Vec<f64>,
+}
+
+/// One fio job: its figure, the server's cores busy, the machine's.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    value: f64,
+    server_cpu: f64,
+    machine_cpu: f64,
 }
 
 impl Cell {
-    fn new(server: &Server, group: &str, pattern: &str, unit: &str, runs: &[(f64, f64)]) -> Self {
-        let samples: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    fn new(server: &Server, group: &str, pattern: &str, unit: &str, runs: &[Run]) -> Self {
+        let samples: Vec<f64> = runs.iter().map(|r| r.value).collect();
         let samples = &samples[..];
         Self {
-            cpu: runs.iter().map(|r| r.1).collect(),
+            cpu: runs.iter().map(|r| r.server_cpu).collect(),
+            machine_cpu: runs.iter().map(|r| r.machine_cpu).collect(),
             server: server.name().into(),
             group: group.into(),
             pattern: pattern.into(),
@@ -565,24 +579,22 @@ struct Mode {
 
 /// Starts `s` afresh (relays so every job starts from a cold cache, the
 /// others for symmetry), runs one fio job on it and stops it.
-/// Returns fio's figure and the server's CPU over the run (cores busy).
-fn job(
-    env: &Env,
-    s: Server,
-    p: &Pattern,
-    runtime: u64,
-    size_mib: u64,
-    mode: Mode,
-) -> Result<(f64, f64)> {
+/// Returns fio's figure and the server's and the machine's CPU over the
+/// run (cores busy).
+fn job(env: &Env, s: Server, p: &Pattern, runtime: u64, size_mib: u64, mode: Mode) -> Result<Run> {
     let r = start(env, s).with_context(|| format!("starting {}", s.name()))?;
     if let Some((_, cpu)) = mode.pin {
         r.pin(cpu)?;
     }
-    let (cpu0, t0) = (r.cpu_secs(), std::time::Instant::now());
-    let v = fio(&r, p, runtime, size_mib, mode)
+    let (cpu0, all0, t0) = (r.cpu_secs(), machine_busy_secs(), std::time::Instant::now());
+    let value = fio(&r, p, runtime, size_mib, mode)
         .with_context(|| format!("fio {} on {}", p.name, s.name()))?;
-    let cores = (r.cpu_secs() - cpu0) / t0.elapsed().as_secs_f64().max(1e-3);
-    Ok((v, cores))
+    let secs = t0.elapsed().as_secs_f64().max(1e-3);
+    Ok(Run {
+        value,
+        server_cpu: (r.cpu_secs() - cpu0) / secs,
+        machine_cpu: (machine_busy_secs() - all0) / secs,
+    })
 }
 
 /// Runs one fio job and returns IOPS or MiB/s.
@@ -762,11 +774,10 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .chain(lineup("relay", &Server::RELAY))
         .chain(lineup("tls", &Server::TLS))
         .collect();
-    let mut samples: Vec<Vec<Vec<(f64, f64)>>> =
-        vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
+    let mut samples: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let pin_runs = cores >= 2 && !opts.herd_only;
-    let mut pinned: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
+    let mut pinned: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
     let per_round = servers.len() * PATTERNS.len()
         + if pin_runs {
             hit.len() * PLACEMENTS.len()
@@ -860,6 +871,16 @@ pub fn validate(r: &Results) -> Result<()> {
             c.median > 0.0 && c.median.is_finite(),
             "{server} / {pattern}: median {}",
             c.median
+        );
+        // Every run recorded the CPU that says what bounds the row: a
+        // fio job moves bytes, so the machine was busy.
+        anyhow::ensure!(
+            c.cpu.len() == c.samples.len()
+                && c.machine_cpu.len() == c.samples.len()
+                && c.machine_cpu.iter().all(|&m| m > 0.0 && m.is_finite()),
+            "{server} / {pattern}: CPU not recorded (server {:?}, machine {:?})",
+            c.cpu,
+            c.machine_cpu
         );
         Ok(())
     };

@@ -119,7 +119,63 @@ pub fn markdown(r: &Results) -> String {
             s.push('\n');
         }
     }
+    bounds(&mut s, r);
     s
+}
+
+/// What limits one row: the loopback ceiling, the machine's cores, the
+/// server's one busy core, or neither (round trips), with the server's
+/// and the machine's cores busy; "–" for runs that did not record them.
+fn bound(r: &Results, c: &super::dataplane::Cell, iops: bool) -> String {
+    if c.machine_cpu.is_empty() || c.cpu.is_empty() {
+        return "–".into();
+    }
+    let (server, all) = (
+        crate::util::median(&c.cpu),
+        crate::util::median(&c.machine_cpu),
+    );
+    #[allow(clippy::cast_precision_loss)]
+    let cores = r.cores as f64;
+    let verdict = if !iops && c.median >= 0.8 * r.ceilings.loopback_tcp_mib_s {
+        "loopback"
+    } else if all >= 0.9 * cores {
+        "CPU"
+    } else if server >= 0.9 {
+        "server core"
+    } else {
+        "latency"
+    };
+    format!("{verdict} ({server:.1}/{all:.1})")
+}
+
+fn bounds(s: &mut String, r: &Results) {
+    let _ = writeln!(
+        s,
+        "\n## What bounds each row\n\n\
+         **loopback**: at least 80 % of the loopback TCP ceiling; **CPU**: the machine's {} cores at least 90 % busy \
+         (client, server and everything else); **server core**: the server kept 0.9 of a core or more busy while cores \
+         were left; **latency**: neither, cores idle between round trips. In brackets: cores busy, server / machine \
+         (medians over the rounds).\n",
+        r.cores
+    );
+    let names = servers_of(r, &["hit", "relay"]);
+    let _ = write!(s, "| pattern |");
+    for n in &names {
+        let _ = write!(s, " {n} |");
+    }
+    let _ = writeln!(s, "\n|---|{}", "---|".repeat(names.len()));
+    for p in PATTERNS {
+        let _ = write!(s, "| {} |", p.name);
+        for n in &names {
+            let v = cell(r, n, p.name).map_or_else(|| "–".into(), |c| bound(r, c, p.iops));
+            let _ = write!(s, " {v} |");
+        }
+        s.push('\n');
+    }
+}
+
+fn servers_of(r: &Results, groups: &[&str]) -> Vec<String> {
+    groups.iter().flat_map(|g| servers(r, g)).collect()
 }
 
 /// What TLS costs each server: its TLS median ÷ its plain one.
