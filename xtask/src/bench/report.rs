@@ -154,7 +154,8 @@ fn bounds(s: &mut String, r: &Results) {
         "\n## What bounds each row\n\n\
          **loopback**: at least 80 % of the loopback TCP ceiling; **CPU**: the machine's {} cores at least 90 % busy \
          (client, server and everything else); **server core**: the server kept 0.9 of a core or more busy while cores \
-         were left; **latency**: neither, cores idle between round trips. In brackets: cores busy, server / machine \
+         were left; **latency**: neither, cores idle while requests wait on round trips (and, for relays, on the parent \
+         and the cache disk). In brackets: cores busy, server / machine \
          (medians over the rounds).\n",
         r.cores
     );
