@@ -118,6 +118,8 @@ pub struct FileConfig {
     pub iscsi_initiator: Option<String>,
     pub iscsi_recovery: Option<u64>,
     pub iscsi_digests: Option<bool>,
+    /// `iscsi_socket` was its name when it drove only the iSCSI session.
+    #[serde(alias = "iscsi_socket")]
     pub net_io: Option<String>,
     pub profile: Option<PathBuf>,
     pub manifest: Option<PathBuf>,
@@ -848,6 +850,8 @@ mod tests {
         };
         assert_eq!(io("").ok(), Some(NetIo::Epoll));
         assert_eq!(io("net_io = \"uring\"\n").ok(), Some(NetIo::Uring));
+        // An older config's key still works.
+        assert_eq!(io("iscsi_socket = \"uring\"\n").ok(), Some(NetIo::Uring));
         let e = io("net_io = \"iouring\"\n").expect_err("typo");
         assert!(e.to_string().contains("net_io"), "{e}");
     }
