@@ -463,26 +463,15 @@ async fn reader_loop(
 /// Acts on one target PDU; `false` ends the connection.
 async fn handle(s: &Session, pdu: TargetPdu, payload: &[u8]) -> bool {
     match pdu {
+        // Its payload was placed as it streamed in (`consume`).
         TargetPdu::DataIn {
             has_status,
             status,
             itt,
             sn,
-            offset,
             residual,
             ..
         } => {
-            {
-                let mut st = s.lock();
-                if let Some(p) = st.pending.get_mut(&itt) {
-                    let at = offset as usize;
-                    let end = at + payload.len();
-                    if end <= p.buf.len() {
-                        p.buf[at..end].copy_from_slice(payload);
-                        p.received = p.received.max(end);
-                    }
-                }
-            }
             if has_status {
                 s.update_sn(sn, true);
                 s.complete(itt, |b, n| finish(b, n, status, None, residual));

@@ -131,28 +131,51 @@ impl Conn {
     }
 }
 
+/// What a simple reply header answers.
+enum Answer {
+    /// This request, with this NBD error (0: the payload follows).
+    To(Pending, u32),
+    /// The connection was dropped meanwhile: nobody is waiting.
+    Gone,
+    /// A malformed header or an unknown handle: the connection is unusable.
+    Broken,
+}
+
+/// Decodes a reply header and takes the request it answers off the
+/// connection's pending list (both readers, epoll and ring, share this).
+fn answer(conn: &std::sync::Weak<Conn>, hdr: &[u8; proto::SIMPLE_REPLY_LEN]) -> Answer {
+    let Ok(proto::ReplyHeader::Simple { error, handle }) = proto::decode_reply_header(hdr) else {
+        // We never ask for structured replies: anything else is a
+        // protocol violation, so the connection is unusable.
+        tracing::warn!("parent sent a malformed reply header; dropping the connection");
+        return Answer::Broken;
+    };
+    let Some(c) = conn.upgrade() else {
+        return Answer::Gone;
+    };
+    let pending = c.pending.lock().ok().and_then(|mut p| p.remove(&handle));
+    match pending {
+        Some(p) => Answer::To(p, error),
+        None => {
+            tracing::warn!(
+                handle,
+                "parent replied to an unknown handle; dropping the connection"
+            );
+            Answer::Broken
+        }
+    }
+}
+
 async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
     let mut hdr = [0u8; proto::SIMPLE_REPLY_LEN];
     loop {
         if r.read_exact(&mut hdr).await.is_err() {
             break;
         }
-        let Ok(proto::ReplyHeader::Simple { error, handle }) = proto::decode_reply_header(&hdr)
-        else {
-            // We never ask for structured replies: anything else is a
-            // protocol violation, so the connection is unusable.
-            tracing::warn!("parent sent a malformed reply header; dropping the connection");
-            break;
-        };
-        let Some(c) = conn.upgrade() else { return };
-        let pending = c.pending.lock().ok().and_then(|mut p| p.remove(&handle));
-        drop(c);
-        let Some(p) = pending else {
-            tracing::warn!(
-                handle,
-                "parent replied to an unknown handle; dropping the connection"
-            );
-            break;
+        let (p, error) = match answer(&conn, &hdr) {
+            Answer::To(p, error) => (p, error),
+            Answer::Gone => return,
+            Answer::Broken => break,
         };
         if error != 0 {
             let _ = p.tx.send(Err(Fault::Errno(error)));
@@ -205,20 +228,10 @@ async fn ring_reader_loop(conn: std::sync::Weak<Conn>, mut rx: RingRx) {
                 continue;
             }
             have = 0;
-            let Ok(proto::ReplyHeader::Simple { error, handle }) = proto::decode_reply_header(&hdr)
-            else {
-                tracing::warn!("parent sent a malformed reply header; dropping the connection");
-                break 'outer;
-            };
-            let Some(c) = conn.upgrade() else { return };
-            let pending = c.pending.lock().ok().and_then(|mut p| p.remove(&handle));
-            drop(c);
-            let Some(p) = pending else {
-                tracing::warn!(
-                    handle,
-                    "parent replied to an unknown handle; dropping the connection"
-                );
-                break 'outer;
+            let (p, error) = match answer(&conn, &hdr) {
+                Answer::To(p, error) => (p, error),
+                Answer::Gone => return,
+                Answer::Broken => break 'outer,
             };
             if error != 0 {
                 let _ = p.tx.send(Err(Fault::Errno(error)));
