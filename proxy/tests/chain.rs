@@ -5,7 +5,9 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{assert_same_file, have, nbdcopy, random_image, run, scrape_opt, scratch, Herd, Peer};
+use common::{
+    assert_links_ran_on, assert_same_file, have, nbdcopy, random_image, run, scratch, Herd, Peer,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -45,21 +47,8 @@ fn three_level_chain_is_byte_identical() {
         leaf.metric_eventually("herd_cache_chunks_present", 1024.0),
         1024.0
     );
-    let streams = |h: &Herd, io: &str| {
-        scrape_opt(
-            h.metrics,
-            &format!("herd_net_streams_total{{link=\"nbd\",io=\"{io}\"}}"),
-        )
-    };
-    assert!(streams(&mid, "uring").unwrap_or(0.0) >= 1.0);
-    assert_eq!(streams(&mid, "epoll"), None);
-    let (io, other) = if common::net_io() == "uring" {
-        ("uring", "epoll")
-    } else {
-        ("epoll", "uring")
-    };
-    assert!(streams(&leaf, io).unwrap_or(0.0) >= 1.0);
-    assert_eq!(streams(&leaf, other), None);
+    assert_links_ran_on(&mid, "nbd", "uring", 1.0);
+    assert_links_ran_on(&leaf, "nbd", &common::net_io(), 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

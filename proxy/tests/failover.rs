@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    build_manifest, free_port, have, net_io, random_image, scrape_opt, scratch, wait_port, Herd,
-    RawClient, HERD,
+    assert_links_ran_on, build_manifest, free_port, have, net_io, random_image, scratch, wait_port,
+    Herd, RawClient, HERD,
 };
 
 const IMAGE: usize = 96 << 20;
@@ -158,17 +158,7 @@ fn kill_9_of_a_relay_under_load_costs_readers_nothing() {
     assert_eq!(active(&t.leaf, t.b.port), 1.0);
     root_fetched_each_chunk_once(&t.root);
     // The leaf's links to A and then B ran on the path asked for.
-    let (io, other) = if net_io() == "uring" {
-        ("uring", "epoll")
-    } else {
-        ("epoll", "uring")
-    };
-    assert!(t.leaf.metric(&streams(io)) >= 2.0);
-    assert_eq!(scrape_opt(t.leaf.metrics, &streams(other)), None);
-}
-
-fn streams(io: &str) -> String {
-    format!("herd_net_streams_total{{link=\"nbd\",io=\"{io}\"}}")
+    assert_links_ran_on(&t.leaf, "nbd", &net_io(), 2.0);
 }
 
 #[test]
@@ -287,14 +277,8 @@ fn root_restart(name: &str, net_io: &str) {
     // the rejoin window.
     leaf.wait_metric_at_least(&active_metric(port), 1.0, Duration::from_secs(20));
     assert_eq!(active(&leaf, port), 1.0);
-    // Before and after the restart, on the path asked for: a ring never
-    // falls back silently.
-    assert!(leaf.metric(&streams(net_io)) >= 2.0);
-    let other = if net_io == "uring" { "epoll" } else { "uring" };
-    assert_eq!(scrape_opt(leaf.metrics, &streams(other)), None);
-    if net_io == "uring" {
-        assert!(leaf.metric("herd_ring_completions_total{link=\"nbd\",op=\"recv\"}") > 0.0);
-    }
+    // Before and after the restart, on the path asked for.
+    assert_links_ran_on(&leaf, "nbd", net_io, 2.0);
 }
 
 /// A fleet powers on at once: a child whose tree parent is still starting

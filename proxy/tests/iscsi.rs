@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scrape_opt, scratch,
-    sparse_image, Herd, Tgtd,
+    assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scratch, sparse_image, Herd,
+    Tgtd,
 };
 
 const MIB: usize = 1 << 20;
@@ -139,32 +139,8 @@ fn read_across_target_restart(
     );
     assert_same_file(&out, &data);
     // Every session (the first and the one after the restart) ran on the
-    // path asked for (`--net-io`, else the tests' default), and a ring never
-    // falls back silently.
-    let (used, unused) = if herd_args.contains(&"uring")
-        || (!herd_args.contains(&"epoll") && common::net_io() == "uring")
-    {
-        ("uring", "epoll")
-    } else {
-        ("epoll", "uring")
-    };
-    let streams = |io: &str| {
-        scrape_opt(
-            h.metrics,
-            &format!("herd_net_streams_total{{link=\"iscsi\",io=\"{io}\"}}"),
-        )
-    };
-    assert!(streams(used).unwrap_or(0.0) >= 2.0, "{:?}", streams(used));
-    assert_eq!(streams(unused), None, "a session ran on {unused}");
-    let ring_recvs = scrape_opt(
-        h.metrics,
-        "herd_ring_completions_total{link=\"iscsi\",op=\"recv\"}",
-    );
-    if used == "uring" {
-        assert!(ring_recvs.unwrap_or(0.0) > 0.0, "{ring_recvs:?}");
-    } else {
-        assert_eq!(ring_recvs, None);
-    }
+    // path asked for.
+    common::assert_links_ran_on(&h, "iscsi", &common::net_io_of(herd_args), 2.0);
     let log = std::fs::read_to_string(&h.log).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     log

@@ -138,6 +138,45 @@ pub fn net_io() -> String {
     std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "epoll".into())
 }
 
+/// The path a daemon started with `extra` takes: its `--net-io`, else the
+/// tests' default.
+pub fn net_io_of(extra: &[&str]) -> String {
+    extra
+        .iter()
+        .position(|a| *a == "--net-io")
+        .and_then(|i| extra.get(i + 1))
+        .map_or_else(net_io, |io| (*io).to_owned())
+}
+
+/// Asserts that at least `at_least` of `h`'s connections on `link`
+/// ("iscsi", "nbd") ran on `io` and none on the other path (a ring never
+/// falls back silently), and that ring completions were counted exactly
+/// when `io` is uring.
+pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
+    let streams = |io: &str| {
+        scrape_opt(
+            h.metrics,
+            &format!("herd_net_streams_total{{link=\"{link}\",io=\"{io}\"}}"),
+        )
+    };
+    let other = if io == "uring" { "epoll" } else { "uring" };
+    assert!(
+        streams(io).unwrap_or(0.0) >= at_least,
+        "{link} connections on {io}: {:?}",
+        streams(io)
+    );
+    assert_eq!(streams(other), None, "a {link} connection ran on {other}");
+    let recvs = scrape_opt(
+        h.metrics,
+        &format!("herd_ring_completions_total{{link=\"{link}\",op=\"recv\"}}"),
+    );
+    if io == "uring" {
+        assert!(recvs.unwrap_or(0.0) > 0.0, "{recvs:?}");
+    } else {
+        assert_eq!(recvs, None);
+    }
+}
+
 impl Herd {
     /// Starts `herd serve` with `upstream` and waits until it listens; a
     /// daemon that lost its ports to another test is started again on
