@@ -738,7 +738,7 @@ mod tests {
 
     #[test]
     fn tls_and_allow_settings() {
-        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+        let base = MINIMAL;
         let c = FileConfig::parse(&format!(
             "{base}tls = \"require\"\ntls_cert = \"/s.pem\"\ntls_allow = [\"alice\"]\nallow = [\"10.1.2.3/8\", \"::1\", \"192.168.0.7\"]\n"
         ))
@@ -821,15 +821,19 @@ mod tests {
         assert!(e.to_string().contains("fleet"), "{e}");
     }
 
+    /// The least a config file needs to validate.
+    const MINIMAL: &str = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+
+    /// `MINIMAL` plus `extra`, parsed and validated.
+    fn minimal_with(extra: &str) -> Result<ServeConfig, ConfigError> {
+        FileConfig::parse(&format!("{MINIMAL}{extra}"))
+            .expect("parse")
+            .validate()
+    }
+
     #[test]
     fn spin_defaults_on_and_a_long_one_is_refused() {
-        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
-        let spin = |extra: &str| {
-            FileConfig::parse(&format!("{base}{extra}"))
-                .expect("parse")
-                .validate()
-                .map(|c| c.spin)
-        };
+        let spin = |extra: &str| minimal_with(extra).map(|c| c.spin);
         assert_eq!(
             spin("").ok(),
             Some(crate::export::nbd::spin::DEFAULT_WINDOW)
@@ -841,13 +845,7 @@ mod tests {
 
     #[test]
     fn net_io_defaults_to_epoll_and_a_typo_is_refused() {
-        let base = "upstream = \"/a\"\nlisten = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
-        let io = |extra: &str| {
-            FileConfig::parse(&format!("{base}{extra}"))
-                .expect("parse")
-                .validate()
-                .map(|c| c.net_io)
-        };
+        let io = |extra: &str| minimal_with(extra).map(|c| c.net_io);
         assert_eq!(io("").ok(), Some(NetIo::Epoll));
         assert_eq!(io("net_io = \"uring\"\n").ok(), Some(NetIo::Uring));
         // An older config's key still works.
