@@ -160,10 +160,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ManifestErro
     Ok(())
 }
 
-/// The parent's manifest export, for an NBD parent.
+/// The parent's manifest export of the image `parent` names, for an NBD
+/// parent.
 #[must_use]
 pub fn manifest_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
-    parent.with_export(MANIFEST_EXPORT)
+    parent.side_export(MANIFEST_EXPORT)
 }
 
 /// Reads the parent's manifest: `Ok(None)` if the parent has no
@@ -329,6 +330,10 @@ pub async fn build_logged(
     Ok(m)
 }
 
+/// How many times, a second apart, one digest failure's check is tried
+/// while the parent cannot answer (it may be restarting).
+const CHECK_TRIES: usize = 60;
+
 /// A child's watch: after each digest failure (at most every `pause`),
 /// reads the parent's manifest again and says so loudly when the parent
 /// now serves another image than this node, which keeps serving its own
@@ -339,26 +344,36 @@ pub async fn watch_parent(
     pause: std::time::Duration,
 ) {
     let ours = cache.manifest().identity();
-    crate::metrics::parent_identity_mismatch(false);
+    cache.metrics().parent_identity_mismatch(false);
     loop {
         cache.digest_failure().await;
-        let Some(parent) = parents.active() else {
-            tokio::time::sleep(pause).await;
-            continue;
-        };
-        match fetch_from_parent(&parent).await {
-            Ok(Some(m)) if m.identity() != ours => {
-                crate::metrics::parent_identity_mismatch(true);
-                tracing::error!(
-                    parent = %parent,
-                    parent_identity = %m.identity(),
-                    identity = %ours,
-                    "the parent now serves another image; this node keeps serving its own and fails reads of chunks that differ: restart it to move to the parent's image"
-                );
-            }
-            Ok(_) => crate::metrics::parent_identity_mismatch(false),
-            Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot re-read the parent's manifest")
+        // Until the parent answers: a failure seen while it restarts (no
+        // active parent yet, or its manifest unreadable) is checked again
+        // after a pause, not forgotten until the next failure.
+        for _ in 0..CHECK_TRIES {
+            let Some(parent) = parents.active() else {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            };
+            match fetch_from_parent(&parent).await {
+                Ok(Some(m)) if m.identity() != ours => {
+                    cache.metrics().parent_identity_mismatch(true);
+                    tracing::error!(
+                        parent = %parent,
+                        parent_identity = %m.identity(),
+                        identity = %ours,
+                        "the parent now serves another image; this node keeps serving its own and fails reads of chunks that differ: restart it to move to the parent's image"
+                    );
+                    break;
+                }
+                Ok(_) => {
+                    cache.metrics().parent_identity_mismatch(false);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot re-read the parent's manifest");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
             }
         }
         tokio::time::sleep(pause).await;
