@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = proto::decode_info(data);
     let _ = proto::decode_reply_header(data);
     let _ = proto::decode_meta_context_reply(data);
+    let _ = proto::decode_list_entry(data);
     if let Ok((id, descs)) = proto::decode_block_status(data) {
         let mut out = Vec::new();
         proto::encode_block_status(0, id, &descs, &mut out);

@@ -35,6 +35,24 @@
 //! prefetch_concurrency = 2  # upstream reads prefetch keeps in flight
 //! prefetch_rate = "50MiB"   # optional cap, bytes per second
 //! ```
+//!
+//! Several images: one `[[image]]` table each, instead of the top-level
+//! `upstream`, `export_name`, `manifest`, `profile` and `record_profile`.
+//! Each is an export of its own; the first is the default ("" names it).
+//!
+//! ```toml
+//! cache_dir = "/var/cache/herd"   # each image's cache: cache_dir/NAME unless given
+//! [[image]]
+//! name = "debian-12"
+//! upstream = "/srv/debian-12.img"   # a root; a parent: nbd://10.0.0.1:10809/debian-12
+//! profile = "/etc/herd/debian-12.profile"
+//! [[image]]
+//! name = "ubuntu-24"
+//! upstream = "/srv/ubuntu-24.img"
+//! cache_size = "20GiB"
+//! ```
+//! In a fleet an image may give no upstream: its parents are the fleet's,
+//! serving it under its name.
 
 use crate::io::ring_stream::NetIo;
 use std::path::{Path, PathBuf};
@@ -146,13 +164,58 @@ pub struct FileConfig {
     pub idle_timeout: Option<u64>,
     pub write_timeout: Option<u64>,
     pub spin_us: Option<u64>,
+    /// `[[image]]` tables: several images (file only).
+    pub image: Option<Vec<ImageFile>>,
+}
+
+/// One `[[image]]` table as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFile {
+    pub name: String,
+    pub upstream: Option<OneOrMany>,
+    pub cache_dir: Option<PathBuf>,
+    pub manifest: Option<PathBuf>,
+    pub profile: Option<PathBuf>,
+    pub record_profile: Option<PathBuf>,
+    pub cache_size: Option<String>,
+}
+
+/// One image a node serves, as an export of its own.
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    /// Its export name (and its `image` label in metrics).
+    pub name: String,
+    /// A file or LUN (a root), or parents in failover order; empty in a
+    /// fleet, whose parents serve it under `name`.
+    pub upstreams: Vec<UpstreamUrl>,
+    pub cache_dir: PathBuf,
+    /// A root's manifest made ahead of time (`herd manifest build`).
+    pub manifest: Option<PathBuf>,
+    /// A boot profile to prefetch and pass down (root).
+    pub profile: Option<PathBuf>,
+    /// Where to record what clients read.
+    pub record_profile: Option<PathBuf>,
+    /// Bytes its cache may hold.
+    pub cache_size: Option<u64>,
+}
+
+impl ImageConfig {
+    /// The image itself (a file or a LUN) when this node is its root.
+    #[must_use]
+    pub fn anchor(&self) -> Option<&UpstreamUrl> {
+        self.upstreams.first().filter(|u| !u.is_nbd())
+    }
 }
 
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Given upstreams, in order (empty when the fleet supplies them).
-    pub upstreams: Vec<UpstreamUrl>,
+    /// The images served, each an export; the first is the default.
+    pub images: Vec<ImageConfig>,
+    /// They come from `[[image]]` tables: a fleet's parents serve each
+    /// under its own name (else under the name the fleet gives).
+    pub named_images: bool,
     /// Where membership comes from, if this node is in a fleet.
     pub fleet: Option<Source>,
     /// This node's name in the fleet.
@@ -164,8 +227,6 @@ pub struct ServeConfig {
     pub fanout: u32,
     pub failover: FailoverSettings,
     pub listen: Vec<ListenAddr>,
-    pub cache_dir: PathBuf,
-    pub export_name: String,
     pub chunk_size: u32,
     pub metrics: Option<String>,
     pub connections: usize,
@@ -175,13 +236,6 @@ pub struct ServeConfig {
     /// Bytes fetched ahead of a sequential reader that misses (0: off).
     pub read_ahead: u64,
     pub iscsi: IscsiSettings,
-    /// Boot profile to prefetch and hand to children (root).
-    pub profile: Option<PathBuf>,
-    /// The image's manifest, made ahead of time (a root, or a node over a
-    /// server that is not herd); children get theirs from the parent.
-    pub manifest: Option<PathBuf>,
-    /// Where the daemon-side recorder writes what clients read.
-    pub record_profile: Option<PathBuf>,
     pub prefetch: PrefetchSettings,
     /// `--tls*`: STARTTLS on the export and to NBD parents.
     pub tls: crate::tls::Settings,
@@ -192,9 +246,6 @@ pub struct ServeConfig {
     /// Fetched bytes that may wait in memory to be written to the cache
     /// disk; fetching waits beyond it.
     pub fetch_buffer: u64,
-    /// `--cache-size`: bytes the cache's data file may hold (None: the
-    /// whole image).
-    pub cache_size: Option<u64>,
     /// `--spin-us`: how long an NBD connection that sends back to back is
     /// polled for its next request before its task sleeps (zero: never).
     pub spin: std::time::Duration,
@@ -381,6 +432,7 @@ impl FileConfig {
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             write_timeout: other.write_timeout.or(self.write_timeout),
             spin_us: other.spin_us.or(self.spin_us),
+            image: other.image.or(self.image),
         }
     }
 
@@ -396,24 +448,43 @@ impl FileConfig {
             .map(str::parse::<Source>)
             .transpose()
             .map_err(|e| inv("fleet", e.to_string()))?;
-        let upstreams = self
-            .upstream
-            .map(OneOrMany::into_vec)
-            .unwrap_or_default()
-            .iter()
-            .map(|u| {
-                u.parse::<UpstreamUrl>()
-                    .map_err(|e| inv("upstream", e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if upstreams.is_empty() && fleet.is_none() {
-            return Err(ConfigError::Missing("upstream"));
+        let parse_upstreams = |list: Option<OneOrMany>| -> Result<Vec<UpstreamUrl>, ConfigError> {
+            let ups = list
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default()
+                .iter()
+                .map(|u| {
+                    u.parse::<UpstreamUrl>()
+                        .map_err(|e| inv("upstream", e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if ups.len() > 1 && !ups.iter().all(UpstreamUrl::is_nbd) {
+                return Err(inv(
+                    "upstream",
+                    "several upstreams must all be NBD parents (a file or LUN is a root's only upstream)".into(),
+                ));
+            }
+            Ok(ups)
+        };
+        if self.image.is_some() {
+            for (key, given) in [
+                ("upstream", self.upstream.is_some()),
+                ("export_name", self.export_name.is_some()),
+                ("manifest", self.manifest.is_some()),
+                ("profile", self.profile.is_some()),
+                ("record_profile", self.record_profile.is_some()),
+            ] {
+                if given {
+                    return Err(inv(
+                        key,
+                        "is given in each [[image]] table when there are several images".into(),
+                    ));
+                }
+            }
         }
-        if upstreams.len() > 1 && !upstreams.iter().all(UpstreamUrl::is_nbd) {
-            return Err(inv(
-                "upstream",
-                "several upstreams must all be NBD parents (a file or LUN is a root's only upstream)".into(),
-            ));
+        let upstreams = parse_upstreams(self.upstream)?;
+        if upstreams.is_empty() && fleet.is_none() && self.image.is_none() {
+            return Err(ConfigError::Missing("upstream"));
         }
         let secs =
             |key, v: Option<f64>, default: f64| -> Result<std::time::Duration, ConfigError> {
@@ -612,22 +683,93 @@ impl FileConfig {
             self.fetch_buffer,
             crate::cache::DEFAULT_FETCH_BUFFER,
         )?;
-        let cache_size = match self.cache_size {
-            None => None,
-            Some(s) => {
-                let bytes = parse_size(&s).map_err(|e| inv("cache_size", e.to_string()))?;
-                // Runs waiting for the disk (up to the fetch buffer) are
-                // counted against the cap: half of it stays for the cache.
-                let least = (2 * fetch_buffer).max(16 * u64::from(chunk_size));
-                if bytes < least {
-                    return Err(inv(
-                        "cache_size",
-                        format!(
-                            "{bytes} bytes is less than {least}: twice fetch_buffer ({fetch_buffer}) and at least 16 chunks"
-                        ),
-                    ));
+        let cap = |s: Option<String>| -> Result<Option<u64>, ConfigError> {
+            let Some(s) = s else { return Ok(None) };
+            let bytes = parse_size(&s).map_err(|e| inv("cache_size", e.to_string()))?;
+            // Runs waiting for the disk (up to the fetch buffer) are
+            // counted against the cap: half of it stays for the cache.
+            let least = (2 * fetch_buffer).max(16 * u64::from(chunk_size));
+            if bytes < least {
+                return Err(inv(
+                    "cache_size",
+                    format!(
+                        "{bytes} bytes is less than {least}: twice fetch_buffer ({fetch_buffer}) and at least 16 chunks"
+                    ),
+                ));
+            }
+            Ok(Some(bytes))
+        };
+        let cache_size = cap(self.cache_size)?;
+        let named_images = self.image.is_some();
+        let images = match self.image {
+            None => vec![ImageConfig {
+                name: self
+                    .export_name
+                    .unwrap_or_else(|| DEFAULT_EXPORT.to_owned()),
+                upstreams,
+                cache_dir,
+                manifest: self.manifest,
+                profile: self.profile,
+                record_profile: self.record_profile,
+                cache_size,
+            }],
+            Some(tables) => {
+                if tables.is_empty() {
+                    return Err(ConfigError::Missing("image"));
                 }
-                Some(bytes)
+                let mut images: Vec<ImageConfig> = Vec::with_capacity(tables.len());
+                for t in tables {
+                    if !crate::export::nbd::valid_image_name(&t.name) {
+                        return Err(inv(
+                            "image",
+                            format!("name `{}` is not letters, digits, '.', '_' and '-', or is reserved", t.name),
+                        ));
+                    }
+                    if images.iter().any(|i| i.name == t.name) {
+                        return Err(inv("image", format!("two images are named `{}`", t.name)));
+                    }
+                    let ups = parse_upstreams(t.upstream)?;
+                    if ups.is_empty() && fleet.is_none() {
+                        return Err(inv(
+                            "image",
+                            format!(
+                                "image `{}` has no upstream (and there is no fleet to serve it)",
+                                t.name
+                            ),
+                        ));
+                    }
+                    images.push(ImageConfig {
+                        cache_dir: t.cache_dir.unwrap_or_else(|| cache_dir.join(&t.name)),
+                        name: t.name,
+                        upstreams: ups,
+                        manifest: t.manifest,
+                        profile: t.profile,
+                        record_profile: t.record_profile,
+                        cache_size: match t.cache_size {
+                            Some(s) => cap(Some(s))?,
+                            None => cache_size,
+                        },
+                    });
+                }
+                if fleet.is_some() {
+                    let roots = images.iter().filter(|i| i.anchor().is_some()).count();
+                    if roots != 0 && roots != images.len() {
+                        return Err(inv(
+                            "image",
+                            "in a fleet a node is the root of every image or of none".into(),
+                        ));
+                    }
+                }
+                let dirs = images.iter().map(|i| &i.cache_dir);
+                for (n, d) in dirs.clone().enumerate() {
+                    if dirs.clone().take(n).any(|o| o == d) {
+                        return Err(inv(
+                            "image",
+                            format!("two images use cache directory {}", d.display()),
+                        ));
+                    }
+                }
+                images
             }
         };
         let spin = match self.spin_us {
@@ -652,7 +794,6 @@ impl FileConfig {
             allow,
             limits,
             fetch_buffer,
-            cache_size,
             spin,
             iscsi_target: IscsiTargetSettings {
                 listen: self.listen_iscsi.unwrap_or_default(),
@@ -660,11 +801,9 @@ impl FileConfig {
                 chap: self.iscsi_target_chap,
                 mutual_chap: self.iscsi_target_mutual_chap,
             },
-            profile: self.profile,
-            manifest: self.manifest,
-            record_profile: self.record_profile,
+            images,
+            named_images,
             prefetch,
-            upstreams,
             fleet,
             node,
             advertise: self.advertise,
@@ -675,10 +814,6 @@ impl FileConfig {
             },
             failover,
             listen,
-            cache_dir,
-            export_name: self
-                .export_name
-                .unwrap_or_else(|| DEFAULT_EXPORT.to_owned()),
             chunk_size,
             metrics: self.metrics,
             connections,
@@ -716,7 +851,7 @@ impl ServeConfig {
     /// first parent.
     #[must_use]
     pub fn first_upstream(&self) -> Option<&UpstreamUrl> {
-        self.upstreams.first()
+        self.images.first().and_then(|i| i.upstreams.first())
     }
 }
 
@@ -732,7 +867,7 @@ mod tests {
         .expect("parse");
         let c = f.validate().expect("valid");
         assert_eq!(c.chunk_size, 256 << 10);
-        assert_eq!(c.export_name, DEFAULT_EXPORT);
+        assert_eq!(c.images[0].name, DEFAULT_EXPORT);
         assert_eq!(c.connections, DEFAULT_CONNECTIONS);
     }
 
@@ -800,7 +935,7 @@ mod tests {
         .expect("parse")
         .validate()
         .expect("valid");
-        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.images[0].upstreams.len(), 2);
         assert_eq!(
             c.failover.probe_timeout,
             std::time::Duration::from_millis(250)
@@ -868,5 +1003,61 @@ mod tests {
         let m = file.merge(flags);
         assert_eq!(m.export_name.as_deref(), Some("flag"));
         assert_eq!(m.upstream, Some(OneOrMany::One("/a".into())));
+    }
+
+    #[test]
+    fn image_tables_make_one_export_each() {
+        let text = "listen = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\ncache_size = \"64MiB\"\n\
+            [[image]]\nname = \"deb\"\nupstream = \"/d.img\"\nprofile = \"/d.profile\"\n\
+            [[image]]\nname = \"ubu\"\nupstream = [\"nbd://10.0.0.1/ubu\", \"nbd://10.0.0.2/ubu\"]\n\
+            cache_dir = \"/u\"\ncache_size = \"32MiB\"\n";
+        let c = FileConfig::parse(text)
+            .expect("parse")
+            .validate()
+            .expect("valid");
+        assert!(c.named_images);
+        let names: Vec<&str> = c.images.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["deb", "ubu"]);
+        assert_eq!(c.images[0].cache_dir, PathBuf::from("/c/deb"));
+        assert_eq!(c.images[1].cache_dir, PathBuf::from("/u"));
+        assert!(c.images[0].anchor().is_some());
+        assert!(c.images[1].anchor().is_none());
+        assert_eq!(c.images[1].upstreams.len(), 2);
+        assert_eq!(c.images[0].cache_size, Some(64 << 20));
+        assert_eq!(c.images[1].cache_size, Some(32 << 20));
+        assert_eq!(c.images[0].profile, Some(PathBuf::from("/d.profile")));
+        // One image without tables keeps today's keys.
+        let one = minimal_with("export_name = \"golden\"\n").expect("valid");
+        assert!(!one.named_images);
+        assert_eq!(one.images.len(), 1);
+        assert_eq!(one.images[0].name, "golden");
+        assert_eq!(one.images[0].cache_dir, PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn bad_image_tables_are_refused_by_key() {
+        let base = "listen = [\"127.0.0.1:2\"]\ncache_dir = \"/c\"\n";
+        let err = |extra: &str| {
+            FileConfig::parse(&format!("{base}{extra}"))
+                .expect("parse")
+                .validate()
+                .expect_err("refused")
+                .to_string()
+        };
+        let e = err("[[image]]\nname = \"a\"\nupstream = \"/a\"\n[[image]]\nname = \"a\"\nupstream = \"/b\"\n");
+        assert!(e.contains("two images are named `a`"), "{e}");
+        let e = err("[[image]]\nname = \"herd-manifest\"\nupstream = \"/a\"\n");
+        assert!(e.contains("herd-manifest"), "{e}");
+        let e = err("[[image]]\nname = \"a/b\"\nupstream = \"/a\"\n");
+        assert!(e.contains("a/b"), "{e}");
+        let e = err("[[image]]\nname = \"a\"\n");
+        assert!(e.contains("image `a` has no upstream"), "{e}");
+        let e = err("upstream = \"/x\"\n[[image]]\nname = \"a\"\nupstream = \"/a\"\n");
+        assert!(e.contains("upstream") && e.contains("[[image]]"), "{e}");
+        let e = err("[[image]]\nname = \"a\"\nupstream = \"/a\"\ncache_dir = \"/d\"\n[[image]]\nname = \"b\"\nupstream = \"/b\"\ncache_dir = \"/d\"\n");
+        assert!(e.contains("cache directory /d"), "{e}");
+        let e = FileConfig::parse(&format!("{base}[[image]]\nname = \"a\"\nport = 3\n"))
+            .expect_err("unknown key");
+        assert!(e.contains("port"), "{e}");
     }
 }

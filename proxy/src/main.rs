@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "herd",
     version,
-    about = "Serve one VM image to a fleet through a tree of caching NBD proxies"
+    about = "Serve VM images to a fleet through a tree of caching NBD proxies"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +41,9 @@ enum Command {
     /// The fleet: its tree and each node's health.
     #[command(subcommand)]
     Fleet(cli::fleet::FleetCmd),
+    /// The images a running node serves: versions, clients, cache fill.
+    #[command(subcommand)]
+    Image(cli::image::ImageCmd),
     /// TLS for NBD links: certificates.
     #[command(subcommand)]
     Tls(cli::tls::TlsCmd),
@@ -88,6 +91,7 @@ fn main() -> std::process::ExitCode {
     let args = Cli::parse();
     let res = match args.command {
         Command::Serve(args) => cli::serve::run(*args),
+        Command::Image(cmd) => cli::image::run(cmd),
         Command::Iscsi(IscsiCmd::Probe {
             url,
             iscsi_secret_file,

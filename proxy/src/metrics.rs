@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, Counter, Gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use thiserror::Error;
 
@@ -54,16 +54,9 @@ pub fn install(addr: &str) -> Result<(), MetricsError> {
 /// source: present from the start.
 fn register_at_zero() {
     for name in [
-        "herd_served_bytes_total",
-        "herd_served_zero_copy_bytes_total",
         "herd_served_side_bytes_total",
         "herd_served_requests_total",
-        "herd_upstream_read_bytes_total",
-        "herd_chunk_hits_total",
-        "herd_chunk_misses_total",
-        "herd_singleflight_joins_total",
         "herd_nbd_connections_total",
-        "herd_prefetch_bytes_total",
         "herd_manifest_build_bytes_total",
         "herd_upstream_failovers_total",
         "herd_upstream_down_total",
@@ -71,8 +64,6 @@ fn register_at_zero() {
         "herd_iscsi_ping_failures_total",
         "herd_iscsi_commands_total",
         "herd_iscsi_digest_errors_total",
-        "herd_cache_evicted_chunks_total",
-        "herd_cache_uncached_bytes_total",
         "herd_iscsi_target_commands_total",
         "herd_iscsi_target_digest_errors_total",
         "herd_iscsi_target_rejects_total",
@@ -81,28 +72,15 @@ fn register_at_zero() {
         counter!(name).increment(0);
     }
     for name in [
-        "herd_cache_chunks_present",
-        "herd_cache_chunks_total",
-        "herd_cache_chunks_zero",
-        "herd_prefetch_chunks_total",
-        "herd_prefetch_chunks_done",
-        "herd_profile_extents",
-        "herd_image_size_bytes",
         "herd_serving",
-        "herd_parent_identity_mismatch",
         "herd_iscsi_in_flight_max",
         "herd_reply_buffer_bytes",
         "herd_reply_buffer_bytes_peak",
         "herd_cache_unpersisted_bytes",
         "herd_cache_unpersisted_bytes_peak",
         "herd_nbd_connections_open",
-        "herd_cache_capacity_chunks",
-        "herd_cache_disk_full",
     ] {
         gauge!(name).set(0.0);
-    }
-    for source in DIGEST_SOURCES {
-        counter!("herd_chunk_digest_failures_total", "source" => *source).increment(0);
     }
     for result in ["ok", "failed"] {
         counter!("herd_iscsi_target_logins_total", "result" => result).increment(0);
@@ -223,7 +201,11 @@ fn describe() {
     );
     describe_gauge!(
         "herd_image_identity_info",
-        "1, labelled with the identity (BLAKE3 of the manifest) of the image served"
+        "1, labelled with the image and the identity (BLAKE3 of the manifest) it serves"
+    );
+    describe_gauge!(
+        "herd_image_clients",
+        "NBD connections reading the image now (side exports not counted)"
     );
     describe_gauge!(
         "herd_serving",
@@ -297,25 +279,15 @@ fn describe() {
 }
 
 /// The sources a chunk's bytes can come from.
-pub const DIGEST_SOURCES: &[&str] = &["parent", "image", "cache"];
+pub const DIGEST_SOURCES: [&str; 3] = ["parent", "image", "cache"];
 
-/// A chunk from `source` failed its digest.
-pub fn digest_failure(source: &'static str) {
-    counter!("herd_chunk_digest_failures_total", "source" => source).increment(1);
-}
 pub fn manifest_built(bytes: u64) {
     counter!("herd_manifest_build_bytes_total").increment(bytes);
-}
-pub fn image_identity(identity: &str) {
-    gauge!("herd_image_identity_info", "identity" => identity.to_owned()).set(1.0);
 }
 /// Every listener is bound: the node serves NBD (its metrics answer
 /// earlier, while it gets or builds the manifest).
 pub fn serving() {
     gauge!("herd_serving").set(1.0);
-}
-pub fn parent_identity_mismatch(yes: bool) {
-    gauge!("herd_parent_identity_mismatch").set(if yes { 1.0 } else { 0.0 });
 }
 
 pub fn iscsi_ping_failure() {
@@ -341,15 +313,8 @@ pub fn upstream_active(parent: &str, active: bool) {
         0.0
     });
 }
-
-pub fn served(bytes: u64) {
-    counter!("herd_served_bytes_total").increment(bytes);
-}
 pub fn served_side(bytes: u64) {
     counter!("herd_served_side_bytes_total").increment(bytes);
-}
-pub fn served_zero_copy(bytes: u64) {
-    counter!("herd_served_zero_copy_bytes_total").increment(bytes);
 }
 pub fn export_spin(request: bool, spent: std::time::Duration) {
     let outcome = if request { "request" } else { "idle" };
@@ -359,18 +324,6 @@ pub fn export_spin(request: bool, spent: std::time::Duration) {
 }
 pub fn request() {
     counter!("herd_served_requests_total").increment(1);
-}
-pub fn upstream_read(bytes: u64) {
-    counter!("herd_upstream_read_bytes_total").increment(bytes);
-}
-pub fn chunk_hit() {
-    counter!("herd_chunk_hits_total").increment(1);
-}
-pub fn chunk_miss() {
-    counter!("herd_chunk_misses_total").increment(1);
-}
-pub fn singleflight_join() {
-    counter!("herd_singleflight_joins_total").increment(1);
 }
 pub fn connection() {
     counter!("herd_nbd_connections_total").increment(1);
@@ -402,22 +355,6 @@ pub fn tls_handshake(side: &'static str, ok: bool) {
     let result = if ok { "ok" } else { "failed" };
     counter!("herd_tls_handshakes_total", "side" => side, "result" => result).increment(1);
 }
-#[allow(clippy::cast_precision_loss)] // gauges are f64; chunk counts fit easily
-pub fn cache_chunks_present(n: u64) {
-    gauge!("herd_cache_chunks_present").set(n as f64);
-}
-#[allow(clippy::cast_precision_loss)]
-pub fn cache_chunks_zero(n: u64) {
-    gauge!("herd_cache_chunks_zero").set(n as f64);
-}
-
-#[allow(clippy::cast_precision_loss)]
-pub fn cache_capacity_chunks(n: u64) {
-    gauge!("herd_cache_capacity_chunks").set(n as f64);
-}
-pub fn cache_evicted(n: u64) {
-    counter!("herd_cache_evicted_chunks_total").increment(n);
-}
 /// An iSCSI login to herd's target ended.
 pub fn iscsi_target_login(ok: bool) {
     let result = if ok { "ok" } else { "failed" };
@@ -432,33 +369,6 @@ pub fn iscsi_target_digest_error() {
 pub fn iscsi_target_reject() {
     counter!("herd_iscsi_target_rejects_total").increment(1);
 }
-pub fn cache_disk_full(full: bool) {
-    gauge!("herd_cache_disk_full").set(if full { 1.0 } else { 0.0 });
-}
-pub fn cache_uncached_bytes(n: u64) {
-    counter!("herd_cache_uncached_bytes_total").increment(n);
-}
-
-pub fn cache_chunks_total(n: u64) {
-    gauge!("herd_cache_chunks_total").set(n as f64);
-}
-#[allow(clippy::cast_precision_loss)]
-pub fn image_size(n: u64) {
-    gauge!("herd_image_size_bytes").set(n as f64);
-}
-
-#[allow(clippy::cast_precision_loss)]
-pub fn prefetch_progress(done: u64, total: u64) {
-    gauge!("herd_prefetch_chunks_done").set(done as f64);
-    gauge!("herd_prefetch_chunks_total").set(total as f64);
-}
-pub fn prefetch_bytes(bytes: u64) {
-    counter!("herd_prefetch_bytes_total").increment(bytes);
-}
-#[allow(clippy::cast_precision_loss)]
-pub fn profile_extents(n: usize) {
-    gauge!("herd_profile_extents").set(n as f64);
-}
 
 static ISCSI_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -469,5 +379,205 @@ pub fn iscsi_command(in_flight: usize) {
     let prev = ISCSI_MAX.fetch_max(in_flight, std::sync::atomic::Ordering::Relaxed);
     if in_flight > prev {
         gauge!("herd_iscsi_in_flight_max").set(in_flight as f64);
+    }
+}
+
+/// The series of one image a node serves, labelled `image`: its cache,
+/// its fetches, its prefetch and what its clients were sent. Handles are
+/// resolved once, so the hot path pays no label lookup. Made after
+/// `install` (before it, handles record nothing).
+pub struct ImageMetrics {
+    hits: Counter,
+    misses: Counter,
+    joins: Counter,
+    upstream_read: Counter,
+    served: Counter,
+    served_zero_copy: Counter,
+    present: Gauge,
+    total: Gauge,
+    zero: Gauge,
+    capacity: Gauge,
+    evicted: Counter,
+    uncached: Counter,
+    disk_full: Gauge,
+    digest: [Counter; 3],
+    prefetch_done: Gauge,
+    prefetch_total: Gauge,
+    prefetch_bytes: Counter,
+    profile_extents: Gauge,
+    size: Gauge,
+    parent_mismatch: Gauge,
+}
+
+#[allow(clippy::cast_precision_loss)] // gauges are f64; counts fit easily
+impl ImageMetrics {
+    /// Every series of image `image`, registered at 0.
+    #[must_use]
+    pub fn new(image: &str) -> Self {
+        let c = |name: &'static str| {
+            let c = counter!(name, "image" => image.to_owned());
+            c.increment(0);
+            c
+        };
+        let g = |name: &'static str| {
+            let g = gauge!(name, "image" => image.to_owned());
+            g.set(0.0);
+            g
+        };
+        let digest = DIGEST_SOURCES.map(|source| {
+            let c = counter!("herd_chunk_digest_failures_total", "image" => image.to_owned(), "source" => source);
+            c.increment(0);
+            c
+        });
+        Self {
+            hits: c("herd_chunk_hits_total"),
+            misses: c("herd_chunk_misses_total"),
+            joins: c("herd_singleflight_joins_total"),
+            upstream_read: c("herd_upstream_read_bytes_total"),
+            served: c("herd_served_bytes_total"),
+            served_zero_copy: c("herd_served_zero_copy_bytes_total"),
+            present: g("herd_cache_chunks_present"),
+            total: g("herd_cache_chunks_total"),
+            zero: g("herd_cache_chunks_zero"),
+            capacity: g("herd_cache_capacity_chunks"),
+            evicted: c("herd_cache_evicted_chunks_total"),
+            uncached: c("herd_cache_uncached_bytes_total"),
+            disk_full: g("herd_cache_disk_full"),
+            digest,
+            prefetch_done: g("herd_prefetch_chunks_done"),
+            prefetch_total: g("herd_prefetch_chunks_total"),
+            prefetch_bytes: c("herd_prefetch_bytes_total"),
+            profile_extents: g("herd_profile_extents"),
+            size: g("herd_image_size_bytes"),
+            parent_mismatch: g("herd_parent_identity_mismatch"),
+        }
+    }
+
+    /// The image's identity, as an info series.
+    pub fn identity(image: &str, identity: &str) {
+        gauge!("herd_image_identity_info", "image" => image.to_owned(), "identity" => identity.to_owned()).set(1.0);
+    }
+    /// A chunk from `source` (one of `DIGEST_SOURCES`) failed its digest.
+    pub fn digest_failure(&self, source: &'static str) {
+        if let Some(i) = DIGEST_SOURCES.iter().position(|s| *s == source) {
+            self.digest[i].increment(1);
+        }
+    }
+    pub fn served(&self, bytes: u64) {
+        self.served.increment(bytes);
+    }
+    pub fn served_zero_copy(&self, bytes: u64) {
+        self.served_zero_copy.increment(bytes);
+    }
+    pub fn upstream_read(&self, bytes: u64) {
+        self.upstream_read.increment(bytes);
+    }
+    pub fn chunk_hit(&self) {
+        self.hits.increment(1);
+    }
+    pub fn chunk_miss(&self) {
+        self.misses.increment(1);
+    }
+    pub fn singleflight_join(&self) {
+        self.joins.increment(1);
+    }
+    pub fn chunks_present(&self, n: u64) {
+        self.present.set(n as f64);
+    }
+    pub fn chunks_zero(&self, n: u64) {
+        self.zero.set(n as f64);
+    }
+    pub fn chunks_total(&self, n: u64) {
+        self.total.set(n as f64);
+    }
+    pub fn capacity_chunks(&self, n: u64) {
+        self.capacity.set(n as f64);
+    }
+    pub fn evicted(&self, n: u64) {
+        self.evicted.increment(n);
+    }
+    pub fn disk_full(&self, full: bool) {
+        self.disk_full.set(if full { 1.0 } else { 0.0 });
+    }
+    pub fn uncached_bytes(&self, n: u64) {
+        self.uncached.increment(n);
+    }
+    pub fn image_size(&self, n: u64) {
+        self.size.set(n as f64);
+    }
+    pub fn prefetch_progress(&self, done: u64, total: u64) {
+        self.prefetch_done.set(done as f64);
+        self.prefetch_total.set(total as f64);
+    }
+    pub fn prefetch_bytes(&self, bytes: u64) {
+        self.prefetch_bytes.increment(bytes);
+    }
+    /// 1 while the parent serves another identity of this image.
+    pub fn parent_identity_mismatch(&self, yes: bool) {
+        self.parent_mismatch.set(if yes { 1.0 } else { 0.0 });
+    }
+    pub fn profile_extents(&self, n: usize) {
+        self.profile_extents.set(n as f64);
+    }
+}
+
+/// Connections reading image `image` now.
+#[allow(clippy::cast_precision_loss)]
+pub fn image_clients(image: &str, n: usize) {
+    gauge!("herd_image_clients", "image" => image.to_owned()).set(n as f64);
+}
+
+/// The value of `query` in a Prometheus text exposition: `name` or
+/// `name{label="value",…}`, summed over every series of that name whose
+/// labels include the given ones (so `herd_chunk_hits_total` is the
+/// node's total over its images). `None` if no series matches. Tests and
+/// benchmarks read metrics through this one function.
+#[must_use]
+pub fn sample(text: &str, query: &str) -> Option<f64> {
+    let (name, want) = split_series(query);
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = split_series(series);
+        if n != name || !want.iter().all(|w| labels.contains(w)) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// `name{a="x",b="y"}` → (`name`, [`a="x"`, `b="y"`]); label values
+/// holding commas are not split correctly, and herd writes none.
+fn split_series(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (s, Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    #[test]
+    fn samples_sum_over_series_with_the_asked_labels() {
+        let text = "# TYPE x counter\nx{image=\"a\",source=\"parent\"} 2\nx{image=\"b\",source=\"parent\"} 3\nx{image=\"b\",source=\"cache\"} 5\ny 7\n";
+        assert_eq!(sample(text, "x"), Some(10.0));
+        assert_eq!(sample(text, "x{source=\"parent\"}"), Some(5.0));
+        assert_eq!(sample(text, "x{image=\"b\",source=\"cache\"}"), Some(5.0));
+        assert_eq!(sample(text, "x{image=\"c\"}"), None);
+        assert_eq!(sample(text, "y"), Some(7.0));
+        assert_eq!(sample(text, "z"), None);
     }
 }

@@ -26,6 +26,20 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     n.checked_mul(mult).ok_or_else(|| SizeError(s.to_owned()))
 }
 
+/// Bytes for people: one decimal and a binary unit (`1.5 GiB`).
+#[must_use]
+#[allow(clippy::cast_precision_loss)]
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ fn all_decoders(d: &[u8]) {
         assert_eq!(proto::encode_meta_context_request(&r), d);
     }
     let _ = proto::decode_meta_context_reply(d);
+    let _ = proto::decode_list_entry(d);
     let _ = proto::decode_block_status(d);
     let _ = bitmap::decode_header(d);
     let _ = pdu::decode(d);

@@ -124,14 +124,7 @@ pub fn ssh_command(key: &std::path::Path, host: &str, port: u16, extra: &[&str])
 /// integral; the text format may still print them as "1e3".
 pub fn prom_get(text: &str, name: &str) -> Option<u64> {
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            l.split_once(' ')
-                .filter(|(k, _)| *k == name)
-                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
-        })
-        .map(|v| v as u64)
+    herd::metrics::sample(text, name).map(|v| v as u64)
 }
 
 /// Loop-mounts the file system image `raw` at `mnt`, runs `f` on it and

@@ -246,6 +246,8 @@ pub struct ChunkCache {
     /// Taken only under a cap.
     disk: Arc<tokio::sync::RwLock<()>>,
     full: Arc<room::DiskFull>,
+    /// This image's series (labelled with its export name).
+    metrics: Arc<m::ImageMetrics>,
 }
 
 /// Who asked for a fetch: clients always go first.
@@ -257,7 +259,7 @@ enum Class {
 
 impl ChunkCache {
     /// Opens (or creates) the cache in `dir` for `upstream`, whose image
-    /// `manifest` describes. A directory holding another image starts a
+    /// `manifest` describes; `image` names it in metrics. A directory holding another image starts a
     /// fresh generation (emptied, with a warning naming both identities).
     ///
     /// # Errors
@@ -266,6 +268,7 @@ impl ChunkCache {
     /// if the bitmap is foreign, for another chunk size, or locked by
     /// another daemon.
     pub fn open(
+        image: &str,
         dir: &Path,
         upstream: Arc<dyn Upstream>,
         chunk_size: u32,
@@ -304,12 +307,15 @@ impl ChunkCache {
         if data.metadata().map_err(dir_err)?.len() != size {
             data.set_len(size).map_err(dir_err)?;
         }
-        m::cache_chunks_total(bitmap.chunks());
-        m::cache_chunks_present(bitmap.count());
+        let metrics = m::ImageMetrics::new(image);
+        metrics.chunks_total(bitmap.chunks());
+        metrics.chunks_present(bitmap.count());
+        metrics.image_size(size);
         let words = usize::try_from(bitmap.chunks().div_ceil(64)).unwrap_or(0);
         let (zero, zero_count) = zero_chunks(&manifest, u64::from(chunk_size), bitmap.chunks());
-        m::cache_chunks_zero(zero_count);
-        m::cache_capacity_chunks(bitmap.chunks());
+        metrics.chunks_zero(zero_count);
+        metrics.capacity_chunks(bitmap.chunks());
+        let metrics = Arc::new(metrics);
         Ok(Arc::new(Self {
             upstream,
             manifest,
@@ -333,7 +339,8 @@ impl ChunkCache {
             fetch_buffer: FetchBuffer::new(DEFAULT_FETCH_BUFFER),
             cap: std::sync::OnceLock::new(),
             disk: Arc::new(tokio::sync::RwLock::new(())),
-            full: room::DiskFull::new(dir.to_owned()),
+            full: room::DiskFull::new(dir.to_owned(), Arc::clone(&metrics)),
+            metrics,
         }))
     }
 
@@ -349,7 +356,7 @@ impl ChunkCache {
         let cap = self
             .cap
             .get_or_init(|| room::Cap::new(chunks, self.bitmap.chunks()));
-        m::cache_capacity_chunks(cap.chunks);
+        self.metrics.capacity_chunks(cap.chunks);
         let over = self.bitmap.count().saturating_sub(cap.chunks);
         if over > 0 {
             let victims = cap.choose(&self.present_words(), over, room::Victims::Any);
@@ -395,8 +402,8 @@ impl ChunkCache {
                 source,
             }
         })?;
-        m::cache_evicted(victims.len() as u64);
-        m::cache_chunks_present(self.bitmap.count());
+        self.metrics.evicted(victims.len() as u64);
+        self.metrics.chunks_present(self.bitmap.count());
         Ok(())
     }
 
@@ -650,11 +657,11 @@ impl ChunkCache {
             self.mark_verified(c..c + 1);
             return Ok(true);
         }
-        m::digest_failure("cache");
+        self.metrics.digest_failure("cache");
         self.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(chunk = c, offset = off, data = %self.data_path.display(), "chunk damaged in the cache file; dropped, fetching it again");
         self.bitmap.clear(c)?;
-        m::cache_chunks_present(self.bitmap.count());
+        self.metrics.chunks_present(self.bitmap.count());
         Ok(false)
     }
 
@@ -669,6 +676,12 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+
+    /// This image's metric series.
+    #[must_use]
+    pub fn metrics(&self) -> &m::ImageMetrics {
+        &self.metrics
     }
 
     #[must_use]
@@ -1043,13 +1056,13 @@ impl ChunkCache {
                 if let Some(rx) = map.get(&chunk) {
                     if count {
                         self.stats.joins.fetch_add(1, Ordering::Relaxed);
-                        m::singleflight_join();
+                        self.metrics.singleflight_join();
                     }
                     out.push((chunk, Claim::Fetch(rx.clone())));
                     continue;
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                m::chunk_miss();
+                self.metrics.chunk_miss();
                 let (tx, rx) = watch::channel(None);
                 map.insert(chunk, rx.clone());
                 out.push((chunk, Claim::Fetch(rx)));
@@ -1075,7 +1088,7 @@ impl ChunkCache {
 
     fn hit(&self, c: u64) {
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
-        m::chunk_hit();
+        self.metrics.chunk_hit();
         self.touch(c);
     }
 
@@ -1157,9 +1170,9 @@ impl ChunkCache {
 
     fn count_fetched(&self, len: u64, class: Class) {
         self.stats.upstream_bytes.fetch_add(len, Ordering::Relaxed);
-        m::upstream_read(len);
+        self.metrics.upstream_read(len);
         if class == Class::Prefetch {
-            m::prefetch_bytes(len);
+            self.metrics.prefetch_bytes(len);
         }
     }
 
@@ -1242,7 +1255,7 @@ impl ChunkCache {
 
     fn digest_failed(&self, c: u64, read: u32) {
         let kind = self.upstream.source_kind();
-        m::digest_failure(kind);
+        self.metrics.digest_failure(kind);
         self.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
         self.digest_failed.notify_one();
         tracing::error!(
@@ -1274,7 +1287,7 @@ impl ChunkCache {
             Some(cap) => match self.make_room(cap, start, n, class).await? {
                 Some(r) => Some(r),
                 None => {
-                    m::cache_uncached_bytes(buf.len() as u64);
+                    self.metrics.uncached_bytes(buf.len() as u64);
                     return Ok(());
                 }
             },
@@ -1292,7 +1305,7 @@ impl ChunkCache {
         }
         self.bitmap.set_range(start..start + n)?;
         (start..start + n).for_each(|c| self.touch(c));
-        m::cache_chunks_present(self.bitmap.count());
+        self.metrics.chunks_present(self.bitmap.count());
         Ok(())
     }
 

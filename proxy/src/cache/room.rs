@@ -195,15 +195,17 @@ pub(super) struct DiskFull {
     dir: PathBuf,
     /// Bytes fetched and served but not cached while full.
     skipped: AtomicU64,
+    metrics: Arc<m::ImageMetrics>,
 }
 
 /// How often a full disk is looked at again.
 const PROBE: Duration = Duration::from_secs(1);
 
 impl DiskFull {
-    pub fn new(dir: PathBuf) -> Arc<Self> {
-        m::cache_disk_full(false);
+    pub fn new(dir: PathBuf, metrics: Arc<m::ImageMetrics>) -> Arc<Self> {
+        metrics.disk_full(false);
         Arc::new(Self {
+            metrics,
             full: AtomicBool::new(false),
             room: tokio::sync::Notify::new(),
             dir,
@@ -218,7 +220,7 @@ impl DiskFull {
     /// Counts fetched bytes served but not cached.
     pub fn skip(&self, bytes: u64) {
         self.skipped.fetch_add(bytes, Ordering::Relaxed);
-        m::cache_uncached_bytes(bytes);
+        self.metrics.uncached_bytes(bytes);
     }
 
     /// A write failed for want of space: logs once, then probes the file
@@ -227,7 +229,7 @@ impl DiskFull {
         if self.full.swap(true, Ordering::AcqRel) {
             return;
         }
-        m::cache_disk_full(true);
+        self.metrics.disk_full(true);
         tracing::warn!(
             dir = %self.dir.display(),
             chunk,
@@ -247,7 +249,7 @@ impl DiskFull {
                 }
             }
             this.full.store(false, Ordering::Release);
-            m::cache_disk_full(false);
+            this.metrics.disk_full(false);
             tracing::info!(
                 dir = %this.dir.display(),
                 after_s = since.elapsed().as_secs(),

@@ -83,7 +83,7 @@ fn manifest_of(data: &[u8], chunk: u32) -> Arc<Manifest> {
 fn open(dir: &Path, up: &Arc<CountingUpstream>, chunk: u32, engine: Engine) -> Arc<ChunkCache> {
     // 4 KiB digests under bigger cache chunks: the multiple case.
     let m = manifest_of(&up.data, 4096);
-    ChunkCache::open(dir, up.clone(), chunk, engine, m).expect("open")
+    ChunkCache::open("herd", dir, up.clone(), chunk, engine, m).expect("open")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +270,7 @@ async fn another_image_of_the_same_size_starts_a_fresh_generation() {
     assert_eq!(kept.identity(), manifest_of(&up2.data, 4096).identity());
     // A manifest for another size is refused, naming both sizes.
     let small = manifest_of(&up.data[..4096], 4096);
-    let e = ChunkCache::open(&dir, up2.clone(), 64 << 10, engine, small)
+    let e = ChunkCache::open("herd", &dir, up2.clone(), 64 << 10, engine, small)
         .err()
         .expect("refused");
     assert!(e.to_string().contains("4096 bytes"), "{e}");

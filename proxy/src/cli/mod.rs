@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod fleet;
+pub mod image;
 pub mod iscsi;
 pub mod manifest;
 pub mod profile;

@@ -115,18 +115,6 @@ pub fn gather(view: &View) -> Vec<NodeStatus> {
         .collect()
 }
 
-#[allow(clippy::cast_precision_loss)]
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
-
 /// The tree as indented text, one node per line.
 #[must_use]
 #[allow(clippy::cast_precision_loss)]
@@ -153,7 +141,8 @@ pub fn render(view: &View, nodes: &[NodeStatus]) -> String {
             n.addr,
             n.health,
             fill,
-            n.served_bytes.map_or_else(|| "-".into(), human),
+            n.served_bytes
+                .map_or_else(|| "-".into(), crate::size::human),
             n.failovers.map_or_else(|| "-".into(), |f| f.to_string()),
             via
         )

@@ -353,6 +353,33 @@ pub fn decode_meta_context_reply(buf: &[u8]) -> ProtoResult<(u32, String)> {
     Ok((id, name.to_owned()))
 }
 
+/// Payload of NBD_REP_SERVER (an `NBD_OPT_LIST` entry): the name's
+/// length, the name, then an optional description to the end.
+#[must_use]
+pub fn encode_list_entry(name: &str, description: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len() + description.len());
+    out.extend_from_slice(&u32::try_from(name.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(description.as_bytes());
+    out
+}
+
+/// # Errors
+/// `BadOptionPayload` when the name's length runs past the payload,
+/// `BadName` for a name or description not UTF-8.
+pub fn decode_list_entry(buf: &[u8]) -> ProtoResult<(String, String)> {
+    let bad = || ProtoError::BadOptionPayload { len: buf.len() };
+    let len = be_u32(buf.get(..4).ok_or_else(bad)?, 0) as usize;
+    let name = buf.get(4..4usize.saturating_add(len)).ok_or_else(bad)?;
+    let description = &buf[4 + len..];
+    let text = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| ProtoError::BadName)
+    };
+    Ok((text(name)?, text(description)?))
+}
+
 /// Header of an option reply from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionReplyHeader {
@@ -763,6 +790,28 @@ mod tests {
             })
         );
         assert!(decode_info(&e[..5]).is_err());
+    }
+
+    #[test]
+    fn list_entries_round_trip_and_bad_ones_are_errors() {
+        // The spec's layout: length, name, description.
+        let e = encode_list_entry("deb", "herd proxy");
+        assert_eq!(&e[..7], &[0, 0, 0, 3, b'd', b'e', b'b']);
+        assert_eq!(
+            decode_list_entry(&e),
+            Ok(("deb".to_owned(), "herd proxy".to_owned()))
+        );
+        assert_eq!(
+            decode_list_entry(&encode_list_entry("x", "")),
+            Ok(("x".to_owned(), String::new()))
+        );
+        assert!(decode_list_entry(&[0, 0, 0, 9, b'a']).is_err());
+        assert!(decode_list_entry(&[0, 0]).is_err());
+        assert!(decode_list_entry(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        assert_eq!(
+            decode_list_entry(&[0, 0, 0, 1, 0xff]),
+            Err(ProtoError::BadName)
+        );
     }
 
     #[test]

@@ -24,7 +24,6 @@ use tokio::sync::Semaphore;
 
 use crate::cache::ChunkCache;
 use crate::config::{PrefetchMode, PrefetchSettings};
-use crate::metrics as m;
 use crate::profile::Profile;
 
 /// Largest prefetch read. Small on purpose: it is what a demand read may
@@ -102,7 +101,7 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
     let cs = cache.chunk_size();
     let started = Instant::now();
     let before = present_in(&cache, &plan);
-    m::prefetch_progress(before, total);
+    cache.metrics().prefetch_progress(before, total);
     tracing::info!(chunks = total, present = before, "prefetch started");
     let plan = Arc::new(plan);
     let progress = {
@@ -113,7 +112,7 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
             loop {
                 tick.tick().await;
                 let done = present_in(&cache, &plan);
-                m::prefetch_progress(done, total);
+                cache.metrics().prefetch_progress(done, total);
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     last_log = Instant::now();
                     let secs = started.elapsed().as_secs_f64().max(1e-3);
@@ -212,7 +211,7 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     if at_cap {
         let done = present_in(&cache, &plan);
-        m::prefetch_progress(done, total);
+        cache.metrics().prefetch_progress(done, total);
         tracing::info!(
             done,
             total,
@@ -222,7 +221,7 @@ pub async fn run(cache: Arc<ChunkCache>, plan: Vec<u64>, settings: PrefetchSetti
         return;
     }
     let fetched = total - before;
-    m::prefetch_progress(total, total);
+    cache.metrics().prefetch_progress(total, total);
     tracing::info!(
         chunks = total,
         fetched,

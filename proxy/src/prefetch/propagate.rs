@@ -38,10 +38,11 @@ pub struct Published {
 /// The profile a proxy currently serves and prefetches.
 pub type Shared = Option<Arc<Published>>;
 
-/// The parent's profile export, for an NBD parent.
+/// The parent's profile export of the image `parent` names, for an NBD
+/// parent.
 #[must_use]
 pub fn profile_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
-    parent.with_export(PROFILE_EXPORT)
+    parent.side_export(PROFILE_EXPORT)
 }
 
 /// Longest pause between asks while the parent has no profile.
@@ -149,7 +150,7 @@ pub async fn follow(
         let published = rx.borrow_and_update().clone();
         let profile = published.as_ref().map(|p| &p.profile);
         if let Some(p) = profile {
-            crate::metrics::profile_extents(p.extents.len());
+            cache.metrics().profile_extents(p.extents.len());
             // Under a cap, the profile's chunks are evicted last.
             cache.pin_profile(&plan(
                 Some(p),

@@ -408,6 +408,52 @@ pub(super) async fn read_option_reply(
     Ok((rep.reply, payload))
 }
 
+/// The exports an NBD server lists (`NBD_OPT_LIST`), each with its
+/// description: what `herd image list` shows of a running node.
+///
+/// # Errors
+/// `Connect` or `Handshake` (a server that refuses to list, or says
+/// something malformed).
+pub async fn list_exports(url: &UpstreamUrl) -> UpstreamResult<Vec<(String, String)>> {
+    let addr = url.to_string();
+    let fail = |reason: String| UpstreamError::Handshake {
+        addr: addr.clone(),
+        reason,
+    };
+    let s = connect_stream(url)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+    let mut s = greet(s, url, &addr).await?;
+    send_option(&mut s, proto::OPT_LIST, &[], &addr).await?;
+    let mut out = Vec::new();
+    loop {
+        let (reply, payload) = read_option_reply(&mut s, &addr).await?;
+        match reply {
+            proto::REP_ACK => break,
+            proto::REP_SERVER => {
+                out.push(proto::decode_list_entry(&payload).map_err(|e| fail(e.to_string()))?);
+                if out.len() > MAX_LISTED {
+                    return Err(fail(format!("lists more than {MAX_LISTED} exports")));
+                }
+            }
+            other => {
+                return Err(fail(format!(
+                    "LIST refused ({other:#x}): {}",
+                    String::from_utf8_lossy(&payload)
+                )))
+            }
+        }
+    }
+    send_abort(&mut s).await;
+    Ok(out)
+}
+
+/// Most exports `list_exports` takes from one server.
+const MAX_LISTED: usize = 4096;
+
 /// NBD_OPT_ABORT, best effort: the server may already have gone.
 pub(super) async fn send_abort(s: &mut BoxStream) {
     let mut out = Vec::new();

@@ -182,6 +182,27 @@ impl UpstreamUrl {
             Self::File(_) | Self::Iscsi { .. } => None,
         }
     }
+
+    /// The export this URL names on an NBD server (`None` for a file or
+    /// a LUN).
+    #[must_use]
+    pub fn export(&self) -> Option<&str> {
+        match self {
+            Self::NbdTcp { export, .. } | Self::NbdUnix { export, .. } => Some(export),
+            Self::File(_) | Self::Iscsi { .. } => None,
+        }
+    }
+
+    /// The side export `side` (`herd-manifest`, `herd-profile`) of the
+    /// image this URL names: `side/NAME` for a named image, since one herd
+    /// serves several; plain `side` for the default export ("").
+    #[must_use]
+    pub fn side_export(&self, side: &str) -> Option<Self> {
+        match self.export()? {
+            "" => self.with_export(side),
+            name => self.with_export(&format!("{side}/{name}")),
+        }
+    }
 }
 
 impl std::fmt::Display for UpstreamUrl {

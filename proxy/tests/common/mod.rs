@@ -223,8 +223,15 @@ impl Herd {
         } else {
             vec!["--net-io".to_owned(), net_io()]
         };
+        // No upstream: the images come from `--config` ([[image]] tables).
+        let up: &[&str] = if upstream.is_empty() {
+            &[]
+        } else {
+            &["--upstream", upstream]
+        };
         let mut child = Command::new(HERD)
-            .args(["serve", "--upstream", upstream])
+            .arg("serve")
+            .args(up)
             .args(chunk)
             .args(io)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -384,10 +391,7 @@ pub fn scrape_opt(port: u16, name: &str) -> Option<f64> {
     .expect("send");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("read metrics");
-    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == name).then(|| v.trim().parse().ok()).flatten()
-    })
+    herd::metrics::sample(&body, name)
 }
 
 /// A child process (peer server) killed on drop.

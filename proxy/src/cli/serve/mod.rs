@@ -2,28 +2,19 @@
 //! (failover between them, from `--upstream` or fleet membership), gets the
 //! manifest, opens the cache and serves NBD.
 
+mod fleet;
+mod image;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use herd::cache::ChunkCache;
 use herd::config::{FileConfig, OneOrMany, ServeConfig};
-use herd::export::nbd::{self as nbd_export, Export};
-use herd::fleet::etcd::{Membership, Registration};
-use herd::fleet::{Member, Source};
+use herd::export::nbd::{self as nbd_export, Export, Exports};
 use herd::io::Engine;
-use herd::manifest::Manifest;
 use herd::net::Listener;
-use herd::prefetch::propagate;
-use herd::prefetch::propagate::Published;
-use herd::profile::{identity_of_upstream, ImageId, Profile};
-use herd::record::daemon::ClientRecorder;
-use herd::upstream::failover::FailoverUpstream;
-use herd::upstream::file::FileUpstream;
-use herd::upstream::iscsi::{IscsiTarget, IscsiUpstream};
-use herd::upstream::{Upstream, UpstreamUrl};
-use tokio::sync::watch;
+
+use fleet::CacheSlot;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -268,6 +259,7 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
             spin_us: self.spin_us,
+            image: None,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -324,265 +316,6 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Opens the image itself: a file or a LUN (a root, a trust anchor).
-async fn open_anchor(
-    url: &UpstreamUrl,
-    cfg: &ServeConfig,
-    engine: &Engine,
-) -> Result<Arc<dyn Upstream>> {
-    Ok(match url {
-        UpstreamUrl::File(p) => {
-            let up = FileUpstream::open(p, engine.clone(), cfg.direct_io)
-                .with_context(|| format!("upstream file {} is unreadable", p.display()))?;
-            tracing::info!(path = %p.display(), size = up.size(), direct = up.is_direct(), "serving from local file");
-            Arc::new(up)
-        }
-        UpstreamUrl::Iscsi {
-            host,
-            port,
-            target,
-            lun,
-            user,
-        } => {
-            let chap = match user {
-                Some(u) => Some(herd::iscsi::Chap {
-                    user: u.clone(),
-                    secret: cfg.iscsi.secret()?,
-                }),
-                None => None,
-            };
-            let t = IscsiTarget {
-                portal: herd::iscsi::Portal {
-                    host: host.clone(),
-                    port: *port,
-                },
-                target: target.clone(),
-                lun: *lun,
-                initiator: cfg.iscsi.initiator.clone(),
-                chap,
-                recovery: cfg.iscsi.recovery,
-                net_io: cfg.net_io,
-                digests: cfg.iscsi.digests,
-            };
-            let up = IscsiUpstream::connect(t).await.with_context(|| {
-                format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")
-            })?;
-            Arc::new(up)
-        }
-        other => anyhow::bail!("{other} is a parent, not an image"),
-    })
-}
-
-/// Where children reach this node: `--advertise`, else the first TCP listener.
-fn advertise(cfg: &ServeConfig) -> Result<String> {
-    if let Some(a) = &cfg.advertise {
-        return Ok(a.clone());
-    }
-    let tcp = cfg.listen.iter().find_map(|l| match l {
-        herd::net::ListenAddr::Tcp(a) => Some(a.clone()),
-        herd::net::ListenAddr::Unix(_) => None,
-    });
-    match tcp {
-        Some(a) if !a.starts_with("0.0.0.0:") && !a.starts_with("[::]:") => Ok(a),
-        Some(a) => {
-            anyhow::bail!("listening on {a}: give --advertise HOST:PORT, the address children use")
-        }
-        None => anyhow::bail!("a fleet node needs a TCP --listen (or --advertise)"),
-    }
-}
-
-/// The fleet's parents first, then the given ones, without repeats.
-fn combine(fleet: Vec<UpstreamUrl>, given: &[UpstreamUrl]) -> Vec<UpstreamUrl> {
-    let mut out = fleet;
-    for g in given {
-        if !out.contains(g) {
-            out.push(g.clone());
-        }
-    }
-    out
-}
-
-/// The cache and parents, once open: the node joins its fleet before it has
-/// them, and its status record reports them from then on.
-type CacheSlot = Arc<std::sync::OnceLock<(Arc<ChunkCache>, Option<Arc<FailoverUpstream>>)>>;
-
-/// What the status record in etcd says about this node.
-fn status_of(slot: &CacheSlot) -> serde_json::Value {
-    match slot.get() {
-        None => serde_json::json!({ "serving": false }),
-        Some((cache, parents)) => serde_json::json!({
-            "serving": true,
-            "present": cache.chunks_present(),
-            "total": cache.chunks_total(),
-            "zero": cache.chunks_zero(),
-            "active": parents.as_ref().and_then(|p| p.active()).map(|u| u.to_string()),
-        }),
-    }
-}
-
-/// Joins the fleet, if any: the parent list to start from (empty at a
-/// root) and, for etcd, the membership to follow.
-async fn join_fleet(
-    cfg: &ServeConfig,
-    is_root: bool,
-    slot: &CacheSlot,
-) -> Result<(Vec<UpstreamUrl>, Option<watch::Receiver<Membership>>)> {
-    let given: Vec<UpstreamUrl> = if is_root {
-        Vec::new()
-    } else {
-        cfg.upstreams.clone()
-    };
-    match &cfg.fleet {
-        None => Ok((given, None)),
-        Some(Source::File(path)) => {
-            let view = herd::fleet::file::load(path)?;
-            if is_root {
-                anyhow::ensure!(
-                    view.root.name == cfg.node,
-                    "this node serves the image itself, but fleet file {} names `{}` as the root, not `{}` (give --node)",
-                    path.display(),
-                    view.root.name,
-                    cfg.node
-                );
-                return Ok((given, None));
-            }
-            let ups = view.upstreams(&cfg.node);
-            anyhow::ensure!(
-                !ups.is_empty(),
-                "node `{}` is not a member of fleet file {} (give --node NAME)",
-                cfg.node,
-                path.display()
-            );
-            tracing::info!(node = %cfg.node, parent = ?view.tree.parent_of(&cfg.node), depth = view.tree.depth(&cfg.node), "fleet file read");
-            Ok((combine(ups, &given), None))
-        }
-        Some(source @ Source::Etcd { endpoints, prefix }) => {
-            let reg = Registration {
-                endpoints: endpoints.clone(),
-                prefix: prefix.clone(),
-                member: Member {
-                    name: cfg.node.clone(),
-                    addr: advertise(cfg)?,
-                    metrics: cfg.metrics.clone(),
-                    slot: 0,
-                },
-                root: is_root.then(|| (cfg.fanout, cfg.export_name.clone())),
-                ttl: cfg.lease_ttl,
-            };
-            let status_slot = Arc::clone(slot);
-            let mut rx = herd::fleet::etcd::join(reg, Arc::new(move || status_of(&status_slot)));
-            if is_root {
-                return Ok((given, Some(rx)));
-            }
-            let node = cfg.node.clone();
-            let view = {
-                let joined = tokio::time::timeout(
-                    JOIN_WAIT,
-                    rx.wait_for(|m| {
-                        m.view
-                            .as_ref()
-                            .is_some_and(|v| !v.upstreams(&node).is_empty())
-                    }),
-                )
-                .await;
-                match joined {
-                    Ok(Ok(m)) => m.view.clone(),
-                    _ => None,
-                }
-            };
-            match view {
-                Some(v) => {
-                    tracing::info!(node = %cfg.node, parent = ?v.tree.parent_of(&cfg.node), members = v.members.len(), "joined the fleet");
-                    Ok((combine(v.upstreams(&cfg.node), &given), Some(rx)))
-                }
-                None => {
-                    let why = rx
-                        .borrow()
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| format!("no answer in {JOIN_WAIT:?}"));
-                    anyhow::ensure!(
-                        !given.is_empty(),
-                        "fleet {source}: {why}; give --upstream to serve without it"
-                    );
-                    tracing::warn!(fleet = %source, error = %why, "fleet unreachable; serving from the given upstreams and joining when it answers");
-                    Ok((given, Some(rx)))
-                }
-            }
-        }
-    }
-}
-
-/// How long a node waits for etcd at startup before it falls back to the
-/// given upstreams.
-const JOIN_WAIT: Duration = Duration::from_secs(5);
-
-/// Follows membership: every new view gives this node a new parent list.
-async fn follow_fleet(
-    mut rx: watch::Receiver<Membership>,
-    parents: Arc<FailoverUpstream>,
-    node: String,
-    given: Vec<UpstreamUrl>,
-) {
-    while rx.changed().await.is_ok() {
-        let view = rx.borrow_and_update().view.clone();
-        if let Some(v) = view {
-            let list = combine(v.upstreams(&node), &given);
-            if !list.is_empty() && list != parents.parents() {
-                parents.set_parents(list);
-            }
-        }
-    }
-}
-
-/// The image's manifest: the parent's, for a herd parent; otherwise this
-/// node is a trust anchor and takes a given one, reuses its own, or builds
-/// it (before it listens: no manifest, no service).
-async fn obtain_manifest(
-    cfg: &ServeConfig,
-    upstream: &Arc<dyn Upstream>,
-    source: &UpstreamUrl,
-) -> Result<Manifest> {
-    let size = upstream.size();
-    let asked = std::time::Instant::now();
-    if let Some(m) = herd::manifest::fetch_from_parent(source)
-        .await
-        .with_context(|| format!("parent {source} sent no usable manifest"))?
-    {
-        m.fits(&format!("from parent {source}"), size, cfg.chunk_size)?;
-        if let Some(path) = &cfg.manifest {
-            let given = herd::manifest::load(path)?;
-            anyhow::ensure!(
-                given.identity() == m.identity(),
-                "--manifest {} is image {}, but parent {} serves image {}",
-                path.display(),
-                given.identity(),
-                source,
-                m.identity()
-            );
-        }
-        tracing::info!(
-            identity = %m.identity(),
-            chunks = m.chunks(),
-            bytes = m.bytes().len(),
-            ms = asked.elapsed().as_millis(),
-            "manifest from the parent"
-        );
-        return Ok(m);
-    }
-    let (m, origin) = herd::manifest::for_anchor(
-        Arc::clone(upstream),
-        source,
-        cfg.manifest.as_deref(),
-        &cfg.cache_dir,
-        cfg.chunk_size,
-    )
-    .await
-    .with_context(|| format!("no manifest for {}", upstream.describe()))?;
-    tracing::info!(identity = %m.identity(), chunks = m.chunks(), ?origin, "manifest ready");
-    Ok(m)
-}
-
 async fn serve_async(cfg: ServeConfig) -> Result<()> {
     if let Some(addr) = &cfg.metrics {
         herd::metrics::install(addr)?;
@@ -596,120 +329,24 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     }
     let engine = Engine::start(256, false).context("cannot start the I/O engine")?;
     tracing::info!(backend = ?engine.backend(), "file I/O engine");
-    let anchor = cfg.first_upstream().filter(|u| !u.is_nbd()).cloned();
+    let is_root = cfg.images[0].anchor().is_some();
     let slot: CacheSlot = Arc::default();
-    let (parent_list, membership) = join_fleet(&cfg, anchor.is_some(), &slot).await?;
-    let (upstream, parents, source): (Arc<dyn Upstream>, _, _) = match &anchor {
-        Some(url) => (open_anchor(url, &cfg, &engine).await?, None, url.clone()),
-        None => {
-            let list: Vec<String> = parent_list.iter().map(ToString::to_string).collect();
-            let p = FailoverUpstream::connect(parent_list, cfg.failover)
-                .await
-                .with_context(|| {
-                    format!(
-                        "parents unreachable or refused the export: {}",
-                        list.join(", ")
-                    )
-                })?;
-            let active = p
-                .active()
-                .or_else(|| p.parents().into_iter().next())
-                .context("no parent")?;
-            tracing::info!(parent = %active, parents = ?list, size = p.size(), "connected to parent");
-            (Arc::clone(&p) as Arc<dyn Upstream>, Some(p), active)
-        }
-    };
-    if let (Some(rx), Some(p)) = (membership, &parents) {
-        tokio::spawn(follow_fleet(
-            rx,
-            Arc::clone(p),
-            cfg.node.clone(),
-            cfg.upstreams.clone(),
-        ));
+    let (fleet_parents, membership) = fleet::join_fleet(&cfg, is_root, &slot).await?;
+    // One after another: a root builds each manifest reading its image,
+    // and the disk serves one sequential reader best.
+    let mut opened = Vec::with_capacity(cfg.images.len());
+    for img in &cfg.images {
+        opened
+            .push(image::open_image(&cfg, img, &engine, &fleet_parents, membership.clone()).await?);
     }
-    herd::metrics::image_size(upstream.size());
-    let manifest = Arc::new(obtain_manifest(&cfg, &upstream, &source).await?);
-    herd::metrics::image_identity(&manifest.identity().to_string());
-    let cache = ChunkCache::open(&cfg.cache_dir, upstream, cfg.chunk_size, engine, manifest)
-        .with_context(|| format!("cannot use cache directory {}", cfg.cache_dir.display()))?;
-    cache.set_fetch_buffer(cfg.fetch_buffer);
-    if let Some(bytes) = cfg.cache_size {
-        cache
-            .set_cache_size(bytes)
-            .with_context(|| format!("cannot bring the cache within {bytes} bytes"))?;
-    }
-    tracing::info!(
-        dir = %cfg.cache_dir.display(),
-        chunk_size = cfg.chunk_size,
-        present = cache.chunks_present(),
-        total = cache.chunks_total(),
-        "cache ready"
-    );
-    // The image's identity (32 sampled blocks read from the upstream) is
-    // needed to check a given profile and to stamp a recorded one.
-    let identity = if cfg.profile.is_some() || cfg.record_profile.is_some() {
-        Some(
-            identity_of_upstream(cache.upstream())
-                .await
-                .context("cannot read the image's identity samples")?,
-        )
-    } else {
-        None
-    };
-    let _ = slot.set((Arc::clone(&cache), parents.clone()));
-    if let Some(p) = &parents {
-        tokio::spawn(herd::manifest::watch_parent(
-            Arc::clone(&cache),
-            Arc::clone(p),
-            Duration::from_secs(5),
-        ));
-    }
-    let (profile_tx, profile_rx) = tokio::sync::watch::channel(None);
-    if let (Some(path), Some(id)) = (&cfg.profile, &identity) {
-        let published = load_profile(path, cache.size(), id)?;
-        let _ = profile_tx.send(Some(Arc::new(published)));
-    } else if let Some(p) = &parents {
-        tokio::spawn(propagate::poll_parent(
-            Arc::clone(p),
-            cache.size(),
-            profile_tx,
-        ));
-    }
-    tokio::spawn(propagate::follow(
-        Arc::clone(&cache),
-        profile_rx.clone(),
-        cfg.prefetch,
+    let _ = slot.set((
+        Arc::clone(&opened[0].export.cache),
+        opened[0].parents.clone(),
     ));
-    let recorder = match (&cfg.record_profile, identity) {
-        (Some(path), Some(id)) => {
-            tracing::info!(path = %path.display(), "recording what clients read");
-            Some(Arc::new(ClientRecorder::new(
-                path.clone(),
-                cache.size(),
-                id,
-            )))
-        }
-        _ => None,
-    };
-    if let Some(rec) = recorder.clone() {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
-            loop {
-                tick.tick().await;
-                if let Err(e) = rec.save() {
-                    tracing::warn!(error = %e, "cannot write the recorded profile");
-                }
-            }
-        });
-    }
-    let export = Arc::new(Export {
-        name: cfg.export_name.clone(),
-        description: format!("herd proxy of {}", cache.upstream().describe()),
-        cache: Arc::clone(&cache),
-        read_ahead: cfg.read_ahead,
-        profile: profile_rx,
-        recorder: recorder.clone(),
-    });
+    let exports = Arc::new(
+        Exports::new(opened.iter().map(|o| Arc::clone(&o.export)).collect())
+            .context("cannot export these images")?,
+    );
     let access = Arc::new(nbd_export::Access {
         tls: tls_server,
         allow: cfg.allow.clone(),
@@ -718,15 +355,16 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;
-        tracing::info!(listen = %l.local_addr(), export = %cfg.export_name, tls = ?cfg.tls.mode, "serving NBD");
+        tracing::info!(listen = %l.local_addr(), images = ?exports.names(), tls = ?cfg.tls.mode, "serving NBD");
         tokio::spawn(nbd_export::serve(
             l,
-            Arc::clone(&export),
+            Arc::clone(&exports),
             Arc::clone(&access),
         ));
     }
     if !cfg.iscsi_target.listen.is_empty() {
-        let target = Arc::new(iscsi_target(&cfg, Arc::clone(&export))?);
+        // The default image is LUN 0 of the target.
+        let target = Arc::new(iscsi_target(&cfg, Arc::clone(exports.default_export()))?);
         for addr in &cfg.iscsi_target.listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -740,35 +378,14 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         }
     }
     herd::metrics::serving();
-    let syncer = Arc::clone(&cache);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tick.tick().await;
-            if let Err(e) = syncer.sync() {
-                tracing::warn!(error = %herd::error_chain(&e), "bitmap sync failed");
-            }
-        }
-    });
     shutdown_signal().await;
     tracing::info!("shutting down");
-    if !cache.settle(Duration::from_secs(10)).await {
-        tracing::warn!("chunks still being cached at exit will be fetched again");
-    }
-    cache.sync().context("final bitmap sync failed")?;
-    if let Some(rec) = recorder {
-        rec.save().context("cannot write the recorded profile")?;
-        let p = rec.profile();
-        tracing::info!(
-            extents = p.extents.len(),
-            bytes = p.bytes(),
-            "recorded profile written"
-        );
+    for e in exports.all() {
+        image::close_image(e).await?;
     }
     Ok(())
 }
 
-/// Reads the root's profile and refuses one recorded on another image.
 /// The iSCSI target of `--listen-iscsi`: its name and credentials.
 fn iscsi_target(cfg: &ServeConfig, export: Arc<Export>) -> Result<herd::export::iscsi::Target> {
     let creds = |p: &Option<std::path::PathBuf>| -> Result<Option<(String, Vec<u8>)>> {
@@ -797,20 +414,9 @@ fn iscsi_target(cfg: &ServeConfig, export: Arc<Export>) -> Result<herd::export::
             .ok()
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "host".into());
-        herd::export::iscsi::default_iqn(&host, &cfg.export_name)
+        herd::export::iscsi::default_iqn(&host, &export.name)
     });
     Ok(herd::export::iscsi::Target::new(iqn, auth, export))
-}
-
-fn load_profile(path: &std::path::Path, size: u64, id: &ImageId) -> Result<Published> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read profile {}", path.display()))?;
-    let p = Profile::decode(&bytes)
-        .with_context(|| format!("{} is not a usable profile", path.display()))?;
-    p.check_image(size, id)
-        .with_context(|| format!("profile {} does not fit this image", path.display()))?;
-    tracing::info!(path = %path.display(), extents = p.extents.len(), bytes = p.bytes(), "boot profile loaded");
-    Ok(Published { bytes, profile: p })
 }
 
 async fn shutdown_signal() {

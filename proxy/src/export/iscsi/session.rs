@@ -757,7 +757,7 @@ async fn command(
                 .await
             {
                 Ok(d) => {
-                    m::served(len);
+                    target.export.cache.metrics().served(len);
                     (Arc::new(d), hold)
                 }
                 Err(e) => {

@@ -5,7 +5,9 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{Backing, Export};
+use std::sync::Arc;
+
+use super::{Backing, Export, Exports};
 use crate::nbd::proto::{self, ProtoError};
 use crate::net::BoxStream;
 use crate::tls;
@@ -42,6 +44,8 @@ pub enum Outcome {
         /// `base:allocation` was selected for the chosen export: the
         /// context id BLOCK_STATUS replies carry.
         allocation: Option<u32>,
+        /// The image the client chose (or whose side export it reads).
+        export: Arc<Export>,
         backing: Backing,
         /// The stream is TLS: replies cannot be `sendfile`d.
         secure: bool,
@@ -54,7 +58,7 @@ pub const ALLOCATION_ID: u32 = 1;
 
 struct Negotiation<'a> {
     s: BoxStream,
-    export: &'a Export,
+    exports: &'a Exports,
     tls: Option<&'a tls::Server>,
     /// TLS has been initiated on `s`.
     secure: bool,
@@ -75,12 +79,12 @@ struct Negotiation<'a> {
 /// under `--tls require`, or the timeout; the caller closes.
 pub async fn negotiate(
     s: BoxStream,
-    export: &Export,
+    exports: &Exports,
     tls: Option<&tls::Server>,
 ) -> Result<(BoxStream, Outcome), HandshakeError> {
     let mut n = Negotiation {
         s,
-        export,
+        exports,
         tls,
         secure: false,
         refused_plain: false,
@@ -208,8 +212,8 @@ impl Negotiation<'_> {
                     None
                 }
             };
-            if let Some((name, backing)) = chosen {
-                return Ok(self.transmission(&name, backing));
+            if let Some((name, export, backing)) = chosen {
+                return Ok(self.transmission(&name, export, backing));
             }
         }
         Err(HandshakeError::TooManyOptions)
@@ -260,27 +264,38 @@ impl Negotiation<'_> {
 
     async fn export_name(&mut self, payload: &[u8]) -> Result<Outcome, HandshakeError> {
         let name = String::from_utf8_lossy(payload).into_owned();
-        let Some(backing) = self.export.select(&name) else {
+        let Some((export, backing)) = self.select(&name) else {
             // The spec leaves the server no way to refuse but closing.
             return Err(HandshakeError::UnknownExport(name));
         };
         let mut out = Vec::with_capacity(134);
         proto::encode_export_name_reply(
-            self.export.size_of(&backing),
+            export.size_of(&backing),
             Export::tflags(),
             self.no_zeroes,
             &mut out,
         );
         self.s.write_all(&out).await?;
         self.s.flush().await?;
-        Ok(self.transmission(&name, backing))
+        Ok(self.transmission(&name, export, backing))
     }
 
-    fn transmission(&self, name: &str, backing: Backing) -> Outcome {
+    /// The export `name` picks; a name that matches none is logged with
+    /// the names there are, so an operator's typo shows where to look.
+    fn select(&self, name: &str) -> Option<(Arc<Export>, Backing)> {
+        let found = self.exports.select(name);
+        if found.is_none() {
+            tracing::info!(asked = %name, images = ?self.exports.names(), "client asked for an export that does not exist");
+        }
+        found
+    }
+
+    fn transmission(&self, name: &str, export: Arc<Export>, backing: Backing) -> Outcome {
         Outcome::Transmission {
             structured: self.structured,
             allocation: (self.structured && self.meta_for.as_deref() == Some(name))
                 .then_some(ALLOCATION_ID),
+            export,
             backing,
             secure: self.secure,
         }
@@ -313,7 +328,7 @@ impl Negotiation<'_> {
             .await?;
             return Ok(());
         };
-        if self.export.select(&req.export).is_none() {
+        if self.select(&req.export).is_none() {
             let msg = format!("no export named `{}`", req.export);
             self.reply(option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
                 .await?;
@@ -346,7 +361,10 @@ impl Negotiation<'_> {
         Ok(())
     }
 
-    async fn list(&mut self, payload: &[u8]) -> Result<Option<(String, Backing)>, HandshakeError> {
+    async fn list(
+        &mut self,
+        payload: &[u8],
+    ) -> Result<Option<(String, Arc<Export>, Backing)>, HandshakeError> {
         if !payload.is_empty() {
             self.reply(
                 proto::OPT_LIST,
@@ -356,18 +374,8 @@ impl Negotiation<'_> {
             .await?;
             return Ok(None);
         }
-        let mut names = vec![
-            self.export.name.clone(),
-            crate::manifest::MANIFEST_EXPORT.to_owned(),
-        ];
-        if self.export.profile.borrow().is_some() {
-            names.push(crate::prefetch::propagate::PROFILE_EXPORT.to_owned());
-        }
-        for name in names {
-            let name = name.as_bytes();
-            let mut entry = Vec::with_capacity(4 + name.len());
-            entry.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
-            entry.extend_from_slice(name);
+        for (name, description) in self.exports.listing() {
+            let entry = proto::encode_list_entry(&name, &description);
             self.reply(proto::OPT_LIST, proto::REP_SERVER, &entry)
                 .await?;
         }
@@ -378,7 +386,7 @@ impl Negotiation<'_> {
     async fn structured_reply(
         &mut self,
         payload: &[u8],
-    ) -> Result<Option<(String, Backing)>, HandshakeError> {
+    ) -> Result<Option<(String, Arc<Export>, Backing)>, HandshakeError> {
         if payload.is_empty() {
             self.structured = true;
             self.reply(proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, &[])
@@ -398,19 +406,19 @@ impl Negotiation<'_> {
         &mut self,
         option: u32,
         payload: &[u8],
-    ) -> Result<Option<(String, Backing)>, HandshakeError> {
+    ) -> Result<Option<(String, Arc<Export>, Backing)>, HandshakeError> {
         let Ok(req) = proto::decode_info_request(payload) else {
             self.reply(option, proto::REP_ERR_INVALID, b"malformed INFO/GO request")
                 .await?;
             return Ok(None);
         };
-        let Some(backing) = self.export.select(&req.name) else {
+        let Some((export, backing)) = self.select(&req.name) else {
             let msg = format!("no export named `{}`", req.name);
             self.reply(option, proto::REP_ERR_UNKNOWN, msg.as_bytes())
                 .await?;
             return Ok(None);
         };
-        let size = self.export.size_of(&backing);
+        let size = export.size_of(&backing);
         self.reply(
             option,
             proto::REP_INFO,
@@ -426,10 +434,8 @@ impl Negotiation<'_> {
         .await?;
         for info in &req.infos {
             let (kind, text) = match *info {
-                proto::INFO_NAME => (proto::INFO_NAME, self.export.name.clone()),
-                proto::INFO_DESCRIPTION => {
-                    (proto::INFO_DESCRIPTION, self.export.description.clone())
-                }
+                proto::INFO_NAME => (proto::INFO_NAME, export.name.clone()),
+                proto::INFO_DESCRIPTION => (proto::INFO_DESCRIPTION, export.describe()),
                 _ => continue,
             };
             let mut p = kind.to_be_bytes().to_vec();
@@ -437,6 +443,6 @@ impl Negotiation<'_> {
             self.reply(option, proto::REP_INFO, &p).await?;
         }
         self.reply(option, proto::REP_ACK, &[]).await?;
-        Ok((option == proto::OPT_GO).then_some((req.name, backing)))
+        Ok((option == proto::OPT_GO).then_some((req.name, export, backing)))
     }
 }

@@ -23,9 +23,9 @@ use crate::net::Listener;
 use crate::prefetch::propagate::{Published, Shared, PROFILE_EXPORT};
 use crate::record::daemon::ClientRecorder;
 
-/// What is exported: the image under a name, backed by the cache, its
-/// manifest as the side export `herd-manifest`, and the boot profile (when
-/// this proxy has one) as the side export `herd-profile`.
+/// One image that is exported: under a name, backed by its cache, its
+/// manifest as the side export `herd-manifest/NAME`, and its boot profile
+/// (when this proxy has one) as the side export `herd-profile/NAME`.
 pub struct Export {
     pub name: String,
     pub description: String,
@@ -35,6 +35,161 @@ pub struct Export {
     pub profile: watch::Receiver<Shared>,
     /// Records clients' reads (`--record-profile`).
     pub recorder: Option<Arc<ClientRecorder>>,
+    /// Connections reading the image now (side exports not counted).
+    pub clients: std::sync::atomic::AtomicUsize,
+}
+
+/// Every image a node serves. The first is the default: the one a client
+/// naming no export ("") gets, and whose side exports also go by their
+/// plain names (`herd-manifest`, `herd-profile`), as with one image.
+pub struct Exports {
+    list: Vec<Arc<Export>>,
+}
+
+/// Why a set of exports cannot be served together.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportsError {
+    #[error("no image to export")]
+    Empty,
+    #[error("two images are named `{0}`")]
+    Duplicate(String),
+    #[error("image name `{0}` is reserved or malformed: use letters, digits, '.', '_' or '-' (not `herd-manifest`, `herd-profile`)")]
+    BadName(String),
+}
+
+/// Whether `name` can name an image: not empty, no `/` or `@` (side
+/// exports and versions use them), not a side export's name.
+#[must_use]
+pub fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name != PROFILE_EXPORT
+        && name != MANIFEST_EXPORT
+}
+
+impl Exports {
+    /// # Errors
+    /// No image, two with one name, or a name no client could ask for.
+    pub fn new(list: Vec<Arc<Export>>) -> Result<Self, ExportsError> {
+        if list.is_empty() {
+            return Err(ExportsError::Empty);
+        }
+        for (i, e) in list.iter().enumerate() {
+            if !valid_image_name(&e.name) {
+                return Err(ExportsError::BadName(e.name.clone()));
+            }
+            if list[..i].iter().any(|o| o.name == e.name) {
+                return Err(ExportsError::Duplicate(e.name.clone()));
+            }
+        }
+        Ok(Self { list })
+    }
+
+    /// The default image.
+    #[must_use]
+    pub fn default_export(&self) -> &Arc<Export> {
+        &self.list[0]
+    }
+
+    #[must_use]
+    pub fn all(&self) -> &[Arc<Export>] {
+        &self.list
+    }
+
+    /// The image names, for a client that asked for none of them.
+    #[must_use]
+    pub fn names(&self) -> Vec<&str> {
+        self.list.iter().map(|e| e.name.as_str()).collect()
+    }
+
+    fn image(&self, name: &str) -> Option<&Arc<Export>> {
+        if name.is_empty() {
+            return Some(self.default_export());
+        }
+        self.list.iter().find(|e| e.name == name)
+    }
+
+    /// What a client asking for `name` gets, if anything: an image ("" is
+    /// the default, as qemu and nbdkit treat it), or a side export of one
+    /// (`herd-manifest/NAME`; the plain name is the default image's).
+    #[must_use]
+    pub fn select(&self, name: &str) -> Option<(Arc<Export>, Backing)> {
+        if let Some(e) = self.image(name) {
+            return Some((Arc::clone(e), Backing::Image));
+        }
+        let (side, image) = name.split_once('/').unwrap_or((name, ""));
+        let e = self.image(image)?;
+        let backing = match side {
+            PROFILE_EXPORT => e.profile.borrow().clone().map(Backing::Profile)?,
+            MANIFEST_EXPORT => Backing::Manifest(Arc::clone(e.cache.manifest())),
+            _ => return None,
+        };
+        Some((Arc::clone(e), backing))
+    }
+
+    /// Every name `NBD_OPT_LIST` offers, with its description: each image,
+    /// then each side export (plain names for the default image).
+    #[must_use]
+    pub fn listing(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .list
+            .iter()
+            .map(|e| (e.name.clone(), e.describe()))
+            .collect();
+        for (i, e) in self.list.iter().enumerate() {
+            let name = |side: &str| {
+                if i == 0 {
+                    side.to_owned()
+                } else {
+                    format!("{side}/{}", e.name)
+                }
+            };
+            out.push((
+                name(MANIFEST_EXPORT),
+                format!("manifest of image {}", e.name),
+            ));
+            if e.profile.borrow().is_some() {
+                out.push((
+                    name(PROFILE_EXPORT),
+                    format!("boot profile of image {}", e.name),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// The `key=value` fields of an image's description (`Export::describe`);
+/// empty for an export that is not a herd image (a side export, another
+/// server's).
+#[must_use]
+pub fn image_fields(description: &str) -> Vec<(&str, &str)> {
+    let fields: Vec<(&str, &str)> = description
+        .split("; ")
+        .filter_map(|f| f.split_once('='))
+        .collect();
+    if fields.iter().any(|(k, _)| *k == "identity") {
+        fields
+    } else {
+        Vec::new()
+    }
+}
+
+/// Counts a connection reading an image while it lives.
+pub struct ClientGuard(Arc<Export>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let n = self
+            .0
+            .clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(1);
+        crate::metrics::image_clients(&self.0.name, n);
+    }
 }
 
 /// What one connection reads from.
@@ -86,20 +241,55 @@ impl Export {
             | proto::TFLAG_SEND_CACHE
     }
 
-    /// What a client asking for `name` gets ("" is the default export, as
-    /// qemu and nbdkit treat it), if anything.
+    /// An export of `cache` under `name`, described as `description`.
     #[must_use]
-    pub fn select(&self, name: &str) -> Option<Backing> {
-        if name.is_empty() || name == self.name {
-            return Some(Backing::Image);
+    pub fn new(
+        name: String,
+        description: String,
+        cache: Arc<ChunkCache>,
+        read_ahead: u64,
+        profile: watch::Receiver<Shared>,
+        recorder: Option<Arc<ClientRecorder>>,
+    ) -> Self {
+        crate::metrics::image_clients(&name, 0);
+        Self {
+            name,
+            description,
+            cache,
+            read_ahead,
+            profile,
+            recorder,
+            clients: std::sync::atomic::AtomicUsize::new(0),
         }
-        if name == PROFILE_EXPORT {
-            return self.profile.borrow().clone().map(Backing::Profile);
-        }
-        if name == MANIFEST_EXPORT {
-            return Some(Backing::Manifest(Arc::clone(self.cache.manifest())));
-        }
-        None
+    }
+
+    /// The description `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION` give:
+    /// what it proxies, then its state now as `key=value` fields, which
+    /// `herd image list` reads (`image_fields` parses them).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let c = &self.cache;
+        format!(
+            "{}; identity={}; size={}; cached={}/{}; zero={}; clients={}",
+            self.description,
+            c.manifest().identity(),
+            c.size(),
+            c.chunks_present(),
+            c.chunks_total(),
+            c.chunks_zero(),
+            self.clients.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Counts a client of the image until the guard drops.
+    #[must_use]
+    pub fn client(self: &Arc<Self>) -> ClientGuard {
+        let n = self
+            .clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        crate::metrics::image_clients(&self.name, n);
+        ClientGuard(Arc::clone(self))
     }
 
     /// Size of what `backing` exports.
@@ -175,7 +365,7 @@ impl Access {
 
 /// Accepts connections until the listener fails; each runs in its own task
 /// so a misbehaving client only ever closes its own connection.
-pub async fn serve(listener: Listener, export: Arc<Export>, access: Arc<Access>) {
+pub async fn serve(listener: Listener, exports: Arc<Exports>, access: Arc<Access>) {
     loop {
         match listener.accept().await {
             Ok(crate::net::Accepted {
@@ -199,12 +389,12 @@ pub async fn serve(listener: Listener, export: Arc<Export>, access: Arc<Access>)
                     }
                 };
                 crate::metrics::connection();
-                let export = Arc::clone(&export);
+                let exports = Arc::clone(&exports);
                 let access = Arc::clone(&access);
                 tokio::spawn(async move {
                     let _slot = slot;
                     tracing::debug!(%peer, "client connected");
-                    match transmission::run(stream, dup, &export, &access)
+                    match transmission::run(stream, dup, &exports, &access)
                         .await
                         .as_ref()
                         .map_err(classify)

@@ -102,25 +102,28 @@ impl Payload {
 pub async fn run(
     stream: BoxStream,
     dup: Option<OwnedFd>,
-    export: &Arc<Export>,
+    exports: &super::Exports,
     access: &super::Access,
 ) -> Result<(), HandshakeError> {
-    let (stream, outcome) = handshake::negotiate(stream, export, access.tls.as_ref()).await?;
+    let (stream, outcome) = handshake::negotiate(stream, exports, access.tls.as_ref()).await?;
     let limits = access.gate.limits;
     let budget = access.gate.budget();
-    let (structured, allocation, backing, dup) = match outcome {
+    let (structured, allocation, export, backing, dup) = match outcome {
         Outcome::Transmission {
             structured,
             allocation,
+            export,
             backing,
             secure,
         } => {
             // Bytes sent around TLS would reach the client unencrypted.
             let dup = if secure { None } else { dup };
-            (structured, allocation, backing, dup)
+            (structured, allocation, export, backing, dup)
         }
         Outcome::Closed => return Ok(()),
     };
+    let export = &export;
+    let _client = matches!(backing, super::Backing::Image).then(|| export.client());
     let (r, w) = tokio::io::split(stream);
     // Buffered: one recv takes every request already queued, and a short
     // recv lets the runtime mark the socket not-ready, so waiting for the
@@ -146,6 +149,7 @@ pub async fn run(
             pending: Vec::with_capacity(16 << 10),
             zero_copy,
             file: Arc::clone(export.cache.data_file()),
+            cache: Arc::clone(&export.cache),
         },
         rx,
         structured,
@@ -484,6 +488,8 @@ struct ReplyWriter {
     zero_copy: Option<ZeroCopy>,
     /// The cache data file, source of `Payload::File`.
     file: Arc<File>,
+    /// The image's cache, whose series count what is sent.
+    cache: Arc<crate::cache::ChunkCache>,
 }
 
 /// Cached READs at least this large are `sendfile`d (when resident).
@@ -638,7 +644,7 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                 sent += len;
             }
             if sent > 0 {
-                m::served(sent);
+                w.cache.metrics().served(sent);
             }
         }
         Reply::Status { handle, id, descs } => {
@@ -681,7 +687,7 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                 Some(Payload::Buf(d) | Payload::Side(d)) => w.push(&d).await?,
                 Some(Payload::File { offset, len }) => {
                     w.send_file(offset, len).await?;
-                    m::served_zero_copy(len as u64);
+                    w.cache.metrics().served_zero_copy(len as u64);
                 }
                 // Encoded above.
                 Some(Payload::Sparse { .. }) | None => {}
@@ -689,7 +695,7 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
             if len > 0 && side {
                 m::served_side(len as u64);
             } else if len > 0 {
-                m::served(len as u64);
+                w.cache.metrics().served(len as u64);
             }
         }
         Reply::Err { handle, errno } => {
