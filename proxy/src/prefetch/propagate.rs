@@ -100,7 +100,11 @@ pub async fn poll_parent(
             held = None;
         }
         if let Some((_, up)) = &held {
-            if up.read_at(0, up.size().min(8) as usize).await.is_err() {
+            // A reconnect (the read is retried once) means the parent
+            // ended the connection: its profile changed.
+            if up.read_at(0, up.size().min(8) as usize).await.is_err()
+                || up.connections_opened() > 1
+            {
                 tracing::debug!("the parent's profile connection closed; asking again");
                 held = None;
                 asked = None;

@@ -556,6 +556,8 @@ pub struct NbdUpstream {
     next: AtomicUsize,
     /// Slots in use: shrinks when the parent caps its connections.
     effective: AtomicUsize,
+    /// Connections opened so far (the first included).
+    opened: AtomicU64,
 }
 
 impl NbdUpstream {
@@ -592,6 +594,7 @@ impl NbdUpstream {
             slots,
             next: AtomicUsize::new(0),
             effective,
+            opened: AtomicU64::new(0),
         };
         let (conn, info) = up.open(HANDSHAKE_TIMEOUT).await?;
         up.info = info;
@@ -604,7 +607,16 @@ impl NbdUpstream {
         self.info
     }
 
+    /// Connections opened so far. Above one, a connection was lost and
+    /// replaced: what a client holding one connection to watch for the
+    /// server ending it (a side export that changed) must notice.
+    #[must_use]
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
     async fn open(&self, handshake_timeout: Duration) -> UpstreamResult<(Arc<Conn>, ExportInfo)> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
         let addr = self.url.to_string();
         let s = tokio::time::timeout(CONNECT_TIMEOUT, connect_stream(&self.url))
             .await
