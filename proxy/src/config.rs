@@ -34,6 +34,7 @@
 //! prefetch = "profile"   # "none", "profile" (default) or "full" (profile, then all)
 //! prefetch_concurrency = 2  # upstream reads prefetch keeps in flight
 //! prefetch_rate = "50MiB"   # optional cap, bytes per second
+//! retire_after = 60      # seconds an old version nobody reads is kept
 //! ```
 //!
 //! Several images: one `[[image]]` table each, instead of the top-level
@@ -77,6 +78,8 @@ pub const DEFAULT_READ_AHEAD: u64 = 256 << 10;
 /// Seconds to wait for a parent at startup: proxies of a tree start in any
 /// order, so a child outlives a parent that comes up a little later.
 pub const DEFAULT_PARENT_TIMEOUT: u64 = 30;
+/// Seconds a superseded version nobody reads is kept (`retire_after`).
+pub const DEFAULT_RETIRE_AFTER: f64 = 60.0;
 /// `--spin-us` above this is refused: past a few hundred microseconds a
 /// vCPU's wake-up is no longer what a spin saves.
 pub const MAX_SPIN_US: u64 = 1000;
@@ -166,6 +169,7 @@ pub struct FileConfig {
     pub spin_us: Option<u64>,
     /// `[[image]]` tables: several images (file only).
     pub image: Option<Vec<ImageFile>>,
+    pub retire_after: Option<f64>,
 }
 
 /// One `[[image]]` table as written.
@@ -213,6 +217,9 @@ impl ImageConfig {
 pub struct ServeConfig {
     /// The images served, each an export; the first is the default.
     pub images: Vec<ImageConfig>,
+    /// How long a superseded version nobody reads is kept before it is
+    /// retired (a client that reconnects within it still finds it).
+    pub retire_after: std::time::Duration,
     /// They come from `[[image]]` tables: a fleet's parents serve each
     /// under its own name (else under the name the fleet gives).
     pub named_images: bool,
@@ -433,6 +440,7 @@ impl FileConfig {
             write_timeout: other.write_timeout.or(self.write_timeout),
             spin_us: other.spin_us.or(self.spin_us),
             image: other.image.or(self.image),
+            retire_after: other.retire_after.or(self.retire_after),
         }
     }
 
@@ -803,6 +811,17 @@ impl FileConfig {
             },
             images,
             named_images,
+            retire_after: {
+                let v = self.retire_after.unwrap_or(DEFAULT_RETIRE_AFTER);
+                if v.is_finite() && (0.0..=86_400.0).contains(&v) {
+                    std::time::Duration::from_secs_f64(v)
+                } else {
+                    return Err(inv(
+                        "retire_after",
+                        format!("{v} seconds is outside 0..=86400"),
+                    ));
+                }
+            },
             prefetch,
             fleet,
             node,

@@ -203,6 +203,15 @@ fn describe() {
         "herd_image_identity_info",
         "1, labelled with the image and the identity (BLAKE3 of the manifest) it serves"
     );
+    describe_counter!(
+        "herd_version_seeded_bytes_total",
+        Unit::Bytes,
+        "bytes a newer version of the image read from this version's cache instead of its parent"
+    );
+    describe_gauge!(
+        "herd_image_versions",
+        "versions of the image served now (the latest, and older ones clients still read)"
+    );
     describe_gauge!(
         "herd_image_clients",
         "NBD connections reading the image now (side exports not counted)"
@@ -306,8 +315,15 @@ pub fn upstream_down() {
 pub fn upstream_deadline() {
     counter!("herd_upstream_deadline_expiries_total").increment(1);
 }
+/// Whether reads go to `parent` now. The label is the parent's URL
+/// without a version pin (`NAME@IDENTITY` → `NAME`), so a series outlives
+/// the versions that pass through it.
 pub fn upstream_active(parent: &str, active: bool) {
-    gauge!("herd_upstream_active", "parent" => parent.to_owned()).set(if active {
+    let label = match parent.rsplit_once('@') {
+        Some((base, pin)) if !pin.contains('/') && base.contains("://") => base,
+        _ => parent,
+    };
+    gauge!("herd_upstream_active", "parent" => label.to_owned()).set(if active {
         1.0
     } else {
         0.0
@@ -407,6 +423,8 @@ pub struct ImageMetrics {
     profile_extents: Gauge,
     size: Gauge,
     parent_mismatch: Gauge,
+    seeded: Counter,
+    versions: Gauge,
 }
 
 #[allow(clippy::cast_precision_loss)] // gauges are f64; counts fit easily
@@ -450,6 +468,8 @@ impl ImageMetrics {
             profile_extents: g("herd_profile_extents"),
             size: g("herd_image_size_bytes"),
             parent_mismatch: g("herd_parent_identity_mismatch"),
+            seeded: c("herd_version_seeded_bytes_total"),
+            versions: g("herd_image_versions"),
         }
     }
 
@@ -511,6 +531,15 @@ impl ImageMetrics {
     }
     pub fn prefetch_bytes(&self, bytes: u64) {
         self.prefetch_bytes.increment(bytes);
+    }
+    /// Bytes a new version took from this (older) version's cache
+    /// instead of fetching them.
+    pub fn version_seeded(&self, bytes: u64) {
+        self.seeded.increment(bytes);
+    }
+    /// Versions of the image served now.
+    pub fn versions(&self, n: usize) {
+        self.versions.set(n as f64);
     }
     /// 1 while the parent serves another identity of this image.
     pub fn parent_identity_mismatch(&self, yes: bool) {

@@ -123,7 +123,7 @@ fn two_images_in_one_tree_are_separate_exports() {
     assert!(line("alpha").contains("8/8 100%"), "{text}");
     assert!(line("beta").contains("6/6 100%"), "{text}");
     assert!(line("beta").contains(" 1  "), "one client of beta:\n{text}");
-    assert!(text.contains("2 images"), "{text}");
+    assert!(text.contains("2 images, 2 versions"), "{text}");
     drop(held);
     leaf.metric_eventually("herd_image_clients{image=\"beta\"}", 0.0);
 

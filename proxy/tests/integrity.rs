@@ -25,7 +25,12 @@ const CACHE: &str = "herd_chunk_digest_failures_total{source=\"cache\"}";
 /// Reads the image through `port` a MiB at a time: each block's bytes, or
 /// the errno its READ failed with.
 fn read_blocks(port: u16, size: usize) -> Vec<Result<Vec<u8>, u32>> {
-    let mut c = RawClient::connect(port, "herd");
+    read_blocks_of(port, "herd", size)
+}
+
+/// `read_blocks` of export `export`.
+fn read_blocks_of(port: u16, export: &str, size: usize) -> Vec<Result<Vec<u8>, u32>> {
+    let mut c = RawClient::connect(port, export);
     (0..size / MIB)
         .map(|b| c.try_read((b * MIB) as u64, MIB as u32))
         .collect()
@@ -319,33 +324,51 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
         "unchanged blocks are served"
     );
     assert_eq!(root.metric(IMAGE), 6.0, "2 chunks × 3 reads");
-    // The root restarts: a new manifest, a new identity. The leaf keeps A.
+    // The root restarts: a new manifest, a new identity (B). The leaf
+    // follows it as a new version: its plain name now serves B, while A
+    // stays pinned by identity and never serves a byte of B.
+    let a_id = leaf_identity(&leaf);
     let port = root.port;
     assert!(root.stop().success());
     let root = Herd::start_on(&dir, "root", img.to_str().expect("utf8"), port, ra);
     let rlog = std::fs::read_to_string(&root.log).expect("log");
     assert!(rlog.contains("manifest does not match the image"), "{rlog}");
-    let blocks = read_blocks(leaf.port, a.len());
-    only_a(&blocks, "leaf on A, root on B");
-    assert!(blocks[5].is_err() && blocks[7].is_err());
-    assert!(leaf.metric(PARENT) >= 6.0);
-    assert_eq!(
-        leaf.metric_eventually("herd_parent_identity_mismatch", 1.0),
-        1.0,
-        "the leaf noticed its parent changed image"
-    );
+    wait_versions(&leaf, 2.0);
     let llog = std::fs::read_to_string(&leaf.log).expect("log");
-    assert!(
-        llog.contains("the parent now serves another image"),
-        "{llog}"
+    assert!(llog.contains("the parent serves a new version"), "{llog}");
+    assert_eq!(leaf.metric("herd_parent_identity_mismatch"), 0.0);
+    let pinned = read_blocks_of(leaf.port, &format!("herd@{a_id}"), a.len());
+    only_a(&pinned, "A pinned after the root moved to B");
+    for (i, got) in pinned.iter().enumerate().take(4) {
+        assert!(got.is_ok(), "block {i} of A is cached at the leaf");
+    }
+    // Nobody upstream serves A any more: what the leaf lacks of it fails.
+    for i in [5usize, 7] {
+        assert!(pinned[i].is_err(), "block {i}: no A upstream, EIO");
+    }
+    let blocks = read_blocks(leaf.port, b.len());
+    for (i, got) in blocks.iter().enumerate() {
+        assert!(
+            got.as_ref()
+                .is_ok_and(|x| x[..] == b[i * MIB..(i + 1) * MIB]),
+            "block {i} of the new version is not B's"
+        );
+    }
+    // B took what A held and B did not change: blocks 0, 2, 4 and 6, and
+    // blocks 1 and 3 but their first 64 KiB manifest chunk (changed).
+    assert_eq!(
+        leaf.metric("herd_version_seeded_bytes_total"),
+        (4 * MIB + 2 * (MIB - 64 * 1024)) as f64
     );
-    // The leaf restarts on the same cache: a fresh generation of B.
+    // The leaf restarts on the same cache: it keeps the new version's
+    // chunks (B's directory takes the cache's place).
     let lport = leaf.port;
     assert!(leaf.stop().success());
     leaf = Herd::start_on(&dir, "leaf", &root.url(), lport, ra);
     let llog = std::fs::read_to_string(&leaf.log).expect("log");
-    assert!(llog.contains("starting a fresh generation"), "{llog}");
-    assert_eq!(leaf.metric("herd_cache_chunks_present"), 0.0);
+    assert!(llog.contains("kept from the last run"), "{llog}");
+    assert_eq!(leaf.metric("herd_cache_chunks_present"), 8.0);
+    let up = leaf.metric("herd_upstream_read_bytes_total");
     let blocks = read_blocks(leaf.port, b.len());
     for (i, got) in blocks.iter().enumerate() {
         assert!(
@@ -354,8 +377,41 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
             "block {i} is not B's"
         );
     }
+    assert_eq!(
+        leaf.metric("herd_upstream_read_bytes_total"),
+        up,
+        "all of B was kept"
+    );
     drop(leaf);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The identity `h` serves as `herd` now (`herd image list`).
+fn leaf_identity(h: &Herd) -> String {
+    let out = Command::new(HERD)
+        .args(["image", "list", &format!("nbd://127.0.0.1:{}", h.port)])
+        .output()
+        .expect("herd image list");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // 16 hex digits: a prefix that pins a version as well as the whole.
+    text.lines()
+        .find(|l| l.starts_with("herd "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no herd row:\n{text}"))
+        .to_owned()
+}
+
+/// Polls `h` until it serves `n` versions of its image (30 s at most).
+fn wait_versions(h: &Herd, n: f64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while h.metric("herd_image_versions") != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} versions, not {n}, after 30 s",
+            h.metric("herd_image_versions")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -214,14 +214,21 @@ fn negotiation_options_follow_the_spec() {
         s.read_exact(&mut p).expect("payload");
         (r, p)
     };
-    // LIST: the image and its manifest, then ACK.
+    // LIST: the image (its latest version), that version pinned by
+    // identity, and the manifest, each with a description; then ACK.
     opt(&mut s, proto::OPT_LIST, &[]);
-    let (r, p) = read_reply(&mut s);
-    assert_eq!(r.reply, proto::REP_SERVER);
-    assert_eq!(&p[4..], b"golden");
-    let (r, p) = read_reply(&mut s);
-    assert_eq!(r.reply, proto::REP_SERVER);
-    assert_eq!(&p[4..], b"herd-manifest");
+    let entry = |s: &mut TcpStream| {
+        let (r, p) = read_reply(s);
+        assert_eq!(r.reply, proto::REP_SERVER);
+        proto::decode_list_entry(&p).expect("a list entry")
+    };
+    let (name, description) = entry(&mut s);
+    assert_eq!(name, "golden");
+    assert!(description.contains("identity="), "{description}");
+    let (version, same) = entry(&mut s);
+    assert!(version.starts_with("golden@"), "{version}");
+    assert_eq!(same, description);
+    assert_eq!(entry(&mut s).0, "herd-manifest");
     assert_eq!(read_reply(&mut s).0.reply, proto::REP_ACK);
     // Unknown option: ERR_UNSUP, negotiation continues.
     opt(&mut s, 42, b"x");

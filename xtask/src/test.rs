@@ -128,6 +128,7 @@ fn run_checks(opts: &Options, wanted: &dyn Fn(&str) -> bool) -> Result<()> {
             sparse_smoke,
         ),
         ("bench_rss_quick_measures_both_nodes", rss_smoke),
+        ("bench_update_quick_moves_only_changed_chunks", update_smoke),
         (
             "vm_boots_from_iscsi_through_a_leaf_root_egress_bounded",
             iscsi_boot_smoke,
@@ -274,6 +275,24 @@ fn sparse_smoke() -> Result<()> {
     };
     let r = crate::bench::sparse::run_bench(&o)?;
     anyhow::ensure!(r.runs.len() == 7, "runs missing: {}", r.runs.len());
+    Ok(())
+}
+
+/// The update bench on a 64 MiB image: its own checks hold (each link
+/// moves the changed chunks and at most 1.1× them, the leaf takes the
+/// rest from its old version, whose cache goes when it retires).
+fn update_smoke() -> Result<()> {
+    let o = crate::bench::update::Options {
+        image_mib: 0,
+        changed_percent: 5.0,
+        quick: true,
+    };
+    let r = crate::bench::update::run_bench(&o)?;
+    anyhow::ensure!(
+        r.changed_chunks == 51,
+        "changed {} chunks",
+        r.changed_chunks
+    );
     Ok(())
 }
 

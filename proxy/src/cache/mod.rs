@@ -234,9 +234,6 @@ pub struct ChunkCache {
     /// upstream; prefetch only issues reads while this is 0.
     demand_inflight: AtomicU64,
     demand_idle: tokio::sync::Notify,
-    /// Woken when a fetched chunk fails its digest (the serve loop then
-    /// asks whether the parent changed image).
-    digest_failed: tokio::sync::Notify,
     fetch_buffer: FetchBuffer,
     /// `--cache-size`: set once before serving; without it the whole
     /// image fits and nothing is evicted.
@@ -335,7 +332,6 @@ impl ChunkCache {
             sync_lock: tokio::sync::Mutex::new(()),
             demand_inflight: AtomicU64::new(0),
             demand_idle: tokio::sync::Notify::new(),
-            digest_failed: tokio::sync::Notify::new(),
             fetch_buffer: FetchBuffer::new(DEFAULT_FETCH_BUFFER),
             cap: std::sync::OnceLock::new(),
             disk: Arc::new(tokio::sync::RwLock::new(())),
@@ -569,12 +565,6 @@ impl ChunkCache {
         &self.manifest
     }
 
-    /// Returns at the next digest failure of a fetched chunk (at once if
-    /// one happened since the last call).
-    pub async fn digest_failure(&self) {
-        self.digest_failed.notified().await;
-    }
-
     /// Whether cache chunk `c` is all zeros by the manifest.
     #[must_use]
     pub fn is_zero(&self, c: u64) -> bool {
@@ -676,6 +666,12 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+
+    /// The directory the cache lives in.
+    #[must_use]
+    pub fn data_dir(&self) -> &Path {
+        self.data_path.parent().unwrap_or(&self.data_path)
     }
 
     /// This image's metric series.
@@ -926,6 +922,20 @@ impl ChunkCache {
     #[must_use]
     pub fn is_present(&self, c: u64) -> bool {
         self.bitmap.is_set(c) || self.is_zero(c)
+    }
+
+    /// Whether chunk `c`'s bytes are here without a fetch: present, or
+    /// fetched and still waiting for the disk (a read gets them from
+    /// memory).
+    #[must_use]
+    pub fn is_held(&self, c: u64) -> bool {
+        self.is_present(c)
+            || self
+                .inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&c)
+                .is_some_and(|rx| matches!(&*rx.borrow(), Some(Ok(_))))
     }
 
     /// Demand fetches currently waiting on the upstream.
@@ -1257,7 +1267,6 @@ impl ChunkCache {
         let kind = self.upstream.source_kind();
         self.metrics.digest_failure(kind);
         self.stats.digest_failures.fetch_add(1, Ordering::Relaxed);
-        self.digest_failed.notify_one();
         tracing::error!(
             chunk = c,
             offset = c * self.chunk_size,

@@ -1,5 +1,6 @@
-//! `herd image list`: the images a running node serves, from its export
-//! list (`NBD_OPT_LIST`): identity, size, cache fill and clients of each.
+//! `herd image list`: the images and versions a running node serves, from
+//! its export list (`NBD_OPT_LIST`): identity, size, cache fill and
+//! clients of each.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -8,7 +9,8 @@ use herd::upstream::UpstreamUrl;
 
 #[derive(Subcommand)]
 pub enum ImageCmd {
-    /// List a node's images: name, identity, size, chunks cached, clients, source.
+    /// List a node's images and versions: name, identity, size, chunks
+    /// cached, clients, source. `NAME` is the latest; `NAME@ID` pins a version.
     List {
         /// The node: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH.
         node: String,
@@ -49,7 +51,7 @@ fn render(exports: &[(String, String)], all: bool) -> String {
         "{:<24} {:<18} {:>10} {:>16} {:>7}  {}\n",
         "IMAGE", "IDENTITY", "SIZE", "CACHED", "CLIENTS", "SOURCE"
     );
-    let mut images = 0;
+    let (mut images, mut versions) = (0, 0);
     for (name, description) in exports {
         let fields = image_fields(description);
         if fields.is_empty() {
@@ -58,7 +60,17 @@ fn render(exports: &[(String, String)], all: bool) -> String {
             }
             continue;
         }
-        images += 1;
+        // `NAME@IDENTITY` rows are the versions; 16 digits pin one.
+        let name = match name.split_once('@') {
+            Some((image, id)) => {
+                versions += 1;
+                format!("{image}@{}", id.get(..16).unwrap_or(id))
+            }
+            None => {
+                images += 1;
+                name.clone()
+            }
+        };
         let get = |k: &str| {
             fields
                 .iter()
@@ -84,7 +96,7 @@ fn render(exports: &[(String, String)], all: bool) -> String {
             get("clients"),
         );
     }
-    let _ = writeln!(out, "{images} images");
+    let _ = writeln!(out, "{images} images, {versions} versions");
     out
 }
 
@@ -99,13 +111,18 @@ mod tests {
                 "deb".to_owned(),
                 "herd proxy of file /srv/deb.img; identity=0123456789abcdef0123; size=1048576; cached=4/16; zero=2; clients=3".to_owned(),
             ),
+            (
+                "deb@0123456789abcdef0123".to_owned(),
+                "herd proxy of file /srv/deb.img; identity=0123456789abcdef0123; size=1048576; cached=4/16; zero=2; clients=3".to_owned(),
+            ),
             ("herd-manifest".to_owned(), "manifest of image deb".to_owned()),
         ];
         let t = render(&exports, false);
         assert!(t.contains("deb"), "{t}");
         assert!(t.contains("0123456789abcdef "), "{t}");
         assert!(t.contains("4/16 25%"), "{t}");
-        assert!(t.contains("1 images"), "{t}");
+        assert!(t.contains("1 images, 1 versions"), "{t}");
+        assert!(t.contains("deb@0123456789abcdef "), "{t}");
         assert!(!t.contains("herd-manifest"), "{t}");
         assert!(render(&exports, true).contains("herd-manifest"));
     }

@@ -174,6 +174,19 @@ pub fn manifest_url(parent: &UpstreamUrl) -> Option<UpstreamUrl> {
 /// # Errors
 /// `Fetch` if the parent fails, `Oversized`, or `Format` for bad bytes.
 pub async fn fetch_from_parent(parent: &UpstreamUrl) -> Result<Option<Manifest>, ManifestError> {
+    Ok(fetch_held(parent).await?.map(|(m, _)| m))
+}
+
+/// Reads the parent's manifest as `fetch_from_parent` does, and returns
+/// the connection it came on too: held open, it ends when the parent
+/// publishes a newer version of the image (when `parent` names no pinned
+/// version), which is how a child learns of an update.
+///
+/// # Errors
+/// As `fetch_from_parent`.
+pub async fn fetch_held(
+    parent: &UpstreamUrl,
+) -> Result<Option<(Manifest, NbdUpstream)>, ManifestError> {
     let Some(url) = manifest_url(parent) else {
         return Ok(None);
     };
@@ -199,7 +212,7 @@ pub async fn fetch_from_parent(parent: &UpstreamUrl) -> Result<Option<Manifest>,
         ReadAllError::Upstream(e) => ManifestError::Fetch(e),
     })?;
     Manifest::decode(&bytes)
-        .map(Some)
+        .map(|m| Some((m, up)))
         .map_err(|source| ManifestError::Format {
             what: format!("the parent's {MANIFEST_EXPORT} export"),
             source,
@@ -328,54 +341,4 @@ pub async fn build_logged(
         "manifest built"
     );
     Ok(m)
-}
-
-/// How many times, a second apart, one digest failure's check is tried
-/// while the parent cannot answer (it may be restarting).
-const CHECK_TRIES: usize = 60;
-
-/// A child's watch: after each digest failure (at most every `pause`),
-/// reads the parent's manifest again and says so loudly when the parent
-/// now serves another image than this node, which keeps serving its own
-/// (DESIGN.md: a cache never mixes two images).
-pub async fn watch_parent(
-    cache: Arc<crate::cache::ChunkCache>,
-    parents: Arc<crate::upstream::failover::FailoverUpstream>,
-    pause: std::time::Duration,
-) {
-    let ours = cache.manifest().identity();
-    cache.metrics().parent_identity_mismatch(false);
-    loop {
-        cache.digest_failure().await;
-        // Until the parent answers: a failure seen while it restarts (no
-        // active parent yet, or its manifest unreadable) is checked again
-        // after a pause, not forgotten until the next failure.
-        for _ in 0..CHECK_TRIES {
-            let Some(parent) = parents.active() else {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            };
-            match fetch_from_parent(&parent).await {
-                Ok(Some(m)) if m.identity() != ours => {
-                    cache.metrics().parent_identity_mismatch(true);
-                    tracing::error!(
-                        parent = %parent,
-                        parent_identity = %m.identity(),
-                        identity = %ours,
-                        "the parent now serves another image; this node keeps serving its own and fails reads of chunks that differ: restart it to move to the parent's image"
-                    );
-                    break;
-                }
-                Ok(_) => {
-                    cache.metrics().parent_identity_mismatch(false);
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot re-read the parent's manifest");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-        }
-        tokio::time::sleep(pause).await;
-    }
 }

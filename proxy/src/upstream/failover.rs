@@ -92,6 +92,22 @@ impl Parent {
         }
     }
 
+    /// This parent's server under `url` (another export): health and the
+    /// probe connection carry over, the data connections do not.
+    fn retarget(&self, url: UpstreamUrl) -> Self {
+        let health = self.health.lock().map_or_else(|e| *e.into_inner(), |h| *h);
+        let probe = self.probe.try_lock().ok().and_then(|g| g.clone());
+        Self {
+            label: url.to_string(),
+            url,
+            data: tokio::sync::Mutex::new(None),
+            probe: tokio::sync::Mutex::new(probe),
+            probe_image: AtomicBool::new(self.probe_image.load(Ordering::Relaxed)),
+            health: Mutex::new(health),
+            downs: watch::channel(0).0,
+        }
+    }
+
     fn is_up(&self) -> bool {
         self.health.lock().map(|h| h.is_up()).unwrap_or(false)
     }
@@ -326,10 +342,18 @@ impl FailoverUpstream {
         let new: Vec<Arc<Parent>> = urls
             .into_iter()
             .map(|u| {
-                old.iter().find(|p| p.url == u).map_or_else(
-                    || Arc::new(Parent::new(u, self.settings.rejoin_after)),
-                    Arc::clone,
-                )
+                if let Some(p) = old.iter().find(|p| p.url == u) {
+                    return Arc::clone(p);
+                }
+                // The same server under another export (a version pinned):
+                // its health and probe connection carry over.
+                match old
+                    .iter()
+                    .find(|p| p.url.with_export("") == u.with_export(""))
+                {
+                    Some(p) => Arc::new(p.retarget(u)),
+                    None => Arc::new(Parent::new(u, self.settings.rejoin_after)),
+                }
             })
             .collect();
         let labels: Vec<&str> = new.iter().map(|p| p.label.as_str()).collect();
@@ -381,7 +405,13 @@ impl FailoverUpstream {
             let conn = p
                 .data(self.settings.connections, Some(self.size))
                 .await
-                .map_err(Attempt::Failed)?;
+                .map_err(|e| match e {
+                    // An answer, not an outage: the parent no longer has
+                    // this export (a version it retired). Waiting for it
+                    // would not bring it back.
+                    e @ UpstreamError::NoSuchExport { .. } => Attempt::Refused(e),
+                    e => Attempt::Failed(e),
+                })?;
             conn.read_at(offset, len).await.map_err(|e| match e {
                 e @ UpstreamError::Remote { .. } => Attempt::Refused(e),
                 e => Attempt::Failed(e),

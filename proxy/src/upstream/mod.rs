@@ -18,6 +18,7 @@ pub mod health;
 pub mod iscsi;
 pub mod nbd;
 pub mod nbd_map;
+pub mod seeded;
 pub mod url;
 
 use std::future::Future;

@@ -12,6 +12,7 @@ mod report;
 pub mod rss;
 pub mod sparse;
 pub mod storm;
+pub mod update;
 
 use std::process::Child;
 
@@ -48,6 +49,8 @@ pub enum Suite {
     Sparse(sparse::Options),
     /// A node's memory (RSS) serving a 15 GiB image to 64 clients under load.
     Rss(rss::Options),
+    /// A rolling update through a warm tree: what moves, how long it takes.
+    Update(update::Options),
 }
 
 pub fn run(suite: &Suite) -> Result<()> {
@@ -59,5 +62,6 @@ pub fn run(suite: &Suite) -> Result<()> {
         Suite::Failover(o) => failover::run_bench(o),
         Suite::Sparse(o) => sparse::run_bench(o).map(drop),
         Suite::Rss(o) => rss::run_bench(o).map(drop),
+        Suite::Update(o) => update::run_bench(o).map(drop),
     }
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use herd::cache::ChunkCache;
 use herd::config::{ImageConfig, ServeConfig};
 use herd::fleet::etcd::{Membership, Registration};
 use herd::fleet::{Member, Source};
@@ -42,32 +41,36 @@ fn combine(fleet: Vec<UpstreamUrl>, given: &[UpstreamUrl]) -> Vec<UpstreamUrl> {
     out
 }
 
-/// The cache and parents, once open: the node joins its fleet before it has
-/// them, and its status record reports them from then on.
-pub(super) type CacheSlot =
-    Arc<std::sync::OnceLock<(Arc<ChunkCache>, Option<Arc<FailoverUpstream>>)>>;
+/// The default image's versions, once open: the node joins its fleet
+/// before it has them, and its status record reports them from then on.
+pub(super) type CacheSlot = Arc<std::sync::OnceLock<Arc<super::image::Versions>>>;
 
 /// What the status record in etcd says about this node.
 fn status_of(slot: &CacheSlot) -> serde_json::Value {
-    match slot.get() {
-        None => serde_json::json!({ "serving": false }),
-        Some((cache, parents)) => serde_json::json!({
-            "serving": true,
-            "present": cache.chunks_present(),
-            "total": cache.chunks_total(),
-            "zero": cache.chunks_zero(),
-            "active": parents.as_ref().and_then(|p| p.active()).map(|u| u.to_string()),
-        }),
-    }
+    let Some((cache, parents)) = slot.get().and_then(|v| {
+        let latest = v.exports.latest(&v.image.name)?;
+        Some((Arc::clone(&latest.cache), v.parents()))
+    }) else {
+        return serde_json::json!({ "serving": false });
+    };
+    serde_json::json!({
+        "serving": true,
+        "present": cache.chunks_present(),
+        "total": cache.chunks_total(),
+        "zero": cache.chunks_zero(),
+        "active": parents.as_ref().and_then(|p| p.active()).map(|u| u.to_string()),
+    })
 }
 
 /// The parents of `image`: the fleet's first (which name the export the
 /// fleet gives, or each image's own name when they are `[[image]]`
-/// tables), then the image's given upstreams, without repeats.
+/// tables), then the image's given upstreams, without repeats; each
+/// pinned to version `pin` (`NAME@IDENTITY`) when given.
 pub(super) fn parents_of(
     fleet: &[UpstreamUrl],
     image: &ImageConfig,
     named: bool,
+    pin: Option<&str>,
 ) -> Vec<UpstreamUrl> {
     let ups = fleet
         .iter()
@@ -80,6 +83,23 @@ pub(super) fn parents_of(
         })
         .collect();
     combine(ups, &image.upstreams)
+        .into_iter()
+        .map(|u| pinned(&u, pin))
+        .collect()
+}
+
+/// `url` with its export pinned to version `pin` (`NAME@IDENTITY`), or
+/// unpinned (`NAME`) when `pin` is `None`.
+pub(super) fn pinned(url: &UpstreamUrl, pin: Option<&str>) -> UpstreamUrl {
+    let Some(export) = url.export() else {
+        return url.clone();
+    };
+    let base = export.split_once('@').map_or(export, |(b, _)| b);
+    let name = match pin {
+        Some(p) => format!("{base}@{p}"),
+        None => base.to_owned(),
+    };
+    url.with_export(&name).unwrap_or_else(|| url.clone())
 }
 
 /// Joins the fleet, if any: the fleet's parents to start from (empty at a
@@ -183,11 +203,12 @@ pub(super) async fn follow_fleet(
     node: String,
     image: ImageConfig,
     named: bool,
+    pin: Option<String>,
 ) {
     while rx.changed().await.is_ok() {
         let view = rx.borrow_and_update().view.clone();
         if let Some(v) = view {
-            let list = parents_of(&v.upstreams(&node), &image, named);
+            let list = parents_of(&v.upstreams(&node), &image, named, pin.as_deref());
             if !list.is_empty() && list != parents.parents() {
                 parents.set_parents(list);
             }

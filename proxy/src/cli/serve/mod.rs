@@ -7,12 +7,14 @@ mod image;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use herd::config::{FileConfig, OneOrMany, ServeConfig};
 use herd::export::nbd::{self as nbd_export, Export, Exports};
 use herd::io::Engine;
 use herd::net::Listener;
+use tokio::sync::watch;
 
 use fleet::CacheSlot;
 
@@ -192,6 +194,10 @@ pub struct ServeArgs {
     /// never). Wins QD1 latency on an idle machine for a little CPU.
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Seconds an old version of an image that no client reads is kept
+    /// after a newer one is published (default 60).
+    #[arg(long)]
+    retire_after: Option<f64>,
 }
 
 impl ServeArgs {
@@ -260,6 +266,7 @@ impl ServeArgs {
             write_timeout: self.write_timeout,
             spin_us: self.spin_us,
             image: None,
+            retire_after: self.retire_after,
         };
         Ok(file.merge(flags).validate()?)
     }
@@ -332,21 +339,54 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let is_root = cfg.images[0].anchor().is_some();
     let slot: CacheSlot = Arc::default();
     let (fleet_parents, membership) = fleet::join_fleet(&cfg, is_root, &slot).await?;
+    let ctx = Arc::new(image::Ctx {
+        cfg: cfg.clone(),
+        engine,
+        fleet: fleet_parents,
+        membership,
+    });
     // One after another: a root builds each manifest reading its image,
     // and the disk serves one sequential reader best.
-    let mut opened = Vec::with_capacity(cfg.images.len());
+    let mut first = Vec::with_capacity(cfg.images.len());
     for img in &cfg.images {
-        opened
-            .push(image::open_image(&cfg, img, &engine, &fleet_parents, membership.clone()).await?);
+        first.push(image::open_version(&ctx, img, None).await?);
     }
-    let _ = slot.set((
-        Arc::clone(&opened[0].export.cache),
-        opened[0].parents.clone(),
-    ));
     let exports = Arc::new(
-        Exports::new(opened.iter().map(|o| Arc::clone(&o.export)).collect())
+        Exports::new(first.iter().map(|o| Arc::clone(&o.export)).collect())
             .context("cannot export these images")?,
     );
+    // SIGHUP: a root looks at its image files again (a new version).
+    let (hup_tx, hup_rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            while hup.recv().await.is_some() {
+                hup_tx.send_modify(|n| *n += 1);
+            }
+        }
+    });
+    let mut versions = Vec::with_capacity(cfg.images.len());
+    for (img, opened) in cfg.images.iter().zip(first) {
+        let is_child = opened.parents.is_some();
+        let v = Arc::new(image::Versions {
+            ctx: Arc::clone(&ctx),
+            image: img.clone(),
+            exports: Arc::clone(&exports),
+            opened: std::sync::Mutex::new(vec![opened]),
+        });
+        if is_child {
+            tokio::spawn(Arc::clone(&v).follow_parent());
+        } else {
+            tokio::spawn(Arc::clone(&v).follow_root(hup_rx.clone()));
+        }
+        versions.push(v);
+    }
+    let _ = slot.set(Arc::clone(&versions[0]));
+    tokio::spawn(retire_loop(
+        Arc::clone(&exports),
+        versions,
+        cfg.retire_after,
+    ));
     let access = Arc::new(nbd_export::Access {
         tls: tls_server,
         allow: cfg.allow.clone(),
@@ -364,7 +404,10 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     }
     if !cfg.iscsi_target.listen.is_empty() {
         // The default image is LUN 0 of the target.
-        let target = Arc::new(iscsi_target(&cfg, Arc::clone(exports.default_export()))?);
+        let default = exports
+            .default_export()
+            .context("no image to serve over iSCSI")?;
+        let target = Arc::new(iscsi_target(&cfg, default)?);
         for addr in &cfg.iscsi_target.listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -381,9 +424,30 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     for e in exports.all() {
-        image::close_image(e).await?;
+        image::close_image(&e).await?;
     }
     Ok(())
+}
+
+/// Retires superseded versions nobody has read for `grace`: stops their
+/// tasks, drops their parent connections (which lets the parent retire
+/// its copy in turn) and removes their caches.
+async fn retire_loop(exports: Arc<Exports>, versions: Vec<Arc<image::Versions>>, grace: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for old in exports.retire_idle(grace) {
+            old.stop_tasks();
+            tracing::info!(image = %old.name, identity = %old.identity(), "an old version nobody reads is retired");
+            if let Some(v) = versions.iter().find(|v| v.image.name == old.name) {
+                v.retired(&old);
+                let image = v.image.clone();
+                tokio::spawn(async move {
+                    image::remove_cache(old, &image, Duration::from_secs(30)).await;
+                });
+            }
+        }
+    }
 }
 
 /// The iSCSI target of `--listen-iscsi`: its name and credentials.

@@ -53,6 +53,17 @@ pub enum Outcome {
     Closed,
 }
 
+/// Whether an unknown export name may be logged at info now: at most
+/// once a second, so hostile clients cannot flood the log.
+fn unknown_name_logged_now() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.swap(now, Ordering::Relaxed) != now
+}
+
 /// The id herd gives `base:allocation`, its only metadata context.
 pub const ALLOCATION_ID: u32 = 1;
 
@@ -284,8 +295,14 @@ impl Negotiation<'_> {
     /// the names there are, so an operator's typo shows where to look.
     fn select(&self, name: &str) -> Option<(Arc<Export>, Backing)> {
         let found = self.exports.select(name);
-        if found.is_none() {
-            tracing::info!(asked = %name, images = ?self.exports.names(), "client asked for an export that does not exist");
+        // A missing side export (no profile yet) is routine for children;
+        // and a client cycling through names gets one line a second.
+        if found.is_none() && !name.starts_with("herd-") {
+            if unknown_name_logged_now() {
+                tracing::info!(asked = %name, images = ?self.exports.names(), "client asked for an export that does not exist");
+            } else {
+                tracing::debug!(asked = %name, "client asked for an export that does not exist");
+            }
         }
         found
     }

@@ -6,6 +6,7 @@
 //! order), and one writer task per connection serialises the replies.
 //! Negotiation lives in `handshake`, one function per option reply.
 
+mod exports;
 mod handshake;
 pub mod limits;
 pub mod spin;
@@ -17,11 +18,13 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::cache::{CacheError, ChunkCache};
-use crate::manifest::{Manifest, MANIFEST_EXPORT};
+use crate::manifest::Manifest;
 use crate::nbd::proto;
 use crate::net::Listener;
-use crate::prefetch::propagate::{Published, Shared, PROFILE_EXPORT};
+use crate::prefetch::propagate::{Published, Shared};
 use crate::record::daemon::ClientRecorder;
+
+pub use exports::{valid_image_name, Exports, ExportsError, Retired, MIN_PREFIX};
 
 /// One image that is exported: under a name, backed by its cache, its
 /// manifest as the side export `herd-manifest/NAME`, and its boot profile
@@ -37,129 +40,13 @@ pub struct Export {
     pub recorder: Option<Arc<ClientRecorder>>,
     /// Connections reading the image now (side exports not counted).
     pub clients: std::sync::atomic::AtomicUsize,
-}
-
-/// Every image a node serves. The first is the default: the one a client
-/// naming no export ("") gets, and whose side exports also go by their
-/// plain names (`herd-manifest`, `herd-profile`), as with one image.
-pub struct Exports {
-    list: Vec<Arc<Export>>,
-}
-
-/// Why a set of exports cannot be served together.
-#[derive(Debug, thiserror::Error)]
-pub enum ExportsError {
-    #[error("no image to export")]
-    Empty,
-    #[error("two images are named `{0}`")]
-    Duplicate(String),
-    #[error("image name `{0}` is reserved or malformed: use letters, digits, '.', '_' or '-' (not `herd-manifest`, `herd-profile`)")]
-    BadName(String),
-}
-
-/// Whether `name` can name an image: not empty, no `/` or `@` (side
-/// exports and versions use them), not a side export's name.
-#[must_use]
-pub fn valid_image_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 256
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && name != PROFILE_EXPORT
-        && name != MANIFEST_EXPORT
-}
-
-impl Exports {
-    /// # Errors
-    /// No image, two with one name, or a name no client could ask for.
-    pub fn new(list: Vec<Arc<Export>>) -> Result<Self, ExportsError> {
-        if list.is_empty() {
-            return Err(ExportsError::Empty);
-        }
-        for (i, e) in list.iter().enumerate() {
-            if !valid_image_name(&e.name) {
-                return Err(ExportsError::BadName(e.name.clone()));
-            }
-            if list[..i].iter().any(|o| o.name == e.name) {
-                return Err(ExportsError::Duplicate(e.name.clone()));
-            }
-        }
-        Ok(Self { list })
-    }
-
-    /// The default image.
-    #[must_use]
-    pub fn default_export(&self) -> &Arc<Export> {
-        &self.list[0]
-    }
-
-    #[must_use]
-    pub fn all(&self) -> &[Arc<Export>] {
-        &self.list
-    }
-
-    /// The image names, for a client that asked for none of them.
-    #[must_use]
-    pub fn names(&self) -> Vec<&str> {
-        self.list.iter().map(|e| e.name.as_str()).collect()
-    }
-
-    fn image(&self, name: &str) -> Option<&Arc<Export>> {
-        if name.is_empty() {
-            return Some(self.default_export());
-        }
-        self.list.iter().find(|e| e.name == name)
-    }
-
-    /// What a client asking for `name` gets, if anything: an image ("" is
-    /// the default, as qemu and nbdkit treat it), or a side export of one
-    /// (`herd-manifest/NAME`; the plain name is the default image's).
-    #[must_use]
-    pub fn select(&self, name: &str) -> Option<(Arc<Export>, Backing)> {
-        if let Some(e) = self.image(name) {
-            return Some((Arc::clone(e), Backing::Image));
-        }
-        let (side, image) = name.split_once('/').unwrap_or((name, ""));
-        let e = self.image(image)?;
-        let backing = match side {
-            PROFILE_EXPORT => e.profile.borrow().clone().map(Backing::Profile)?,
-            MANIFEST_EXPORT => Backing::Manifest(Arc::clone(e.cache.manifest())),
-            _ => return None,
-        };
-        Some((Arc::clone(e), backing))
-    }
-
-    /// Every name `NBD_OPT_LIST` offers, with its description: each image,
-    /// then each side export (plain names for the default image).
-    #[must_use]
-    pub fn listing(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = self
-            .list
-            .iter()
-            .map(|e| (e.name.clone(), e.describe()))
-            .collect();
-        for (i, e) in self.list.iter().enumerate() {
-            let name = |side: &str| {
-                if i == 0 {
-                    side.to_owned()
-                } else {
-                    format!("{side}/{}", e.name)
-                }
-            };
-            out.push((
-                name(MANIFEST_EXPORT),
-                format!("manifest of image {}", e.name),
-            ));
-            if e.profile.borrow().is_some() {
-                out.push((
-                    name(PROFILE_EXPORT),
-                    format!("boot profile of image {}", e.name),
-                ));
-            }
-        }
-        out
-    }
+    /// Set once a newer version of the image is published.
+    superseded: watch::Sender<bool>,
+    /// Since when it has had no client (`None` while it has some).
+    idle: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The tasks that serve this version alone (prefetch, parent polls,
+    /// bitmap sync): stopped when it is retired.
+    tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 /// The `key=value` fields of an image's description (`Export::describe`);
@@ -188,6 +75,14 @@ impl Drop for ClientGuard {
             .clients
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
             .saturating_sub(1);
+        if n == 0 {
+            *self
+                .0
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now());
+        }
         crate::metrics::image_clients(&self.0.name, n);
     }
 }
@@ -198,8 +93,10 @@ pub enum Backing {
     Image,
     /// The profile, as it was when the client connected.
     Profile(Arc<Published>),
-    /// The image's manifest.
-    Manifest(Arc<Manifest>),
+    /// The image's manifest; `true` when asked for by the image's plain
+    /// name (it follows the latest version: the connection ends when a
+    /// newer one is published).
+    Manifest(Arc<Manifest>, bool),
 }
 
 impl Backing {
@@ -209,7 +106,7 @@ impl Backing {
         match self {
             Self::Image => None,
             Self::Profile(p) => Some(SideBytes::Profile(Arc::clone(p))),
-            Self::Manifest(m) => Some(SideBytes::Manifest(Arc::clone(m))),
+            Self::Manifest(m, _) => Some(SideBytes::Manifest(Arc::clone(m))),
         }
     }
 }
@@ -260,6 +157,53 @@ impl Export {
             profile,
             recorder,
             clients: std::sync::atomic::AtomicUsize::new(0),
+            superseded: watch::channel(false).0,
+            idle: std::sync::Mutex::new(None),
+            tasks: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The version this export serves: its manifest's identity.
+    #[must_use]
+    pub fn identity(&self) -> crate::manifest::Identity {
+        self.cache.manifest().identity()
+    }
+
+    /// `NAME@IDENTITY`: the export name that pins this version.
+    #[must_use]
+    pub fn version_name(&self) -> String {
+        format!("{}@{}", self.name, self.identity())
+    }
+
+    /// Resolves once a newer version of the image is published.
+    pub async fn superseded(&self) {
+        let mut rx = self.superseded.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Whether a newer version of the image is published.
+    #[must_use]
+    pub fn is_superseded(&self) -> bool {
+        *self.superseded.borrow()
+    }
+
+    /// Ties `task` to this version: it stops when the version is retired.
+    pub fn own_task(&self, task: tokio::task::AbortHandle) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(task);
+    }
+
+    /// Stops every task of this version (it was retired).
+    pub fn stop_tasks(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            t.abort();
         }
     }
 
@@ -284,6 +228,10 @@ impl Export {
     /// Counts a client of the image until the guard drops.
     #[must_use]
     pub fn client(self: &Arc<Self>) -> ClientGuard {
+        *self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let n = self
             .clients
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -298,7 +246,7 @@ impl Export {
         match backing {
             Backing::Image => self.cache.size(),
             Backing::Profile(p) => p.bytes.len() as u64,
-            Backing::Manifest(m) => m.bytes().len() as u64,
+            Backing::Manifest(m, _) => m.bytes().len() as u64,
         }
     }
 }

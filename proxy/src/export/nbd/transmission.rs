@@ -163,9 +163,11 @@ pub async fn run(
     // End of this connection's previous READ: a READ starting there is
     // sequential and earns read-ahead when it misses.
     let mut last_end = u64::MAX;
-    // A profile connection ends when the profile changes: children hold
-    // it, and its closing tells them to read the new one.
-    let mut superseded = match &backing {
+    // A profile connection ends when the profile changes, and one to the
+    // latest manifest when a newer version is published: children hold
+    // them, and their closing tells them to read the new one.
+    type Ends = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let mut superseded: Option<Ends> = match &backing {
         super::Backing::Profile(ours) => {
             let ours = Arc::clone(ours);
             let mut rx = export.profile.clone();
@@ -174,6 +176,10 @@ pub async fn run(
                     .wait_for(|p| !p.as_ref().is_some_and(|p| Arc::ptr_eq(p, &ours)))
                     .await;
             }))
+        }
+        super::Backing::Manifest(_, true) => {
+            let export = Arc::clone(export);
+            Some(Box::pin(async move { export.superseded().await }))
         }
         _ => None,
     };
@@ -200,7 +206,7 @@ pub async fn run(
             // The writer gave up (its client stopped reading): end here too.
             () = tx.closed() => break Ok(()),
             () = async { if let Some(s) = superseded.as_mut() { s.await } else { std::future::pending().await } } => {
-                tracing::debug!("profile changed; closing a connection to the old one");
+                tracing::debug!("profile or version changed; closing a connection to the old one");
                 break Ok(());
             }
         };

@@ -1,0 +1,189 @@
+//! Rolling updates through a three-level tree (root → relay → leaf): the
+//! root's image file is replaced and the root gets SIGHUP; the new version
+//! goes down the tree moving only the chunks that changed; a reader
+//! connected before keeps the old bytes to the end, a new one gets the new
+//! bytes, a qcow2 overlay pinned to the old version (`herd@IDENTITY`)
+//! still reads it; once nobody reads the old version it is retired at
+//! every level and its cache removed.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{have, random_image, scratch, Herd, RawClient};
+use herd::nbd::proto;
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+const CHUNK: usize = 64 * KIB;
+
+/// Reads all of `c`'s export in 1 MiB READs.
+fn read_all(c: &mut RawClient) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < c.size {
+        out.extend(c.read(off, MIB as u32));
+        off += MIB as u64;
+    }
+    out
+}
+
+/// Polls `h`'s `metric` until it is `want`, for at most 30 s.
+fn wait_for(h: &Herd, metric: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = h.metric(metric);
+        if v == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{metric} is {v}, not {want}, after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The identity `h` serves as `herd` now, as `herd image list` shows it
+/// (16 hex digits: enough to pin a version).
+fn identity_of_latest(h: &Herd) -> String {
+    let out = Command::new(common::HERD)
+        .args(["image", "list", &format!("nbd://127.0.0.1:{}", h.port)])
+        .output()
+        .expect("herd image list");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let id = text
+        .lines()
+        .find(|l| l.starts_with("herd "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no herd row:\n{text}"))
+        .to_owned();
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("herd@{id}"))),
+        "the latest is listed as a version too:\n{text}"
+    );
+    id
+}
+
+#[test]
+fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
+    let dir = scratch("versions-update");
+    let img = dir.join("golden.img");
+    let a = random_image(&img, 16 * MIB);
+    std::fs::write(dir.join("a-copy.img"), &a).expect("copy of A");
+    // 64 KiB chunks, no read-ahead: bytes moved count chunks exactly.
+    let args: &[&str] = &[
+        "--chunk-size",
+        "64KiB",
+        "--read-ahead",
+        "0",
+        "--retire-after",
+        "1",
+    ];
+    let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), args);
+    let relay = Herd::start(&dir, "relay", &root.url(), args);
+    let leaf = Herd::start(&dir, "leaf", &relay.url(), args);
+
+    // A reader on version A, connected through the update.
+    let mut old = RawClient::connect(leaf.port, "herd");
+    assert!(read_all(&mut old) == a, "the leaf serves A");
+    let a_id = identity_of_latest(&leaf);
+    // A qcow2 overlay whose backing pins A.
+    let overlay = dir.join("vm.qcow2");
+    let pinned = format!("nbd://127.0.0.1:{}/herd@{a_id}", leaf.port);
+    let qemu = have("qemu-img");
+    if qemu {
+        common::run(Command::new("qemu-img").args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &pinned,
+            overlay.to_str().expect("utf8"),
+        ]));
+    }
+
+    // B: 13 of the 256 chunks (5 %) changed, renamed into place.
+    let changed: Vec<usize> = (0..13).map(|k| 3 + 19 * k).collect();
+    let mut b = a.clone();
+    for &c in &changed {
+        for x in &mut b[c * CHUNK..c * CHUNK + 512] {
+            *x = !*x;
+        }
+    }
+    let next = dir.join("golden.img.new");
+    std::fs::write(&next, &b).expect("write B");
+    std::fs::rename(&next, &img).expect("rename B into place");
+    let root_before = root.metric("herd_served_bytes_total");
+    let relay_before = relay.metric("herd_served_bytes_total");
+    let pid = root.child.id().to_string();
+    common::run(Command::new("kill").args(["-HUP", &pid]));
+    // The new version reaches every level; the old one stays (read).
+    for h in [&root, &relay, &leaf] {
+        wait_for(h, "herd_image_versions", 2.0);
+    }
+
+    // A new reader gets B; the old one still reads only A.
+    let mut new = RawClient::connect(leaf.port, "herd");
+    assert!(read_all(&mut new) == b, "a new reader gets B");
+    assert!(read_all(&mut old) == a, "the old reader still gets A");
+    let b_id = identity_of_latest(&leaf);
+    assert_ne!(a_id, b_id);
+    if qemu {
+        common::run(Command::new("qemu-img").args([
+            "compare",
+            "-q",
+            overlay.to_str().expect("utf8"),
+            dir.join("a-copy.img").to_str().expect("utf8"),
+        ]));
+    }
+    // Only the changed chunks moved, on each link of the tree.
+    let moved = (changed.len() * CHUNK) as f64;
+    let from_root = root.metric("herd_served_bytes_total") - root_before;
+    let from_relay = relay.metric("herd_served_bytes_total") - relay_before;
+    assert!(
+        (moved..=1.1 * moved).contains(&from_root),
+        "root sent {from_root} bytes for {moved} changed"
+    );
+    assert!(
+        (moved..=1.1 * moved).contains(&from_relay),
+        "relay sent {from_relay} bytes for {moved} changed"
+    );
+    // The rest came from each node's old version: what clients asked for
+    // at once, the other chunks in the background (so the old version can
+    // go without them ever moving again).
+    let seeded = (16 * MIB - changed.len() * CHUNK) as f64;
+    wait_for(&leaf, "herd_version_seeded_bytes_total", seeded);
+    wait_for(&relay, "herd_version_seeded_bytes_total", seeded);
+    assert_eq!(
+        relay.metric("herd_served_bytes_total") - relay_before,
+        from_relay
+    );
+
+    // Nobody reads A any more: retired at every level, caches removed.
+    drop(old);
+    drop(new);
+    for h in [&leaf, &relay, &root] {
+        wait_for(h, "herd_image_versions", 1.0);
+    }
+    assert!(
+        !dir.join("leaf-cache").join("herd-cache.data").exists(),
+        "A's cache is removed"
+    );
+    assert!(dir.join("leaf-cache/versions/v1/herd-cache.data").exists());
+    let Err((replies, _)) = RawClient::try_connect(leaf.port, &format!("herd@{a_id}")) else {
+        panic!("a retired version is gone");
+    };
+    assert_eq!(replies, [proto::REP_ERR_UNKNOWN]);
+    let mut c = RawClient::connect(leaf.port, &format!("herd@{}", &b_id[..16]));
+    assert!(
+        read_all(&mut c) == b,
+        "B pinned by a prefix of its identity"
+    );
+    assert_eq!(leaf.metric("herd_chunk_digest_failures_total"), 0.0);
+}
