@@ -4,7 +4,8 @@
 //! connected before keeps the old bytes to the end, a new one gets the new
 //! bytes, a qcow2 overlay pinned to the old version (`herd@IDENTITY`)
 //! still reads it; once nobody reads the old version it is retired at
-//! every level and its cache removed.
+//! every level and its cache removed. An image that changes size is a new
+//! version like any other.
 
 mod common;
 
@@ -186,4 +187,35 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
         "B pinned by a prefix of its identity"
     );
     assert_eq!(leaf.metric("herd_chunk_digest_failures_total"), 0.0);
+}
+
+#[test]
+fn an_image_that_grows_is_a_new_version_not_an_error() {
+    let dir = scratch("versions-grow");
+    let img = dir.join("golden.img");
+    let a = random_image(&img, 4 * MIB);
+    let args: &[&str] = &["--chunk-size", "64KiB", "--read-ahead", "0"];
+    let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), args);
+    let leaf = Herd::start(&dir, "leaf", &root.url(), args);
+    let mut old = RawClient::connect(leaf.port, "herd");
+    assert!(read_all(&mut old) == a);
+    // B: A with 2 MiB more at the end.
+    let mut b = a.clone();
+    b.extend(random_image(&dir.join("tail.img"), 2 * MIB));
+    let next = dir.join("golden.img.new");
+    std::fs::write(&next, &b).expect("write B");
+    std::fs::rename(&next, &img).expect("rename B into place");
+    let before = root.metric("herd_served_bytes_total");
+    common::run(Command::new("kill").args(["-HUP", &root.child.id().to_string()]));
+    wait_for(&leaf, "herd_image_versions", 2.0);
+    let mut new = RawClient::connect(leaf.port, "herd");
+    assert_eq!(new.size, (6 * MIB) as u64, "a new reader sees the new size");
+    assert!(read_all(&mut new) == b, "and the new bytes");
+    assert_eq!(old.size, (4 * MIB) as u64);
+    assert!(read_all(&mut old) == a, "the old reader keeps A");
+    // Only the new 2 MiB moved; the leaf had the first 4 MiB.
+    assert_eq!(
+        root.metric("herd_served_bytes_total") - before,
+        (2 * MIB) as f64
+    );
 }
