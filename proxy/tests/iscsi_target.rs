@@ -388,3 +388,55 @@ fn malformed_pdus_get_an_answer_or_a_closed_connection_and_the_target_serves_on(
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_new_version_is_a_new_lun_identity_for_new_sessions() {
+    if !have("iscsi-inq") || !have("qemu-img") {
+        return;
+    }
+    let dir = scratch("iscsi-target-version");
+    let img_path = dir.join("disk.img");
+    let a = random_image(&img_path, 4 * MIB);
+    let root = Herd::start(&dir, "root", img_path.to_str().expect("utf8"), &[]);
+    let (leaf, port) = start(&dir, "leaf", &root.url(), &[]);
+    let serial = || stdout(Command::new("iscsi-inq").args(["-e", "1", "-c", "128", &url(port)]));
+    let before = serial();
+    // B: another image renamed into place; the root publishes it.
+    let mut b = a.clone();
+    b[..4096].fill(7);
+    let next = dir.join("disk.img.new");
+    std::fs::write(&next, &b).expect("write B");
+    std::fs::rename(&next, &img_path).expect("rename");
+    run(Command::new("kill").args(["-HUP", &root.child.id().to_string()]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while leaf.metric("herd_image_versions") != 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never reached the leaf"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A new session sees B: another serial, and B's bytes.
+    let after = serial();
+    assert_ne!(before, after, "the unit serial follows the version");
+    // The serial is the identity's first 16 digits, as the list shows.
+    let list = stdout(Command::new(common::HERD).args([
+        "image",
+        "list",
+        &format!("nbd://127.0.0.1:{}", leaf.port),
+    ]));
+    let latest = list
+        .lines()
+        .find(|l| l.starts_with("herd "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(after.contains(latest), "{after}\n{list}");
+    let out = dir.join("copy.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &url(port)])
+        .arg(&out));
+    assert!(std::fs::read(&out).expect("copy") == b, "iSCSI serves B");
+    drop(leaf);
+    drop(root);
+    let _ = std::fs::remove_dir_all(&dir);
+}

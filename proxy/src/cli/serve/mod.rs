@@ -403,7 +403,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         ));
     }
     if !cfg.iscsi_target.listen.is_empty() {
-        // The default image is LUN 0 of the target.
+        // The default image (its latest version) is LUN 0 of the target.
         let default = exports
             .default_export()
             .context("no image to serve over iSCSI")?;
@@ -416,6 +416,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             tokio::spawn(herd::export::iscsi::serve(
                 l,
                 Arc::clone(&target),
+                Arc::clone(&exports),
                 Arc::clone(&access),
             ));
         }

@@ -21,7 +21,7 @@ mod session;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
-use crate::export::nbd::{Access, Export};
+use crate::export::nbd::{Access, Export, Exports};
 
 pub use login::Auth;
 pub use session::SessionError;
@@ -38,7 +38,8 @@ pub struct Target {
     pub auth: Auth,
     pub export: Arc<Export>,
     pub lun: scsi::Lun,
-    tsih: AtomicU16,
+    /// Shared by every version's target: a TSIH is never reused.
+    tsih: Arc<AtomicU16>,
 }
 
 impl Target {
@@ -63,8 +64,17 @@ impl Target {
             auth,
             export,
             lun,
-            tsih: AtomicU16::new(0),
+            tsih: Arc::new(AtomicU16::new(0)),
         }
+    }
+
+    /// This target over another version of the image (a new LUN
+    /// identity: new sessions see it, running ones keep theirs).
+    #[must_use]
+    pub fn with_export(&self, export: Arc<Export>) -> Self {
+        let mut t = Self::new(self.iqn.clone(), self.auth.clone(), export);
+        t.tsih = Arc::clone(&self.tsih);
+        t
     }
 
     /// A new session's TSIH (never 0).
@@ -96,8 +106,17 @@ pub fn default_iqn(host: &str, export: &str) -> String {
     format!("iqn.2026-12.io.herd:{}.{}", clean(host), clean(export))
 }
 
-/// Accepts iSCSI connections until the listener fails.
-pub async fn serve(listener: tokio::net::TcpListener, target: Arc<Target>, access: Arc<Access>) {
+/// Accepts iSCSI connections until the listener fails. Each connection
+/// serves the default image's latest version in `exports` when it
+/// connects, and counts as its client until it closes (so the version
+/// is not retired under it).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    target: Arc<Target>,
+    exports: Arc<Exports>,
+    access: Arc<Access>,
+) {
+    let mut target = target;
     let local = listener
         .local_addr()
         .map_or_else(|_| "0.0.0.0:3260".to_owned(), |a| a.to_string());
@@ -129,9 +148,15 @@ pub async fn serve(listener: tokio::net::TcpListener, target: Arc<Target>, acces
         let here = stream
             .local_addr()
             .map_or_else(|_| local.clone(), |a| a.to_string());
+        if let Some(latest) = exports.default_export() {
+            if !Arc::ptr_eq(&latest, &target.export) {
+                target = Arc::new(target.with_export(latest));
+            }
+        }
         let (target, access) = (Arc::clone(&target), Arc::clone(&access));
         tokio::spawn(async move {
             let _slot = slot;
+            let _client = target.export.client();
             let budget = Arc::new(access.gate.budget());
             let stall = access.gate.write_stall();
             match session::run(stream, here, target, budget, stall).await {
