@@ -167,6 +167,9 @@ pub(super) struct Next {
     /// The version it follows: its chunks seed the new one (a child), its
     /// profile carries over (a root).
     pub previous: Arc<Export>,
+    /// The parents the previous version reads from now (a child): the
+    /// fleet may have moved them since startup.
+    pub parents: Vec<UpstreamUrl>,
 }
 
 /// Where versions opened while serving keep their caches.
@@ -256,8 +259,16 @@ pub(super) async fn open_version(
     let (upstream, parents, source): (Arc<dyn Upstream>, _, _) = match image.anchor() {
         Some(url) => (open_anchor(url, cfg, &ctx.engine).await?, None, url.clone()),
         None => {
-            let list =
-                super::fleet::parents_of(&ctx.fleet, image, cfg.named_images, pin.as_deref());
+            let list = match next.as_ref().filter(|n| !n.parents.is_empty()) {
+                Some(n) => n
+                    .parents
+                    .iter()
+                    .map(|u| super::fleet::pinned(u, pin.as_deref()))
+                    .collect(),
+                None => {
+                    super::fleet::parents_of(&ctx.fleet, image, cfg.named_images, pin.as_deref())
+                }
+            };
             anyhow::ensure!(!list.is_empty(), "image `{name}` has no parent");
             let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
             let p = FailoverUpstream::connect(list, cfg.failover)
@@ -295,7 +306,11 @@ pub(super) async fn open_version(
     // newer one published there never mixes into this one.
     let pin = Some(identity.to_string());
     if let (Some(p), true) = (&parents, from_parent) {
-        let list = super::fleet::parents_of(&p.parents(), image, false, pin.as_deref());
+        let list: Vec<UpstreamUrl> = p
+            .parents()
+            .iter()
+            .map(|u| super::fleet::pinned(u, pin.as_deref()))
+            .collect();
         if list != p.parents() {
             p.set_parents(list);
         }
@@ -494,6 +509,7 @@ impl Versions {
                 dir: dir.clone(),
                 manifest,
                 previous: Arc::clone(&previous),
+                parents: self.parents().map(|p| p.parents()).unwrap_or_default(),
             }),
         )
         .await
@@ -560,6 +576,8 @@ impl Versions {
         let name = self.image.name.clone();
         let mut held: Option<herd::upstream::nbd::NbdUpstream> = None;
         let mut warned = false;
+        // The version that could not be opened, logged once.
+        let mut failed: Option<herd::manifest::Identity> = None;
         loop {
             if let Some(up) = &held {
                 // A reconnect means the parent ended the connection.
@@ -586,15 +604,23 @@ impl Versions {
                     held = Some(up);
                 }
                 Ok(Some((m, up))) => {
-                    tracing::info!(image = %name, parent = %url, identity = %m.identity(), "the parent serves a new version; opening it");
+                    let id = m.identity();
+                    let again = failed == Some(id);
+                    if !again {
+                        tracing::info!(image = %name, parent = %url, identity = %id, "the parent serves a new version; opening it");
+                    }
                     match self.publish_next(Arc::clone(&latest), Some(m)).await {
                         Ok(_) => {
                             latest.cache.metrics().parent_identity_mismatch(false);
+                            failed = None;
                             held = Some(up);
                         }
                         Err(e) => {
                             latest.cache.metrics().parent_identity_mismatch(true);
-                            tracing::error!(image = %name, error = %herd::error_chain(&*e), "cannot open the parent's new version; still serving ours");
+                            if !again {
+                                tracing::error!(image = %name, error = %herd::error_chain(&*e), "cannot open the parent's new version; still serving ours, and trying again each second");
+                            }
+                            failed = Some(id);
                         }
                     }
                 }
