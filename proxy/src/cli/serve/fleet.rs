@@ -43,7 +43,7 @@ fn combine(fleet: Vec<UpstreamUrl>, given: &[UpstreamUrl]) -> Vec<UpstreamUrl> {
 
 /// The default image's versions, once open: the node joins its fleet
 /// before it has them, and its status record reports them from then on.
-pub(super) type CacheSlot = Arc<std::sync::OnceLock<Arc<super::image::Versions>>>;
+pub(super) type CacheSlot = Arc<std::sync::OnceLock<Arc<super::versions::Versions>>>;
 
 /// What the status record in etcd says about this node.
 fn status_of(slot: &CacheSlot) -> serde_json::Value {

@@ -4,6 +4,7 @@
 
 mod fleet;
 mod image;
+mod versions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -368,7 +369,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let mut versions = Vec::with_capacity(cfg.images.len());
     for (img, opened) in cfg.images.iter().zip(first) {
         let is_child = opened.parents.is_some();
-        let v = Arc::new(image::Versions {
+        let v = Arc::new(versions::Versions {
             ctx: Arc::clone(&ctx),
             image: img.clone(),
             exports: Arc::clone(&exports),
@@ -433,7 +434,11 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
 /// Retires superseded versions nobody has read for `grace`: stops their
 /// tasks, drops their parent connections (which lets the parent retire
 /// its copy in turn) and removes their caches.
-async fn retire_loop(exports: Arc<Exports>, versions: Vec<Arc<image::Versions>>, grace: Duration) {
+async fn retire_loop(
+    exports: Arc<Exports>,
+    versions: Vec<Arc<versions::Versions>>,
+    grace: Duration,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -444,7 +449,7 @@ async fn retire_loop(exports: Arc<Exports>, versions: Vec<Arc<image::Versions>>,
                 v.retired(&old);
                 let image = v.image.clone();
                 tokio::spawn(async move {
-                    image::remove_cache(old, &image, Duration::from_secs(30)).await;
+                    versions::remove_cache(old, &image, Duration::from_secs(30)).await;
                 });
             }
         }
