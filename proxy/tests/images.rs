@@ -26,16 +26,9 @@ fn tables(dir: &Path, node: &str, images: &[(&str, String)]) -> String {
     path.to_str().expect("utf8").to_owned()
 }
 
-/// Reads all of `export` from `port` in 1 MiB READs.
+/// Reads all of `export` from `port`.
 fn read_all(port: u16, export: &str) -> Vec<u8> {
-    let mut c = RawClient::connect(port, export);
-    let mut out = Vec::new();
-    let mut off = 0u64;
-    while off < c.size {
-        out.extend(c.read(off, MIB as u32));
-        off += MIB as u64;
-    }
-    out
+    RawClient::connect(port, export).read_all()
 }
 
 #[test]

@@ -333,7 +333,11 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     let root = Herd::start_on(&dir, "root", img.to_str().expect("utf8"), port, ra);
     let rlog = std::fs::read_to_string(&root.log).expect("log");
     assert!(rlog.contains("manifest does not match the image"), "{rlog}");
-    wait_versions(&leaf, 2.0);
+    leaf.metric_within(
+        "herd_image_versions",
+        2.0,
+        std::time::Duration::from_secs(30),
+    );
     let llog = std::fs::read_to_string(&leaf.log).expect("log");
     assert!(llog.contains("the parent serves a new version"), "{llog}");
     assert_eq!(leaf.metric("herd_parent_identity_mismatch"), 0.0);
@@ -399,19 +403,6 @@ fn leaf_identity(h: &Herd) -> String {
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or_else(|| panic!("no herd row:\n{text}"))
         .to_owned()
-}
-
-/// Polls `h` until it serves `n` versions of its image (30 s at most).
-fn wait_versions(h: &Herd, n: f64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while h.metric("herd_image_versions") != n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} versions, not {n}, after 30 s",
-            h.metric("herd_image_versions")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -408,14 +408,7 @@ fn a_new_version_is_a_new_lun_identity_for_new_sessions() {
     std::fs::write(&next, &b).expect("write B");
     std::fs::rename(&next, &img_path).expect("rename");
     run(Command::new("kill").args(["-HUP", &root.child.id().to_string()]));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while leaf.metric("herd_image_versions") != 2.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B never reached the leaf"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    leaf.metric_within("herd_image_versions", 2.0, Duration::from_secs(30));
     // A new session sees B: another serial, and B's bytes.
     let after = serial();
     assert_ne!(before, after, "the unit serial follows the version");

@@ -10,7 +10,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{have, random_image, scratch, Herd, RawClient};
 use herd::nbd::proto;
@@ -19,32 +19,8 @@ const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
 const CHUNK: usize = 64 * KIB;
 
-/// Reads all of `c`'s export in 1 MiB READs.
-fn read_all(c: &mut RawClient) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut off = 0u64;
-    while off < c.size {
-        out.extend(c.read(off, MIB as u32));
-        off += MIB as u64;
-    }
-    out
-}
-
-/// Polls `h`'s `metric` until it is `want`, for at most 30 s.
-fn wait_for(h: &Herd, metric: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = h.metric(metric);
-        if v == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{metric} is {v}, not {want}, after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+/// How long a new version may take to reach every level.
+const PROPAGATE: Duration = Duration::from_secs(30);
 
 /// The identity `h` serves as `herd` now, as `herd image list` shows it
 /// (16 hex digits: enough to pin a version).
@@ -89,7 +65,7 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
 
     // A reader on version A, connected through the update.
     let mut old = RawClient::connect(leaf.port, "herd");
-    assert!(read_all(&mut old) == a, "the leaf serves A");
+    assert!(old.read_all() == a, "the leaf serves A");
     let a_id = identity_of_latest(&leaf);
     // A qcow2 overlay whose backing pins A.
     let overlay = dir.join("vm.qcow2");
@@ -126,13 +102,13 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     common::run(Command::new("kill").args(["-HUP", &pid]));
     // The new version reaches every level; the old one stays (read).
     for h in [&root, &relay, &leaf] {
-        wait_for(h, "herd_image_versions", 2.0);
+        h.metric_within("herd_image_versions", 2.0, PROPAGATE);
     }
 
     // A new reader gets B; the old one still reads only A.
     let mut new = RawClient::connect(leaf.port, "herd");
-    assert!(read_all(&mut new) == b, "a new reader gets B");
-    assert!(read_all(&mut old) == a, "the old reader still gets A");
+    assert!(new.read_all() == b, "a new reader gets B");
+    assert!(old.read_all() == a, "the old reader still gets A");
     let b_id = identity_of_latest(&leaf);
     assert_ne!(a_id, b_id);
     if qemu {
@@ -159,8 +135,8 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     // at once, the other chunks in the background (so the old version can
     // go without them ever moving again).
     let seeded = (16 * MIB - changed.len() * CHUNK) as f64;
-    wait_for(&leaf, "herd_version_seeded_bytes_total", seeded);
-    wait_for(&relay, "herd_version_seeded_bytes_total", seeded);
+    leaf.metric_within("herd_version_seeded_bytes_total", seeded, PROPAGATE);
+    relay.metric_within("herd_version_seeded_bytes_total", seeded, PROPAGATE);
     assert_eq!(
         relay.metric("herd_served_bytes_total") - relay_before,
         from_relay
@@ -170,7 +146,7 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     drop(old);
     drop(new);
     for h in [&leaf, &relay, &root] {
-        wait_for(h, "herd_image_versions", 1.0);
+        h.metric_within("herd_image_versions", 1.0, PROPAGATE);
     }
     assert!(
         !dir.join("leaf-cache").join("herd-cache.data").exists(),
@@ -182,10 +158,7 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     };
     assert_eq!(replies, [proto::REP_ERR_UNKNOWN]);
     let mut c = RawClient::connect(leaf.port, &format!("herd@{}", &b_id[..16]));
-    assert!(
-        read_all(&mut c) == b,
-        "B pinned by a prefix of its identity"
-    );
+    assert!(c.read_all() == b, "B pinned by a prefix of its identity");
     assert_eq!(leaf.metric("herd_chunk_digest_failures_total"), 0.0);
 }
 
@@ -198,7 +171,7 @@ fn an_image_that_grows_is_a_new_version_not_an_error() {
     let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), args);
     let leaf = Herd::start(&dir, "leaf", &root.url(), args);
     let mut old = RawClient::connect(leaf.port, "herd");
-    assert!(read_all(&mut old) == a);
+    assert!(old.read_all() == a);
     // B: A with 2 MiB more at the end.
     let mut b = a.clone();
     b.extend(random_image(&dir.join("tail.img"), 2 * MIB));
@@ -207,12 +180,12 @@ fn an_image_that_grows_is_a_new_version_not_an_error() {
     std::fs::rename(&next, &img).expect("rename B into place");
     let before = root.metric("herd_served_bytes_total");
     common::run(Command::new("kill").args(["-HUP", &root.child.id().to_string()]));
-    wait_for(&leaf, "herd_image_versions", 2.0);
+    leaf.metric_within("herd_image_versions", 2.0, PROPAGATE);
     let mut new = RawClient::connect(leaf.port, "herd");
     assert_eq!(new.size, (6 * MIB) as u64, "a new reader sees the new size");
-    assert!(read_all(&mut new) == b, "and the new bytes");
+    assert!(new.read_all() == b, "and the new bytes");
     assert_eq!(old.size, (4 * MIB) as u64);
-    assert!(read_all(&mut old) == a, "the old reader keeps A");
+    assert!(old.read_all() == a, "the old reader keeps A");
     // Only the new 2 MiB moved; the leaf had the first 4 MiB.
     assert_eq!(
         root.metric("herd_served_bytes_total") - before,

@@ -306,6 +306,17 @@ async fn handshake(
     Ok((s, info))
 }
 
+/// Connects to `url` and greets it: options may follow on the stream.
+pub(super) async fn options(url: &UpstreamUrl, addr: &str) -> UpstreamResult<BoxStream> {
+    let s = connect_stream(url)
+        .await
+        .map_err(|source| UpstreamError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    greet(s, url, addr).await
+}
+
 /// Reads the greeting, sends the client flags and, as the URL and this
 /// process's `--tls` ask, upgrades to TLS: options may follow on the
 /// returned stream.
@@ -420,13 +431,7 @@ pub async fn list_exports(url: &UpstreamUrl) -> UpstreamResult<Vec<(String, Stri
         addr: addr.clone(),
         reason,
     };
-    let s = connect_stream(url)
-        .await
-        .map_err(|source| UpstreamError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-    let mut s = greet(s, url, &addr).await?;
+    let mut s = options(url, &addr).await?;
     send_option(&mut s, proto::OPT_LIST, &[], &addr).await?;
     let mut out = Vec::new();
     loop {

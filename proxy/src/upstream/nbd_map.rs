@@ -6,7 +6,7 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::nbd::{connect_stream, go, greet, read_option_reply, send_abort, send_option};
+use super::nbd::{go, options, read_option_reply, send_abort, send_option};
 use super::{Extents, UpstreamError, UpstreamResult, UpstreamUrl};
 use crate::nbd::proto::{self, MetaContextRequest, Request};
 use crate::net::BoxStream;
@@ -33,13 +33,7 @@ pub async fn extents(url: &UpstreamUrl, size: u64) -> UpstreamResult<Extents> {
         reason,
     };
     let io = |e: std::io::Error| fail(format!("I/O error: {e}"));
-    let s = connect_stream(url)
-        .await
-        .map_err(|source| UpstreamError::Connect {
-            addr: addr.clone(),
-            source,
-        })?;
-    let mut s = greet(s, url, &addr).await?;
+    let mut s = options(url, &addr).await?;
     if option(&mut s, proto::OPT_STRUCTURED_REPLY, &[], &addr)
         .await?
         .is_none()

@@ -288,7 +288,13 @@ impl Herd {
     /// just after serving them); panics with the last value if it does
     /// not within 10 s. Returns `want`.
     pub fn metric_eventually(&self, name: &str, want: f64) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.metric_within(name, want, Duration::from_secs(10))
+    }
+
+    /// `metric_eventually` with its own limit (a version going down a
+    /// tree takes a poll per level).
+    pub fn metric_within(&self, name: &str, want: f64, limit: Duration) -> f64 {
+        let deadline = Instant::now() + limit;
         loop {
             let v = self.metric(name);
             if v == want {
@@ -296,7 +302,7 @@ impl Herd {
             }
             assert!(
                 Instant::now() < deadline,
-                "{name} is {v}, not {want}, after 10 s"
+                "{name} is {v}, not {want}, after {limit:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -500,6 +506,18 @@ impl RawClient {
     }
 
     /// One READ, waited for: its data, or the errno of an error reply.
+    /// The whole export, in 1 MiB READs.
+    pub fn read_all(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        while off < self.size {
+            let n = (self.size - off).min(1 << 20);
+            out.extend(self.read(off, u32::try_from(n).expect("1 MiB")));
+            off += n;
+        }
+        out
+    }
+
     pub fn try_read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
         self.send(proto::CMD_READ, 7, offset, len, &[]);
         let (_, errno, data) = self.reply(|_| len as usize);
