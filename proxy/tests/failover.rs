@@ -597,7 +597,18 @@ fn a_child_holds_its_profile_connection_instead_of_polling() {
     );
     let child = herd(&dir, "child", &[root.url()], free_port(), &[]);
     child.wait_prefetched(Duration::from_secs(30));
-    let before = root.metric("herd_nbd_connections_total");
+    // The child's startup connections (data, probe, profile, the held
+    // manifest its version follower watches) settle first: the count
+    // stays put for a second (a 2 s poll would still show below).
+    let mut before = root.metric("herd_nbd_connections_total");
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = root.metric("herd_nbd_connections_total");
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     // Three poll periods: the old loop opened a connection every 2 s.
     std::thread::sleep(Duration::from_secs(7));
     assert_eq!(root.metric("herd_nbd_connections_total"), before);
