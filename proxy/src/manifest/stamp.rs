@@ -45,15 +45,22 @@ impl Stamp {
         let UpstreamUrl::File(path) = source else {
             return None;
         };
+        Self::of_file(path).filter(|s| s.size == size)
+    }
+
+    /// The stamp of the regular file at `path` as it is now, whatever its
+    /// size (a root's SIGHUP compares two); `None` for anything else.
+    #[must_use]
+    pub fn of_file(path: &Path) -> Option<Self> {
         let md = std::fs::metadata(path).ok()?;
-        if !md.is_file() || md.len() != size {
+        if !md.is_file() {
             return None;
         }
         Some(Self {
-            path: path.clone(),
+            path: path.to_owned(),
             dev: md.dev(),
             ino: md.ino(),
-            size,
+            size: md.len(),
             mtime_ns: ns(md.mtime(), md.mtime_nsec()),
             ctime_ns: ns(md.ctime(), md.ctime_nsec()),
             identity: String::new(),

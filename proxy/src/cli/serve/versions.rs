@@ -2,13 +2,14 @@
 //! follower, the caches of versions opened while serving (under the
 //! image's `versions/`), and their removal once a version is retired.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use herd::config::ImageConfig;
 use herd::export::nbd::{Export, Exports};
+use herd::manifest::stamp::Stamp;
 use herd::manifest::Manifest;
 use herd::upstream::failover::FailoverUpstream;
 use herd::upstream::{Upstream, UpstreamUrl};
@@ -148,9 +149,9 @@ impl Versions {
         let Some(UpstreamUrl::File(path)) = self.image.anchor().cloned() else {
             return;
         };
-        let mut seen = file_state(&path);
+        let mut seen = Stamp::of_file(&path);
         while hup.changed().await.is_ok() {
-            let now = file_state(&path);
+            let now = Stamp::of_file(&path);
             if now == seen {
                 tracing::info!(image = %self.image.name, path = %path.display(), "SIGHUP: the image file is unchanged");
                 continue;
@@ -256,21 +257,6 @@ impl Versions {
 
 /// How often a child checks its held manifest connection.
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
-
-/// What tells a changed image file: device, inode, size, mtime, ctime.
-fn file_state(path: &Path) -> Option<(u64, u64, u64, i64, i64, i64, i64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-    ))
-}
 
 /// Removes a retired version's cache files once nothing holds its cache
 /// (at most `wait`): the directory too when it is one of `versions/`.
