@@ -315,15 +315,9 @@ pub fn upstream_down() {
 pub fn upstream_deadline() {
     counter!("herd_upstream_deadline_expiries_total").increment(1);
 }
-/// Whether reads go to `parent` now. The label is the parent's URL
-/// without a version pin (`NAME@IDENTITY` → `NAME`), so a series outlives
-/// the versions that pass through it.
+/// Whether reads go to `parent` now.
 pub fn upstream_active(parent: &str, active: bool) {
-    let label = match parent.rsplit_once('@') {
-        Some((base, pin)) if !pin.contains('/') && base.contains("://") => base,
-        _ => parent,
-    };
-    gauge!("herd_upstream_active", "parent" => label.to_owned()).set(if active {
+    gauge!("herd_upstream_active", "parent" => parent.to_owned()).set(if active {
         1.0
     } else {
         0.0

@@ -69,6 +69,9 @@ const PROBE_LEN: usize = 64;
 struct Parent {
     url: UpstreamUrl,
     label: String,
+    /// Its `herd_upstream_active` label: the URL without a version pin,
+    /// so a series outlives the versions that pass through the parent.
+    metric: String,
     data: tokio::sync::Mutex<Option<Arc<NbdUpstream>>>,
     probe: tokio::sync::Mutex<Option<Arc<NbdUpstream>>>,
     /// Set once a parent is found to have no `herd-manifest` (qemu-nbd,
@@ -83,6 +86,7 @@ impl Parent {
     fn new(url: UpstreamUrl, rejoin_after: Duration) -> Self {
         Self {
             label: url.to_string(),
+            metric: url.pinned(None).to_string(),
             url,
             data: tokio::sync::Mutex::new(None),
             probe: tokio::sync::Mutex::new(None),
@@ -99,6 +103,7 @@ impl Parent {
         let probe = self.probe.try_lock().ok().and_then(|g| g.clone());
         Self {
             label: url.to_string(),
+            metric: url.pinned(None).to_string(),
             url,
             data: tokio::sync::Mutex::new(None),
             probe: tokio::sync::Mutex::new(probe),
@@ -359,7 +364,7 @@ impl FailoverUpstream {
         let labels: Vec<&str> = new.iter().map(|p| p.label.as_str()).collect();
         tracing::info!(parents = ?labels, "upstream list changed");
         for p in old.iter().filter(|p| !new.iter().any(|n| n.url == p.url)) {
-            crate::metrics::upstream_active(&p.label, false);
+            crate::metrics::upstream_active(&p.metric, false);
         }
         if let Ok(mut g) = self.parents.write() {
             *g = Arc::new(new);
@@ -377,7 +382,7 @@ impl FailoverUpstream {
             return;
         }
         for p in parents.iter() {
-            crate::metrics::upstream_active(&p.label, now.as_deref() == Some(p.label.as_str()));
+            crate::metrics::upstream_active(&p.metric, now.as_deref() == Some(p.label.as_str()));
         }
         match (&*active, &now) {
             (Some(a), Some(b)) => tracing::info!(from = %a, to = %b, "active parent changed"),

@@ -193,6 +193,22 @@ impl UpstreamUrl {
         }
     }
 
+    /// This URL with its export pinned to version `pin` of the image it
+    /// names (`NAME@IDENTITY`), or unpinned (`NAME`) when `pin` is `None`;
+    /// a file or a LUN as it is.
+    #[must_use]
+    pub fn pinned(&self, pin: Option<&str>) -> Self {
+        let Some(export) = self.export() else {
+            return self.clone();
+        };
+        let base = export.split_once('@').map_or(export, |(b, _)| b);
+        let name = match pin {
+            Some(p) => format!("{base}@{p}"),
+            None => base.to_owned(),
+        };
+        self.with_export(&name).unwrap_or_else(|| self.clone())
+    }
+
     /// The side export `side` (`herd-manifest`, `herd-profile`) of the
     /// image this URL names: `side/NAME` for a named image, since one herd
     /// serves several; plain `side` for the default export ("").
@@ -246,6 +262,23 @@ mod tests {
 
     fn p(s: &str) -> Result<UpstreamUrl, UrlError> {
         s.parse()
+    }
+
+    #[test]
+    fn versions_pin_and_unpin_the_export() {
+        let u = p("nbd://10.0.0.1:10809/deb").expect("url");
+        let pinned = u.pinned(Some("abc123"));
+        assert_eq!(pinned.to_string(), "nbd://10.0.0.1:10809/deb@abc123");
+        assert_eq!(pinned.pinned(Some("def")).export(), Some("deb@def"));
+        assert_eq!(pinned.pinned(None), u);
+        assert_eq!(
+            pinned
+                .side_export("herd-manifest")
+                .and_then(|m| m.export().map(str::to_owned)),
+            Some("herd-manifest/deb@abc123".to_owned())
+        );
+        let file = p("/srv/deb.img").expect("path");
+        assert_eq!(file.pinned(Some("abc")), file);
     }
 
     #[test]

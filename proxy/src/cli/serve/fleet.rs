@@ -84,22 +84,8 @@ pub(super) fn parents_of(
         .collect();
     combine(ups, &image.upstreams)
         .into_iter()
-        .map(|u| pinned(&u, pin))
+        .map(|u| u.pinned(pin))
         .collect()
-}
-
-/// `url` with its export pinned to version `pin` (`NAME@IDENTITY`), or
-/// unpinned (`NAME`) when `pin` is `None`.
-pub(super) fn pinned(url: &UpstreamUrl, pin: Option<&str>) -> UpstreamUrl {
-    let Some(export) = url.export() else {
-        return url.clone();
-    };
-    let base = export.split_once('@').map_or(export, |(b, _)| b);
-    let name = match pin {
-        Some(p) => format!("{base}@{p}"),
-        None => base.to_owned(),
-    };
-    url.with_export(&name).unwrap_or_else(|| url.clone())
 }
 
 /// Joins the fleet, if any: the fleet's parents to start from (empty at a

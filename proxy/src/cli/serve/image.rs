@@ -196,11 +196,7 @@ pub(super) async fn open_version(
         Some(url) => (open_anchor(url, cfg, &ctx.engine).await?, None, url.clone()),
         None => {
             let list = match next.as_ref().filter(|n| !n.parents.is_empty()) {
-                Some(n) => n
-                    .parents
-                    .iter()
-                    .map(|u| super::fleet::pinned(u, pin.as_deref()))
-                    .collect(),
+                Some(n) => n.parents.iter().map(|u| u.pinned(pin.as_deref())).collect(),
                 None => {
                     super::fleet::parents_of(&ctx.fleet, image, cfg.named_images, pin.as_deref())
                 }
@@ -245,7 +241,7 @@ pub(super) async fn open_version(
         let list: Vec<UpstreamUrl> = p
             .parents()
             .iter()
-            .map(|u| super::fleet::pinned(u, pin.as_deref()))
+            .map(|u| u.pinned(pin.as_deref()))
             .collect();
         if list != p.parents() {
             p.set_parents(list);

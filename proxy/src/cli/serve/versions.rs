@@ -194,7 +194,7 @@ impl Versions {
                 tokio::time::sleep(FOLLOW_POLL).await;
                 continue;
             };
-            let url = super::fleet::pinned(&active, None);
+            let url = active.pinned(None);
             match herd::manifest::fetch_held(&url).await {
                 // Not herd: it has no versions to follow.
                 Ok(None) => return,
