@@ -419,6 +419,7 @@ pub struct ImageMetrics {
     parent_mismatch: Gauge,
     seeded: Counter,
     versions: Gauge,
+    clients: Gauge,
 }
 
 #[allow(clippy::cast_precision_loss)] // gauges are f64; counts fit easily
@@ -464,6 +465,13 @@ impl ImageMetrics {
             parent_mismatch: g("herd_parent_identity_mismatch"),
             seeded: c("herd_version_seeded_bytes_total"),
             versions: g("herd_image_versions"),
+            clients: {
+                // Shared by the image's versions: counted up and down, never
+                // reset, so it is their sum.
+                let g = gauge!("herd_image_clients", "image" => image.to_owned());
+                g.increment(0.0);
+                g
+            },
         }
     }
 
@@ -531,6 +539,14 @@ impl ImageMetrics {
     pub fn version_seeded(&self, bytes: u64) {
         self.seeded.increment(bytes);
     }
+    /// A connection started (`true`) or stopped reading the image.
+    pub fn client(&self, connected: bool) {
+        if connected {
+            self.clients.increment(1.0);
+        } else {
+            self.clients.decrement(1.0);
+        }
+    }
     /// Versions of the image served now.
     pub fn versions(&self, n: usize) {
         self.versions.set(n as f64);
@@ -542,12 +558,6 @@ impl ImageMetrics {
     pub fn profile_extents(&self, n: usize) {
         self.profile_extents.set(n as f64);
     }
-}
-
-/// Connections reading image `image` now.
-#[allow(clippy::cast_precision_loss)]
-pub fn image_clients(image: &str, n: usize) {
-    gauge!("herd_image_clients", "image" => image.to_owned()).set(n as f64);
 }
 
 /// The value of `query` in a Prometheus text exposition: `name` or

@@ -83,7 +83,7 @@ impl Drop for ClientGuard {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) =
                 Some(std::time::Instant::now());
         }
-        crate::metrics::image_clients(&self.0.name, n);
+        self.0.cache.metrics().client(false);
     }
 }
 
@@ -148,7 +148,6 @@ impl Export {
         profile: watch::Receiver<Shared>,
         recorder: Option<Arc<ClientRecorder>>,
     ) -> Self {
-        crate::metrics::image_clients(&name, 0);
         Self {
             name,
             description,
@@ -232,11 +231,9 @@ impl Export {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        let n = self
-            .clients
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
-        crate::metrics::image_clients(&self.name, n);
+        self.clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cache.metrics().client(true);
         ClientGuard(Arc::clone(self))
     }
 
