@@ -560,48 +560,79 @@ impl ImageMetrics {
     }
 }
 
-/// The value of `query` in a Prometheus text exposition: `name` or
-/// `name{label="value",…}`, summed over every series of that name whose
-/// labels include the given ones (so `herd_chunk_hits_total` is the
-/// node's total over its images). `None` if no series matches. Tests and
-/// benchmarks read metrics through this one function.
-#[must_use]
-pub fn sample(text: &str, query: &str) -> Option<f64> {
-    let (name, want) = split_series(query);
-    let mut sum = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, labels) = split_series(series);
-        if n != name || !want.iter().all(|w| labels.contains(w)) {
-            continue;
-        }
-        if let Ok(v) = value.trim().parse::<f64>() {
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    /// Each `label="value"`.
+    pub labels: &'a str,
+    pub value: f64,
 }
 
-/// `name{a="x",b="y"}` → (`name`, [`a="x"`, `b="y"`]); label values
-/// holding commas are not split correctly, and herd writes none.
-fn split_series(s: &str) -> (&str, Vec<&str>) {
-    match s.split_once('{') {
-        Some((name, rest)) => (
-            name,
-            rest.trim_end_matches('}')
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .collect(),
-        ),
-        None => (s, Vec::new()),
+impl Sample<'_> {
+    /// The value of label `key`, if the sample has it.
+    #[must_use]
+    pub fn label(&self, key: &str) -> Option<&str> {
+        split_labels(self.labels).into_iter().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k == key).then(|| v.trim_matches('"'))
+        })
     }
+}
+
+/// Every sample of a Prometheus text exposition (comments skipped).
+#[must_use]
+pub fn samples(text: &str) -> Vec<Sample<'_>> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value = value.trim().parse::<f64>().ok()?;
+            let (name, labels) = series
+                .split_once('{')
+                .map_or((series, ""), |(n, rest)| (n, rest.trim_end_matches('}')));
+            Some(Sample {
+                name,
+                labels,
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The value of `query` among `samples`: `name` or `name{label="value",…}`,
+/// summed over every series of that name whose labels include the given
+/// ones (so `herd_chunk_hits_total` is the node's total over its images).
+/// `None` if no series matches.
+#[must_use]
+pub fn sum(samples: &[Sample<'_>], query: &str) -> Option<f64> {
+    let (name, want) = query
+        .split_once('{')
+        .map_or((query, ""), |(n, rest)| (n, rest.trim_end_matches('}')));
+    let want = split_labels(want);
+    samples
+        .iter()
+        .filter(|s| s.name == name && want.iter().all(|w| split_labels(s.labels).contains(w)))
+        .map(|s| s.value)
+        .reduce(|a, b| a + b)
+}
+
+/// `sum` over a whole exposition: tests, benchmarks and `herd fleet
+/// status` read metrics through these functions.
+#[must_use]
+pub fn sample(text: &str, query: &str) -> Option<f64> {
+    sum(&samples(text), query)
+}
+
+/// `a="x",b="y"` → [`a="x"`, `b="y"`]; label values holding commas are
+/// not split correctly, and herd writes none.
+fn split_labels(labels: &str) -> Vec<&str> {
+    labels.split(',').filter(|l| !l.is_empty()).collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::sample;
+    use super::{sample, samples};
 
     #[test]
     fn samples_sum_over_series_with_the_asked_labels() {
@@ -612,5 +643,8 @@ mod tests {
         assert_eq!(sample(text, "x{image=\"c\"}"), None);
         assert_eq!(sample(text, "y"), Some(7.0));
         assert_eq!(sample(text, "z"), None);
+        let s = samples(text);
+        assert_eq!(s[0].label("source"), Some("parent"));
+        assert_eq!(s[3].label("image"), None);
     }
 }

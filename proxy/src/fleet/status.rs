@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::View;
+use crate::metrics::{self, Sample};
 
 /// One node's line.
 #[derive(Debug, Clone, Serialize)]
@@ -31,22 +32,6 @@ pub struct NodeStatus {
     pub failovers: Option<u64>,
 }
 
-/// Prometheus samples: (name, labels, value).
-fn samples(text: &str) -> Vec<(&str, &str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let value: f64 = value.trim().parse().ok()?;
-            let (name, labels) = match key.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (key, ""),
-            };
-            Some((name, labels, value))
-        })
-        .collect()
-}
-
 fn scrape(addr: &str) -> Option<String> {
     let sock = addr.to_socket_addrs().ok()?.next()?;
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(1)).ok()?;
@@ -59,19 +44,16 @@ fn scrape(addr: &str) -> Option<String> {
 }
 
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // counters are whole numbers
-fn get(s: &[(&str, &str, f64)], name: &str) -> Option<u64> {
-    s.iter()
-        .filter(|(n, _, _)| *n == name)
-        .map(|(_, _, v)| *v as u64)
-        .reduce(|a, b| a + b)
+fn get(s: &[Sample<'_>], name: &str) -> Option<u64> {
+    metrics::sum(s, name).map(|v| v as u64)
 }
 
 /// The parent a node's metrics call active, mapped back to a member name.
-fn active(view: &View, s: &[(&str, &str, f64)]) -> Option<String> {
-    let (_, labels, _) = s
+fn active(view: &View, s: &[Sample<'_>]) -> Option<String> {
+    let url = s
         .iter()
-        .find(|(n, _, v)| *n == "herd_upstream_active" && *v == 1.0)?;
-    let url = labels.split_once("parent=\"")?.1.trim_end_matches('"');
+        .find(|x| x.name == "herd_upstream_active" && x.value == 1.0)?
+        .label("parent")?;
     let hostport = url.strip_prefix("nbd://")?.split('/').next()?;
     std::iter::once(&view.root)
         .chain(&view.members)
@@ -88,7 +70,7 @@ pub fn gather(view: &View) -> Vec<NodeStatus> {
         .map(|m| {
             let is_root = m.name == view.root.name;
             let text = m.metrics.as_deref().and_then(scrape);
-            let s = text.as_deref().map(samples).unwrap_or_default();
+            let s = text.as_deref().map(metrics::samples).unwrap_or_default();
             let health = match (&m.metrics, &text) {
                 (None, _) => "unknown",
                 (Some(_), None) => "unreachable",
@@ -192,7 +174,7 @@ mod tests {
 
     #[test]
     fn samples_are_read_with_labels() {
-        let s = samples(
+        let s = metrics::samples(
             "# TYPE x counter\nherd_served_bytes_total 1024\nherd_upstream_active{parent=\"nbd://10.0.0.2:10809/herd\"} 1\nherd_upstream_active{parent=\"nbd://10.0.0.1:10809/herd\"} 0\n",
         );
         assert_eq!(get(&s, "herd_served_bytes_total"), Some(1024));
