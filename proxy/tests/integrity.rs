@@ -304,6 +304,15 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
         .open(&img)
         .and_then(|f| f.write_all_at(&b, 0).and_then(|()| f.sync_all()))
         .expect("rewrite");
+    let all_b = |blocks: &[Result<Vec<u8>, u32>], what: &str| {
+        for (i, got) in blocks.iter().enumerate() {
+            assert!(
+                got.as_ref()
+                    .is_ok_and(|x| x[..] == b[i * MIB..(i + 1) * MIB]),
+                "{what}: block {i} is not B's"
+            );
+        }
+    };
     let only_a = |blocks: &[Result<Vec<u8>, u32>], what: &str| {
         for (i, got) in blocks.iter().enumerate() {
             if let Ok(bytes) = got {
@@ -327,7 +336,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     // The root restarts: a new manifest, a new identity (B). The leaf
     // follows it as a new version: its plain name now serves B, while A
     // stays pinned by identity and never serves a byte of B.
-    let a_id = leaf_identity(&leaf);
+    let a_id = leaf.latest_identity();
     let port = root.port;
     assert!(root.stop().success());
     let root = Herd::start_on(&dir, "root", img.to_str().expect("utf8"), port, ra);
@@ -350,14 +359,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     for i in [5usize, 7] {
         assert!(pinned[i].is_err(), "block {i}: no A upstream, EIO");
     }
-    let blocks = read_blocks(leaf.port, b.len());
-    for (i, got) in blocks.iter().enumerate() {
-        assert!(
-            got.as_ref()
-                .is_ok_and(|x| x[..] == b[i * MIB..(i + 1) * MIB]),
-            "block {i} of the new version is not B's"
-        );
-    }
+    all_b(&read_blocks(leaf.port, b.len()), "the new version");
     // B took what A held and B did not change: blocks 0, 2, 4 and 6, and
     // blocks 1 and 3 but their first 64 KiB manifest chunk (changed).
     assert_eq!(
@@ -373,14 +375,7 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     assert!(llog.contains("kept from the last run"), "{llog}");
     assert_eq!(leaf.metric("herd_cache_chunks_present"), 8.0);
     let up = leaf.metric("herd_upstream_read_bytes_total");
-    let blocks = read_blocks(leaf.port, b.len());
-    for (i, got) in blocks.iter().enumerate() {
-        assert!(
-            got.as_ref()
-                .is_ok_and(|x| x[..] == b[i * MIB..(i + 1) * MIB]),
-            "block {i} is not B's"
-        );
-    }
+    all_b(&read_blocks(leaf.port, b.len()), "after the leaf's restart");
     assert_eq!(
         leaf.metric("herd_upstream_read_bytes_total"),
         up,
@@ -388,21 +383,6 @@ fn an_image_changed_under_a_running_tree_is_never_served_mixed() {
     );
     drop(leaf);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The identity `h` serves as `herd` now (`herd image list`).
-fn leaf_identity(h: &Herd) -> String {
-    let out = Command::new(HERD)
-        .args(["image", "list", &format!("nbd://127.0.0.1:{}", h.port)])
-        .output()
-        .expect("herd image list");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // 16 hex digits: a prefix that pins a version as well as the whole.
-    text.lines()
-        .find(|l| l.starts_with("herd "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("no herd row:\n{text}"))
-        .to_owned()
 }
 
 #[test]

@@ -413,17 +413,8 @@ fn a_new_version_is_a_new_lun_identity_for_new_sessions() {
     let after = serial();
     assert_ne!(before, after, "the unit serial follows the version");
     // The serial is the identity's first 16 digits, as the list shows.
-    let list = stdout(Command::new(common::HERD).args([
-        "image",
-        "list",
-        &format!("nbd://127.0.0.1:{}", leaf.port),
-    ]));
-    let latest = list
-        .lines()
-        .find(|l| l.starts_with("herd "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("{list}"));
-    assert!(after.contains(latest), "{after}\n{list}");
+    let latest = leaf.latest_identity();
+    assert!(after.contains(&latest), "{after}");
     let out = dir.join("copy.img");
     run(Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &url(port)])

@@ -22,28 +22,6 @@ const CHUNK: usize = 64 * KIB;
 /// How long a new version may take to reach every level.
 const PROPAGATE: Duration = Duration::from_secs(30);
 
-/// The identity `h` serves as `herd` now, as `herd image list` shows it
-/// (16 hex digits: enough to pin a version).
-fn identity_of_latest(h: &Herd) -> String {
-    let out = Command::new(common::HERD)
-        .args(["image", "list", &format!("nbd://127.0.0.1:{}", h.port)])
-        .output()
-        .expect("herd image list");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let id = text
-        .lines()
-        .find(|l| l.starts_with("herd "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or_else(|| panic!("no herd row:\n{text}"))
-        .to_owned();
-    assert!(
-        text.lines().any(|l| l.starts_with(&format!("herd@{id}"))),
-        "the latest is listed as a version too:\n{text}"
-    );
-    id
-}
-
 #[test]
 fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     let dir = scratch("versions-update");
@@ -66,7 +44,7 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     // A reader on version A, connected through the update.
     let mut old = RawClient::connect(leaf.port, "herd");
     assert!(old.read_all() == a, "the leaf serves A");
-    let a_id = identity_of_latest(&leaf);
+    let a_id = leaf.latest_identity();
     // A qcow2 overlay whose backing pins A.
     let overlay = dir.join("vm.qcow2");
     let pinned = format!("nbd://127.0.0.1:{}/herd@{a_id}", leaf.port);
@@ -109,7 +87,7 @@ fn an_update_moves_only_changed_chunks_and_old_readers_keep_old_bytes() {
     let mut new = RawClient::connect(leaf.port, "herd");
     assert!(new.read_all() == b, "a new reader gets B");
     assert!(old.read_all() == a, "the old reader still gets A");
-    let b_id = identity_of_latest(&leaf);
+    let b_id = leaf.latest_identity();
     assert_ne!(a_id, b_id);
     if qemu {
         common::run(Command::new("qemu-img").args([

@@ -268,6 +268,29 @@ impl Herd {
         format!("nbd://127.0.0.1:{}/herd", self.port)
     }
 
+    /// The identity image `herd` is served at now, as `herd image list`
+    /// shows it (16 hex digits: enough to pin the version). Checks that
+    /// the list also names that version as `herd@IDENTITY`.
+    pub fn latest_identity(&self) -> String {
+        let out = Command::new(HERD)
+            .args(["image", "list", &format!("nbd://127.0.0.1:{}", self.port)])
+            .output()
+            .expect("herd image list");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        let id = text
+            .lines()
+            .find(|l| l.starts_with("herd "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("no herd row:\n{text}"))
+            .to_owned();
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("herd@{id}"))),
+            "the latest is listed as a version too:\n{text}"
+        );
+        id
+    }
+
     /// Lines of this daemon's log that contain `what`.
     pub fn log_lines(&self, what: &str) -> usize {
         std::fs::read_to_string(&self.log)
