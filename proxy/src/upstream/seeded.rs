@@ -6,7 +6,6 @@
 //! above checks every byte against the new manifest as it checks fetches.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::{ExtentsFuture, ReadFuture, Upstream, UpstreamError, UpstreamResult};
@@ -28,7 +27,6 @@ pub struct SeededUpstream {
     manifest: Arc<Manifest>,
     /// Donor chunk (manifest granularity) by digest.
     by_digest: HashMap<[u8; 32], u64>,
-    seeded: AtomicU64,
 }
 
 impl SeededUpstream {
@@ -54,14 +52,7 @@ impl SeededUpstream {
             donor: Arc::downgrade(&donor),
             manifest,
             by_digest,
-            seeded: AtomicU64::new(0),
         }
-    }
-
-    /// Bytes read from the older version instead of the parent.
-    #[must_use]
-    pub fn seeded_bytes(&self) -> u64 {
-        self.seeded.load(Ordering::Relaxed)
     }
 
     /// Where in the donor chunk `i`'s bytes are, if the donor holds them:
@@ -169,7 +160,6 @@ impl SeededUpstream {
                             Ok(bytes) => {
                                 let o = usize::try_from(at - offset).unwrap_or(usize::MAX);
                                 out[o..o + bytes.len()].copy_from_slice(&bytes);
-                                self.seeded.fetch_add(l, Ordering::Relaxed);
                                 donor.metrics().version_seeded(l);
                             }
                             // The older version lost it (evicted, retired):

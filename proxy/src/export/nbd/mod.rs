@@ -180,12 +180,6 @@ impl Export {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Whether a newer version of the image is published.
-    #[must_use]
-    pub fn is_superseded(&self) -> bool {
-        *self.superseded.borrow()
-    }
-
     /// Ties `task` to this version: it stops when the version is retired.
     pub fn own_task(&self, task: tokio::task::AbortHandle) {
         self.tasks
