@@ -208,6 +208,11 @@ fn describe() {
         Unit::Bytes,
         "bytes a newer version of the image read from this version's cache instead of its parent"
     );
+    describe_counter!(
+        "herd_cache_shared_bytes_total",
+        Unit::Bytes,
+        "bytes the image read from another image's cache (same content, stored once) instead of fetching and storing them"
+    );
     describe_gauge!(
         "herd_image_versions",
         "versions of the image served now (the latest, and older ones clients still read)"
@@ -418,6 +423,7 @@ pub struct ImageMetrics {
     size: Gauge,
     parent_mismatch: Gauge,
     seeded: Counter,
+    shared: Counter,
     versions: Gauge,
     clients: Gauge,
 }
@@ -464,6 +470,7 @@ impl ImageMetrics {
             size: g("herd_image_size_bytes"),
             parent_mismatch: g("herd_parent_identity_mismatch"),
             seeded: c("herd_version_seeded_bytes_total"),
+            shared: c("herd_cache_shared_bytes_total"),
             versions: g("herd_image_versions"),
             clients: {
                 // Shared by the image's versions: counted up and down, never
@@ -538,6 +545,10 @@ impl ImageMetrics {
     /// instead of fetching them.
     pub fn version_seeded(&self, bytes: u64) {
         self.seeded.increment(bytes);
+    }
+    /// Bytes this image read from another image's cache.
+    pub fn shared_read(&self, bytes: u64) {
+        self.shared.increment(bytes);
     }
     /// A connection started (`true`) or stopped reading the image.
     pub fn client(&self, connected: bool) {

@@ -2,6 +2,7 @@
 //! from `[[image]]` tables; every image is its own export with its own
 //! manifest, cache and metric series; `NBD_OPT_LIST`, `nbdinfo` and `herd
 //! image list` show them; an unknown name gets `NBD_REP_ERR_UNKNOWN`.
+//! Two similar images store their common chunks once on a node.
 
 mod common;
 
@@ -143,4 +144,74 @@ fn two_images_in_one_tree_are_separate_exports() {
             assert!(text.contains(want), "nbdinfo --list lacks {want}:\n{text}");
         }
     }
+}
+
+/// Allocated bytes of a cache's data file.
+fn on_disk(dir: &Path, image: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join(image).join("herd-cache.data"))
+        .expect("data file")
+        .blocks()
+        * 512
+}
+
+#[test]
+fn chunks_shared_between_images_are_stored_once() {
+    let dir = scratch("images-shared");
+    let a = random_image(&dir.join("a.img"), 8 * MIB);
+    // B: A with one MiB rewritten and one MiB moved elsewhere.
+    let mut b = a.clone();
+    b[2 * MIB..3 * MIB].copy_from_slice(&random_image(&dir.join("new.img"), MIB));
+    b.copy_within(6 * MIB..7 * MIB, 4 * MIB);
+    std::fs::write(dir.join("b.img"), &b).expect("write B");
+    let file = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let rcfg = tables(
+        &dir,
+        "root",
+        &[("alpha", file("a.img")), ("beta", file("b.img"))],
+    );
+    let root = Herd::start(&dir, "root", "", &["--config", &rcfg]);
+    let parent = |n: &str| format!("nbd://127.0.0.1:{}/{n}", root.port);
+    let lcfg = tables(
+        &dir,
+        "leaf",
+        &[("alpha", parent("alpha")), ("beta", parent("beta"))],
+    );
+    let mut leaf = Herd::start(&dir, "leaf", "", &["--config", &lcfg]);
+    assert!(read_all(leaf.port, "alpha") == a, "alpha is A's bytes");
+    assert!(read_all(leaf.port, "beta") == b, "beta is B's bytes");
+    // Beta fetched and stored only the MiB it does not share with alpha;
+    // the other 7 MiB it read from alpha's cache.
+    let fetched = |h: &Herd, image: &str| {
+        h.metric(&format!(
+            "herd_upstream_read_bytes_total{{image=\"{image}\"}}"
+        ))
+    };
+    assert_eq!(fetched(&leaf, "alpha"), (8 * MIB) as f64);
+    assert_eq!(fetched(&leaf, "beta"), MIB as f64);
+    assert_eq!(
+        leaf.metric("herd_cache_shared_bytes_total{image=\"beta\"}"),
+        (7 * MIB) as f64
+    );
+    assert_eq!(leaf.metric("herd_chunk_digest_failures_total"), 0.0);
+    leaf.stop();
+    let cache = dir.join("leaf-cache");
+    assert_eq!(on_disk(&cache, "alpha"), 8 * MIB as u64);
+    assert_eq!(
+        on_disk(&cache, "beta"),
+        MIB as u64,
+        "beta stores its own MiB only"
+    );
+    // The root (file upstreams) shares the same way.
+    assert_eq!(fetched(&root, "beta"), MIB as f64);
+
+    // Restarted, beta finds its shared chunks in alpha's cache again:
+    // nothing moves.
+    let leaf = Herd::start(&dir, "leaf", "", &["--config", &lcfg]);
+    assert!(read_all(leaf.port, "beta") == b, "beta again");
+    assert_eq!(fetched(&leaf, "beta"), 0.0);
+    assert_eq!(
+        leaf.metric("herd_cache_shared_bytes_total{image=\"beta\"}"),
+        (7 * MIB) as f64
+    );
 }

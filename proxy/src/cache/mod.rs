@@ -26,6 +26,7 @@
 
 pub mod bitmap;
 mod room;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -127,6 +128,8 @@ enum Part {
     Zero,
     /// Fetched, not yet persisted: from memory.
     Mem(Piece),
+    /// Held by another image's cache, as its chunk `.1`.
+    Shared(Arc<ChunkCache>, u64),
 }
 
 /// A chunk as `begin_range` found it.
@@ -134,6 +137,7 @@ enum Claim {
     Present,
     Zero,
     Fetch(watch::Receiver<FetchState>),
+    Shared(Arc<ChunkCache>, u64),
 }
 
 /// Adjacent missing chunks are fetched with one upstream read of at most
@@ -245,6 +249,32 @@ pub struct ChunkCache {
     full: Arc<room::DiskFull>,
     /// This image's series (labelled with its export name).
     metrics: Arc<m::ImageMetrics>,
+    /// The node's caches by content, and this one's image name there:
+    /// set when it joins (`shared::SharedChunks::join`).
+    shared: std::sync::OnceLock<(Arc<shared::SharedChunks>, String)>,
+}
+
+/// How `begin_range` treats a range.
+#[derive(Clone, Copy)]
+struct Ask {
+    /// A client's read: counted as hits, misses and joins.
+    count: bool,
+    /// Chunks another image holds are taken from there, not fetched.
+    borrow: bool,
+}
+
+impl Ask {
+    /// Read-ahead and prefetch: not counted; what another image holds
+    /// needs no fetch.
+    const AHEAD: Self = Self {
+        count: false,
+        borrow: true,
+    };
+    /// A client's read.
+    const READ: Self = Self {
+        count: true,
+        borrow: true,
+    };
 }
 
 /// Who asked for a fetch: clients always go first.
@@ -337,6 +367,7 @@ impl ChunkCache {
             disk: Arc::new(tokio::sync::RwLock::new(())),
             full: room::DiskFull::new(dir.to_owned(), Arc::clone(&metrics)),
             metrics,
+            shared: std::sync::OnceLock::new(),
         }))
     }
 
@@ -721,10 +752,15 @@ impl ChunkCache {
     /// # Errors
     /// `OutOfRange` for a range past the end; fetch or data-file errors.
     pub async fn read(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<Data> {
+        self.read_from(offset, len, Ask::READ).await
+    }
+
+    /// `read`, counted and borrowing as `ask` says.
+    async fn read_from(self: &Arc<Self>, offset: u64, len: usize, ask: Ask) -> CacheResult<Data> {
         self.check_range(offset, len as u64)?;
         self.verify_range(offset, len as u64).await?;
         let (parts, _pin) = loop {
-            let parts = self.resolve(offset, len as u64).await?;
+            let parts = self.resolve(offset, len as u64, ask).await?;
             let pin = self.pin_disk().await;
             // Under a cap, an eviction may have taken a chunk between the
             // lookup and the pin: look again.
@@ -763,6 +799,24 @@ impl ChunkCache {
                 }
                 Part::Disk => {
                     let piece = self.read_disk(from, dst.len()).await?;
+                    out[dst].copy_from_slice(&piece);
+                }
+                Part::Shared(donor, dc) => {
+                    let piece = match donor.lend(dc, from - c0, dst.len()).await {
+                        Some(piece) => {
+                            self.metrics.shared_read(dst.len() as u64);
+                            Data::Owned(piece)
+                        }
+                        // Gone from there meanwhile (evicted, retired):
+                        // fetched and stored here instead.
+                        None => {
+                            let own = Ask {
+                                borrow: false,
+                                ..ask
+                            };
+                            Box::pin(self.read_from(from, dst.len(), own)).await?
+                        }
+                    };
                     out[dst].copy_from_slice(&piece);
                 }
                 Part::Zero => {}
@@ -902,7 +956,7 @@ impl ChunkCache {
     /// # Errors
     /// As `read`.
     pub async fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<()> {
-        self.resolve(offset, len).await.map(drop)
+        self.resolve(offset, len, Ask::READ).await.map(drop)
     }
 
     /// Starts fetching (without waiting) the chunks of `len` bytes after
@@ -915,13 +969,45 @@ impl ChunkCache {
         let len = len.min(self.size - offset);
         let first = offset / self.chunk_size;
         let last = (offset + len - 1) / self.chunk_size;
-        drop(self.begin_range(first, last, false, Class::Demand));
+        drop(self.begin_range(first, last, Ask::AHEAD, Class::Demand));
     }
 
-    /// Whether chunk `c` needs no fetch: on disk, or all zeros.
+    /// Whether chunk `c` needs no fetch: on disk, all zeros, or held by
+    /// another image's cache.
     #[must_use]
     pub fn is_present(&self, c: u64) -> bool {
-        self.bitmap.is_set(c) || self.is_zero(c)
+        self.bitmap.is_set(c) || self.is_zero(c) || self.borrowable(c).is_some()
+    }
+
+    /// Another image's cache holding chunk `c`'s bytes on disk, and the
+    /// chunk's number there.
+    fn borrowable(&self, c: u64) -> Option<(Arc<Self>, u64)> {
+        let (store, image) = self.shared.get()?;
+        if self.is_zero(c) {
+            return None;
+        }
+        let key = shared::key(&self.manifest, self.chunk_size, c)?;
+        store.find(image, self.chunk_size, &key)
+    }
+
+    /// `len` bytes at `within` of chunk `c`, for another image whose chunk
+    /// has the same content; `None` if the chunk is not (or no longer)
+    /// here, good. Never fetches: the borrower fetches what it misses.
+    async fn lend(&self, c: u64, within: u64, len: usize) -> Option<IoBuf> {
+        if self.bitmap.is_set(c) && !self.is_verified(c) && !self.verify_on_disk(c).await.ok()? {
+            return None;
+        }
+        let _pin = self.pin_disk().await;
+        if !self.bitmap.is_set(c) {
+            return None;
+        }
+        let buf = self
+            .read_disk(c * self.chunk_size + within, len)
+            .await
+            .ok()?;
+        // A use by any image keeps the chunk from eviction.
+        self.touch(c);
+        Some(buf)
     }
 
     /// Whether chunk `c`'s bytes are here without a fetch: present, or
@@ -968,7 +1054,7 @@ impl ChunkCache {
         if first > last {
             return Ok(true);
         }
-        let claims = self.begin_range(first, last, false, Class::Prefetch);
+        let claims = self.begin_range(first, last, Ask::AHEAD, Class::Prefetch);
         if claims.is_empty() {
             return Ok(false);
         }
@@ -996,7 +1082,12 @@ impl ChunkCache {
     }
 
     /// For each chunk of the range: where its bytes are.
-    async fn resolve(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<Vec<(u64, Part)>> {
+    async fn resolve(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        ask: Ask,
+    ) -> CacheResult<Vec<(u64, Part)>> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -1006,13 +1097,14 @@ impl ChunkCache {
         // Start every missing chunk's fetch before waiting on any, so a
         // chunk-spanning read fetches its chunks in parallel (adjacent ones
         // in one upstream read).
-        let started = self.begin_range(first, last, true, Class::Demand);
+        let started = self.begin_range(first, last, ask, Class::Demand);
         let mut parts = Vec::with_capacity(started.len());
         for (chunk, claim) in started {
             let part = match claim {
                 Claim::Fetch(rx) => Part::Mem(Self::wait_fetch(chunk, rx).await?),
                 Claim::Present => Part::Disk,
                 Claim::Zero => Part::Zero,
+                Claim::Shared(donor, dc) => Part::Shared(donor, dc),
             };
             parts.push((chunk, part));
         }
@@ -1027,9 +1119,10 @@ impl ChunkCache {
         self: &Arc<Self>,
         first: u64,
         last: u64,
-        count: bool,
+        ask: Ask,
         class: Class,
     ) -> Vec<(u64, Claim)> {
+        let count = ask.count;
         let mut out = Vec::new();
         let mut runs: Vec<(u64, Vec<watch::Sender<FetchState>>)> = Vec::new();
         let per_run = (MAX_RUN_BYTES / self.chunk_size).max(1);
@@ -1070,6 +1163,16 @@ impl ChunkCache {
                     }
                     out.push((chunk, Claim::Fetch(rx.clone())));
                     continue;
+                }
+                if ask.borrow {
+                    if let Some((donor, dc)) = self.borrowable(chunk) {
+                        if count {
+                            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.chunk_hit();
+                        }
+                        out.push((chunk, Claim::Shared(donor, dc)));
+                        continue;
+                    }
                 }
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 self.metrics.chunk_miss();

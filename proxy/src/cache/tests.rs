@@ -276,3 +276,82 @@ async fn another_image_of_the_same_size_starts_a_fresh_generation() {
     assert!(e.to_string().contains("4096 bytes"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_with_common_chunks_store_them_once() {
+    use std::os::unix::fs::MetadataExt;
+    const CS: usize = 64 << 10;
+    let (dir_a, up_a, engine) = setup("share-a", 1 << 20);
+    let dir_b = dir_a.with_extension("b");
+    let _ = std::fs::remove_dir_all(&dir_b);
+    // B is A with chunks 3 and 9 changed, and A's chunk 5 also at 12:
+    // content is found at any place.
+    let mut b = up_a.data.clone();
+    b[3 * CS + 17] ^= 0xff;
+    b[9 * CS] ^= 0x01;
+    b.copy_within(5 * CS..6 * CS, 12 * CS);
+    let up_b = CountingUpstream::new(b);
+    let store = shared::SharedChunks::new();
+    let a = open(&dir_a, &up_a, 64 << 10, engine.clone());
+    store.join("a", &a);
+    a.read(0, 1 << 20).await.expect("read A");
+    assert!(a.settle(Duration::from_secs(10)).await);
+    let bc = open(&dir_b, &up_b, 64 << 10, engine.clone());
+    store.join("b", &bc);
+    assert!(bc.is_present(12), "held by A as its chunk 5");
+    let got = bc.read(0, 1 << 20).await.expect("read B");
+    assert_eq!(&got[..], &up_b.data[..]);
+    assert!(bc.settle(Duration::from_secs(10)).await);
+    let fetched = bc.stats().upstream_bytes.load(Ordering::SeqCst);
+    assert_eq!(fetched, 2 * CS as u64, "only B's own chunks fetched");
+    assert_eq!(bc.chunks_present(), 2, "only B's own chunks stored");
+    let on_disk = |d: &Path| {
+        std::fs::metadata(d.join(DATA_FILE))
+            .expect("data file")
+            .blocks()
+            * 512
+    };
+    assert!(on_disk(&dir_b) <= 2 * CS as u64, "{}", on_disk(&dir_b));
+    assert_eq!(on_disk(&dir_a), 1 << 20);
+    // A second pass is all hits, here or there.
+    let again = bc.read(100, 900_000).await.expect("again");
+    assert_eq!(&again[..], &up_b.data[100..900_100]);
+    assert_eq!(bc.stats().upstream_bytes.load(Ordering::SeqCst), fetched);
+    // A gone: B fetches (and keeps) what it reads next.
+    a.sync().expect("sync");
+    drop(a);
+    assert!(!bc.is_present(7));
+    let got = bc.read(7 * CS as u64, 10).await.expect("chunk 7");
+    assert_eq!(&got[..], &up_b.data[7 * CS..7 * CS + 10]);
+    assert!(bc.settle(Duration::from_secs(10)).await);
+    assert_eq!(
+        bc.stats().upstream_bytes.load(Ordering::SeqCst),
+        fetched + CS as u64
+    );
+    assert_eq!(bc.chunks_present(), 3);
+    // A back with chunk 0 damaged on its disk: A finds it bad when B asks
+    // and lends nothing; B fetches its own, right bytes.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir_a.join(DATA_FILE))
+        .expect("data");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[up_a.data[10] ^ 1], 10).expect("flip");
+    drop(f);
+    let a = open(&dir_a, &up_a, 64 << 10, engine);
+    store.join("a", &a);
+    assert!(bc.is_present(0), "A's bit is set until checked");
+    let got = bc.read(0, 4096).await.expect("chunk 0");
+    assert_eq!(&got[..], &up_b.data[..4096]);
+    assert_eq!(a.stats().digest_failures.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        bc.stats().upstream_bytes.load(Ordering::SeqCst),
+        fetched + 2 * CS as u64
+    );
+    assert_eq!(
+        up_a.reads.load(Ordering::SeqCst),
+        1,
+        "A fetched nothing for B"
+    );
+    let _ = std::fs::remove_dir_all(&dir_a);
+    let _ = std::fs::remove_dir_all(&dir_b);
+}

@@ -14,7 +14,12 @@
 //!
 //! The baseline is what an update cost before versions: a new tree with
 //! cold caches, which moves the whole image again (the first read's
-//! bytes). Results: `results/update/`.
+//! bytes).
+//!
+//! Then the two versions as two images of one tree (a root serving both
+//! files, a leaf with both): the leaf reads both whole, and its disk is
+//! measured against the two images' sizes (what it held before chunks
+//! were shared between images). Results: `results/update/`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +76,13 @@ pub struct Results {
     /// versions and after A retired.
     pub leaf_disk_both: u64,
     pub leaf_disk_after: u64,
+    /// Two images (A and B) read whole at one leaf: its cache on disk,
+    /// the bytes it fetched for B, and what B read from A's cache.
+    pub twins_disk: u64,
+    pub twins_b_fetched: u64,
+    pub twins_b_shared: u64,
+    /// Disk saved against storing both images whole.
+    pub twins_saved: f64,
 }
 
 struct Bench {
@@ -81,10 +93,27 @@ struct Bench {
 impl Bench {
     /// A herd node; (child, nbd port, metrics address).
     fn herd(&self, name: &str, upstream: &str) -> Result<(Child, u16, SocketAddr)> {
+        self.herd_with(name, &["--upstream", upstream])
+    }
+
+    /// A herd node of `[[image]]` tables: (name, upstream) each.
+    fn herd_of(&self, name: &str, images: &[(&str, String)]) -> Result<(Child, u16, SocketAddr)> {
+        let text: String = images
+            .iter()
+            .map(|(n, up)| format!("[[image]]\nname = \"{n}\"\nupstream = \"{up}\"\n"))
+            .collect();
+        let path = self.scratch.join(format!("{name}.toml"));
+        std::fs::write(&path, text)?;
+        self.herd_with(name, &["--config", path.to_str().context("utf8 path")?])
+    }
+
+    fn herd_with(&self, name: &str, source: &[&str]) -> Result<(Child, u16, SocketAddr)> {
         let (port, mport) = (free_port()?, free_port()?);
         let cache = self.scratch.join(format!("{name}-cache"));
         let child = Command::new(&self.herd)
-            .args(["serve", "--upstream", upstream, "--chunk-size", "64KiB"])
+            .arg("serve")
+            .args(source)
+            .args(["--chunk-size", "64KiB"])
             // The old version outlives the new one's reading and seeding
             // (seconds), so the disk with both is measured.
             .args(["--read-ahead", "0", "--retire-after", "10"])
@@ -209,6 +238,9 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let next = scratch.join("golden.img.new");
     std::fs::write(&next, &a)?;
     drop(a);
+    // Version A's file stays, for the two-image leaf at the end.
+    let old = scratch.join("a.img");
+    std::fs::hard_link(&image, &old)?;
     std::fs::rename(&next, &image)?;
     let (root_before, relay_before) = (
         metric(rmet, "herd_served_bytes_total")?,
@@ -240,10 +272,25 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     std::thread::sleep(Duration::from_secs(1));
     let leaf_disk_after = disk_usage(&leaf_cache);
     drop(p);
+
+    step("two images, A and B, read whole at one leaf");
+    let mut p = Procs::default();
+    let file = |f: &Path| f.to_str().map(str::to_owned).context("utf8 path");
+    let (c, rport, _) = b.herd_of("root2", &[("a", file(&old)?), ("b", file(&image)?)])?;
+    p.0.push(c);
+    let parent = |n: &str| format!("nbd://127.0.0.1:{rport}/{n}");
+    let (c, tport, tmet) = b.herd_of("twins", &[("a", parent("a")), ("b", parent("b"))])?;
+    p.0.push(c);
+    copy(&format!("nbd://127.0.0.1:{tport}/a"))?;
+    copy(&format!("nbd://127.0.0.1:{tport}/b"))?;
+    let twins_b_fetched = metric(tmet, "herd_upstream_read_bytes_total{image=\"b\"}")?;
+    let twins_b_shared = metric(tmet, "herd_cache_shared_bytes_total{image=\"b\"}")?;
+    drop(p);
+    let twins_disk = disk_usage(&scratch.join("twins-cache"));
     let changed_bytes = changed * CHUNK;
     #[allow(clippy::cast_precision_loss)]
     let res = Results {
-        version: 1,
+        version: 2,
         image_bytes: size,
         changed_chunks: changed,
         changed_bytes,
@@ -258,6 +305,10 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         vs_new_tree: update_root_bytes as f64 / cold_root_bytes.max(1) as f64,
         leaf_disk_both,
         leaf_disk_after,
+        twins_disk,
+        twins_b_fetched,
+        twins_b_shared,
+        twins_saved: 1.0 - twins_disk as f64 / (2 * size) as f64,
     };
     validate(&res)?;
     println!("{}", report(&res));
@@ -306,6 +357,22 @@ pub fn validate(r: &Results) -> Result<()> {
         r.leaf_disk_both,
         r.leaf_disk_after
     );
+    // B's cache holds the changed chunks only; the rest it reads from A's.
+    anyhow::ensure!(
+        r.twins_b_fetched == r.changed_bytes && r.twins_b_shared == r.image_bytes - r.changed_bytes,
+        "the two-image leaf fetched {} bytes of B and shared {}, not {} and {}",
+        r.twins_b_fetched,
+        r.twins_b_shared,
+        r.changed_bytes,
+        r.image_bytes - r.changed_bytes
+    );
+    anyhow::ensure!(
+        r.twins_disk < r.image_bytes + r.changed_bytes + 4 * MIB,
+        "the two-image leaf holds {} bytes for {} + {} of content",
+        r.twins_disk,
+        r.image_bytes,
+        r.changed_bytes
+    );
     Ok(())
 }
 
@@ -323,7 +390,12 @@ fn report(r: &Results) -> String {
          - Moved by the update: **{:.3}× the changed chunks** from the root (target ≤ 1.1), \
          {:.4}× what a new tree with cold caches moves again.\n\
          - The leaf took {:.1} MiB of B from its cache of A, read locally.\n\
-         - The leaf's cache on disk: {:.1} MiB with both versions, {:.1} MiB after A retired.\n",
+         - The leaf's cache on disk: {:.1} MiB with both versions, {:.1} MiB after A retired.\n\n\
+         ## Two similar images on one leaf\n\n\
+         A and B as two images (`[[image]]` tables) of one root → leaf tree, both read whole \
+         at the leaf: its cache holds **{:.1} MiB** for {:.1} MiB of images \
+         (**{:.1} % saved**); B fetched {:.1} MiB (its changed chunks) and read {:.1} MiB \
+         from A's cache.\n",
         mib(r.image_bytes),
         r.changed_chunks,
         r.image_bytes / CHUNK,
@@ -339,5 +411,10 @@ fn report(r: &Results) -> String {
         mib(r.leaf_seeded_bytes),
         mib(r.leaf_disk_both),
         mib(r.leaf_disk_after),
+        mib(r.twins_disk),
+        mib(2 * r.image_bytes),
+        100.0 * r.twins_saved,
+        mib(r.twins_b_fetched),
+        mib(r.twins_b_shared),
     )
 }

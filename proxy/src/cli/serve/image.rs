@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use herd::cache::ChunkCache;
+use herd::cache::{shared::SharedChunks, ChunkCache};
 use herd::config::{ImageConfig, ServeConfig};
 use herd::export::nbd::Export;
 use herd::fleet::etcd::Membership;
@@ -156,6 +156,9 @@ pub(super) struct Ctx {
     /// The fleet's parents at startup (empty without a fleet, or at a root).
     pub fleet: Vec<UpstreamUrl>,
     pub membership: Option<watch::Receiver<Membership>>,
+    /// Every version of every image, by content: a chunk one holds is
+    /// stored once, whichever other image reads it.
+    pub shared: Arc<SharedChunks>,
 }
 
 /// A version opened while serving, after the first.
@@ -279,6 +282,7 @@ pub(super) async fn open_version(
             .set_cache_size(bytes)
             .with_context(|| format!("cannot bring the cache within {bytes} bytes"))?;
     }
+    ctx.shared.join(name, &cache);
     tracing::info!(
         image = %name,
         identity = %identity.short(),

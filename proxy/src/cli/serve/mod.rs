@@ -345,6 +345,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         engine,
         fleet: fleet_parents,
         membership,
+        shared: herd::cache::shared::SharedChunks::new(),
     });
     // One after another: a root builds each manifest reading its image,
     // and the disk serves one sequential reader best.
