@@ -144,6 +144,10 @@ enum Claim {
 /// this many bytes.
 const MAX_RUN_BYTES: u64 = 1 << 20;
 
+/// A read that misses and is longer than two runs is gathered run by run,
+/// with the fetches of this many bytes beyond the current run in flight.
+const STEP_AHEAD_BYTES: u64 = 4 * MAX_RUN_BYTES;
+
 /// Fetched bytes that may wait in memory for the cache disk, by default.
 pub const DEFAULT_FETCH_BUFFER: u64 = 8 << 20;
 
@@ -758,6 +762,9 @@ impl ChunkCache {
     /// `read`, counted and borrowing as `ask` says.
     async fn read_from(self: &Arc<Self>, offset: u64, len: usize, ask: Ask) -> CacheResult<Data> {
         self.check_range(offset, len as u64)?;
+        if len as u64 > 2 * MAX_RUN_BYTES && !self.all_present(offset, len as u64) {
+            return self.read_in_steps(offset, len, ask).await;
+        }
         self.verify_range(offset, len as u64).await?;
         let (parts, _pin) = loop {
             let parts = self.resolve(offset, len as u64, ask).await?;
@@ -823,6 +830,50 @@ impl ChunkCache {
             }
         }
         Ok(Data::Owned(out))
+    }
+
+    /// A large read that misses, gathered one run at a time with the
+    /// fetches of the next [`STEP_AHEAD_BYTES`] in flight: besides the
+    /// reply it holds those runs, not every fetched run of the request
+    /// until the last arrives (a cold 16 MiB read cost 32 MiB, now ~20).
+    async fn read_in_steps(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        ask: Ask,
+    ) -> CacheResult<Data> {
+        let cs = self.chunk_size;
+        let last = (offset + len as u64 - 1) / cs;
+        let ahead = (STEP_AHEAD_BYTES / cs).max(1);
+        // Chunks are counted (hits, misses) once, as their fetches start;
+        // the steps join them uncounted.
+        let mut started = offset / cs;
+        let step_ask = Ask {
+            count: false,
+            ..ask
+        };
+        let step = usize::try_from(MAX_RUN_BYTES).unwrap_or(usize::MAX);
+        let mut out = IoBuf::zeroed(len);
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(step);
+            let upto = ((offset + (at + n) as u64 - 1) / cs + ahead).min(last);
+            if started <= upto {
+                drop(self.begin_range(started, upto, ask, Class::Demand));
+                started = upto + 1;
+            }
+            let piece = Box::pin(self.read_from(offset + at as u64, n, step_ask)).await?;
+            out[at..at + n].copy_from_slice(&piece);
+            at += n;
+        }
+        Ok(Data::Owned(out))
+    }
+
+    /// Whether every chunk of a valid range is on disk or zeros.
+    fn all_present(&self, offset: u64, len: u64) -> bool {
+        len == 0
+            || (offset / self.chunk_size..=(offset + len - 1) / self.chunk_size)
+                .all(|c| self.bitmap.is_set(c) || self.is_zero(c))
     }
 
     /// `Some` when every chunk of the range comes from the same fetched
@@ -956,7 +1007,21 @@ impl ChunkCache {
     /// # Errors
     /// As `read`.
     pub async fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<()> {
-        self.resolve(offset, len, Ask::READ).await.map(drop)
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (
+            offset / self.chunk_size,
+            (offset + len - 1) / self.chunk_size,
+        );
+        // Each fetched run is let go as it arrives: nothing is held.
+        for (chunk, claim) in self.begin_range(first, last, Ask::READ, Class::Demand) {
+            if let Claim::Fetch(rx) = claim {
+                Self::wait_fetch(chunk, rx).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts fetching (without waiting) the chunks of `len` bytes after

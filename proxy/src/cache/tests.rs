@@ -355,3 +355,30 @@ async fn images_with_common_chunks_store_them_once() {
     let _ = std::fs::remove_dir_all(&dir_a);
     let _ = std::fs::remove_dir_all(&dir_b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_read_that_misses_is_gathered_run_by_run() {
+    let (dir, up, engine) = setup("steps", 6 << 20);
+    let cache = open(&dir, &up, 64 << 10, engine);
+    // A MiB in the middle is present; the rest of a 5 MiB read is not.
+    cache.read(2 << 20, 1 << 20).await.expect("warm");
+    assert!(cache.settle(Duration::from_secs(10)).await);
+    let before = cache.stats().upstream_bytes.load(Ordering::SeqCst);
+    let got = cache.read(333, 5 << 20).await.expect("large read");
+    assert_eq!(&got[..], &up.data[333..333 + (5 << 20)]);
+    // Each missing chunk fetched once, counted once: no joins of its own.
+    let s = cache.stats();
+    assert_eq!(
+        s.upstream_bytes.load(Ordering::SeqCst) - before,
+        (5 << 20) + (64 << 10) - (1 << 20),
+        "the chunks 0..=80 less the warm MiB"
+    );
+    assert_eq!(s.joins.load(Ordering::SeqCst), 0);
+    assert_eq!(s.misses.load(Ordering::SeqCst), 16 + 65);
+    assert_eq!(s.hits.load(Ordering::SeqCst), 16);
+    // NBD_CMD_CACHE of a large range makes it all present.
+    cache.ensure(0, 6 << 20).await.expect("ensure");
+    assert!(cache.settle(Duration::from_secs(10)).await);
+    assert_eq!(cache.chunks_present(), 96);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -203,21 +203,19 @@ impl Drop for Hold {
 }
 
 impl Budget {
-    /// Waits until `bytes` (capped at the smaller budget, so one large
-    /// request always fits) may be held. `None` once the server is
-    /// shutting its budgets (never, in practice).
+    /// Waits until `bytes` may be held: a request larger than a budget
+    /// takes all of it (so it always fits, and a large reply is alone in
+    /// the server's memory, never beside a full budget of others).
+    /// `None` once the server is shutting its budgets (never, in practice).
     pub async fn hold(&self, bytes: u64) -> Option<Hold> {
-        let cap = self
-            .gate
-            .limits
-            .connection_buffer
-            .min(self.gate.limits.server_buffer)
-            .max(1);
-        let want = bytes.clamp(1, cap);
-        let n = u32::try_from(want).unwrap_or(u32::MAX);
-        let own = Arc::clone(&self.own).acquire_many_owned(n).await.ok()?;
+        let limits = &self.gate.limits;
+        let n = |cap: u64| u32::try_from(bytes.clamp(1, cap.max(1))).unwrap_or(u32::MAX);
+        let own = Arc::clone(&self.own)
+            .acquire_many_owned(n(limits.connection_buffer))
+            .await
+            .ok()?;
         let shared = Arc::clone(&self.gate.shared)
-            .acquire_many_owned(n)
+            .acquire_many_owned(n(limits.server_buffer))
             .await
             .ok()?;
         // The gauges count the real bytes, not the capped permits.
@@ -271,17 +269,33 @@ mod tests {
             ..Limits::default()
         });
         let (one, two) = (gate.budget(), gate.budget());
-        // A request larger than the budget takes all of it: it fits.
-        let h1 = one.hold(1000).await.unwrap();
+        let h0 = one.hold(60).await.unwrap();
+        assert!(
+            waits(&one, 41).await,
+            "the connection's budget is down to 40"
+        );
+        let h1 = two.hold(50).await.unwrap();
+        assert!(waits(&two, 51).await, "the server's is down to 40");
+        drop(h0);
+        // A request larger than both budgets takes all of each: it waits
+        // until every other reply is written, then it fits, alone.
+        let big = tokio::spawn({
+            let one = gate.budget();
+            async move { one.hold(1000).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!big.is_finished(), "50 of the server's budget is held");
+        drop(h1);
+        big.await.unwrap().unwrap();
+        let h2 = one.hold(1000).await.unwrap();
         assert_eq!(gate.held.now.load(Ordering::Acquire), 1000);
         assert!(waits(&one, 1).await, "the connection's budget is spent");
-        assert!(waits(&two, 60).await, "the server's is down to 50");
-        let h2 = two.hold(50).await.unwrap();
-        drop(h1);
+        assert!(waits(&two, 1).await, "and all of the server's");
+        drop(h2);
         let h3 = one.hold(60).await.unwrap();
-        assert_eq!(gate.held.now.load(Ordering::Acquire), 110);
-        drop((h2, h3));
+        assert_eq!(gate.held.now.load(Ordering::Acquire), 60);
+        drop(h3);
         assert_eq!(gate.held.now.load(Ordering::Acquire), 0);
-        assert_eq!(gate.held.peak.load(Ordering::Acquire), 1050);
+        assert_eq!(gate.held.peak.load(Ordering::Acquire), 1000);
     }
 }
