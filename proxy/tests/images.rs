@@ -27,6 +27,26 @@ fn tables(dir: &Path, node: &str, images: &[(&str, String)]) -> String {
     path.to_str().expect("utf8").to_owned()
 }
 
+/// A root serving `a.img` and `b.img` of `dir` as alpha and beta, and a
+/// leaf of it serving both: (root, leaf, the leaf's config path).
+fn tree(dir: &Path) -> (Herd, Herd, String) {
+    let file = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
+    let rcfg = tables(
+        dir,
+        "root",
+        &[("alpha", file("a.img")), ("beta", file("b.img"))],
+    );
+    let root = Herd::start(dir, "root", "", &["--config", &rcfg]);
+    let parent = |n: &str| format!("nbd://127.0.0.1:{}/{n}", root.port);
+    let lcfg = tables(
+        dir,
+        "leaf",
+        &[("alpha", parent("alpha")), ("beta", parent("beta"))],
+    );
+    let leaf = Herd::start(dir, "leaf", "", &["--config", &lcfg]);
+    (root, leaf, lcfg)
+}
+
 /// Reads all of `export` from `port`.
 fn read_all(port: u16, export: &str) -> Vec<u8> {
     RawClient::connect(port, export).read_all()
@@ -38,20 +58,7 @@ fn two_images_in_one_tree_are_separate_exports() {
     let a = random_image(&dir.join("a.img"), 8 * MIB);
     // B: another size, its own bytes.
     let b = random_image(&dir.join("b.img"), 6 * MIB);
-    let file = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
-    let rcfg = tables(
-        &dir,
-        "root",
-        &[("alpha", file("a.img")), ("beta", file("b.img"))],
-    );
-    let root = Herd::start(&dir, "root", "", &["--config", &rcfg]);
-    let parent = |n: &str| format!("nbd://127.0.0.1:{}/{n}", root.port);
-    let lcfg = tables(
-        &dir,
-        "leaf",
-        &[("alpha", parent("alpha")), ("beta", parent("beta"))],
-    );
-    let leaf = Herd::start(&dir, "leaf", "", &["--config", &lcfg]);
+    let (_root, leaf, _) = tree(&dir);
 
     // Each name serves its own image; "" is the first.
     assert!(read_all(leaf.port, "beta") == b, "beta is B's bytes");
@@ -164,20 +171,7 @@ fn chunks_shared_between_images_are_stored_once() {
     b[2 * MIB..3 * MIB].copy_from_slice(&random_image(&dir.join("new.img"), MIB));
     b.copy_within(6 * MIB..7 * MIB, 4 * MIB);
     std::fs::write(dir.join("b.img"), &b).expect("write B");
-    let file = |n: &str| dir.join(n).to_str().expect("utf8").to_owned();
-    let rcfg = tables(
-        &dir,
-        "root",
-        &[("alpha", file("a.img")), ("beta", file("b.img"))],
-    );
-    let root = Herd::start(&dir, "root", "", &["--config", &rcfg]);
-    let parent = |n: &str| format!("nbd://127.0.0.1:{}/{n}", root.port);
-    let lcfg = tables(
-        &dir,
-        "leaf",
-        &[("alpha", parent("alpha")), ("beta", parent("beta"))],
-    );
-    let mut leaf = Herd::start(&dir, "leaf", "", &["--config", &lcfg]);
+    let (root, mut leaf, lcfg) = tree(&dir);
     assert!(read_all(leaf.port, "alpha") == a, "alpha is A's bytes");
     assert!(read_all(leaf.port, "beta") == b, "beta is B's bytes");
     // Beta fetched and stored only the MiB it does not share with alpha;

@@ -86,6 +86,19 @@ fn open(dir: &Path, up: &Arc<CountingUpstream>, chunk: u32, engine: Engine) -> A
     ChunkCache::open("herd", dir, up.clone(), chunk, engine, m).expect("open")
 }
 
+/// Flips a bit of the byte at `offset` of the cache data file in `dir`.
+fn damage(dir: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(DATA_FILE))
+        .expect("data");
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, offset).expect("read");
+    f.write_all_at(&[b[0] ^ 1], offset).expect("flip");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_fetch_each_chunk_once() {
     let (dir, up, engine) = setup("sf", 1 << 20);
@@ -220,12 +233,7 @@ async fn a_damaged_cache_file_is_caught_on_first_read_and_refetched() {
         cache.sync().expect("sync");
     }
     // A bit flips in chunk 2 while the node is down.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join(DATA_FILE))
-        .expect("data");
-    std::os::unix::fs::FileExt::write_all_at(&f, &[up.data[150_000] ^ 1], 150_000).expect("flip");
-    drop(f);
+    damage(&dir, 150_000);
     let reads = up.reads.load(Ordering::SeqCst);
     let cache = open(&dir, &up, 64 << 10, engine);
     assert_eq!(cache.chunks_present(), 4);
@@ -331,12 +339,7 @@ async fn images_with_common_chunks_store_them_once() {
     assert_eq!(bc.chunks_present(), 3);
     // A back with chunk 0 damaged on its disk: A finds it bad when B asks
     // and lends nothing; B fetches its own, right bytes.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir_a.join(DATA_FILE))
-        .expect("data");
-    std::os::unix::fs::FileExt::write_all_at(&f, &[up_a.data[10] ^ 1], 10).expect("flip");
-    drop(f);
+    damage(&dir_a, 10);
     let a = open(&dir_a, &up_a, 64 << 10, engine);
     store.join("a", &a);
     assert!(bc.is_present(0), "A's bit is set until checked");
