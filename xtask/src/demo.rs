@@ -208,6 +208,12 @@ impl Proxy {
         format!("nbd://127.0.0.1:{}/herd", self.port)
     }
 
+    /// The daemon's process id (to signal it).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM and a graceful exit (the daemon flushes what it records).
     pub fn stop(mut self) -> Result<()> {
         run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]))?;

@@ -133,6 +133,10 @@ fn run_checks(opts: &Options, wanted: &dyn Fn(&str) -> bool) -> Result<()> {
             "vm_boots_from_iscsi_through_a_leaf_root_egress_bounded",
             iscsi_boot_smoke,
         ),
+        (
+            "vm_boots_from_an_overlay_pinned_to_the_old_version_after_an_update",
+            pinned_boot_smoke,
+        ),
         ("vagrantfile_validates", crate::vagrant::validate),
         (
             "fuzz_targets_build_and_run_briefly_without_a_crash",
@@ -599,6 +603,107 @@ fn iscsi_boot_smoke() -> Result<()> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     res
+}
+
+/// A qcow2 overlay whose backing name pins version A of a leaf's image
+/// still boots after version B, unbootable (its first MiB zeroed), was
+/// published down the tree; the plain name serves B.
+fn pinned_boot_smoke() -> Result<()> {
+    crate::deps::ensure(crate::deps::PACKAGES)?;
+    let bin = demo::build_herd()?;
+    let disk = crate::image::ensure(Kind::Busybox)?;
+    let size = std::fs::metadata(&disk.root)?.len();
+    let dir = crate::util::work_dir("pinned-boot");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let golden = dir.join("golden.img");
+    std::fs::copy(&disk.root, &golden)?;
+    let res = (|| -> Result<()> {
+        // Version A stays while the overlay has not yet connected.
+        let keep = ["--retire-after", "600"];
+        let start = |name: &str, upstream: &str| {
+            demo::Proxy::start_with(&bin, &dir, name, upstream, "64KiB", "256KiB", &keep)
+        };
+        let root = start("root", &golden.to_string_lossy())?;
+        let leaf = start("leaf", &root.url())?;
+        let node = format!("nbd://127.0.0.1:{}", leaf.port);
+        let old = latest_identity(&bin, &node)?;
+        let overlay = dir.join("vm.qcow2");
+        crate::util::raw_overlay(&overlay, &format!("{node}/herd@{old}"), size)?;
+        step("publishing version B (first MiB zeroed) at the root");
+        let next = dir.join("golden.img.new");
+        std::fs::copy(&golden, &next)?;
+        let f = std::fs::OpenOptions::new().write(true).open(&next)?;
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; 1 << 20], 0)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&next, &golden)?;
+        crate::util::run(
+            std::process::Command::new("kill").args(["-HUP", &root.pid().to_string()]),
+        )?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while demo::metric(leaf.metrics, "herd_image_versions")? != 2 {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "version B did not reach the leaf in 120 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let new = latest_identity(&bin, &node)?;
+        anyhow::ensure!(new != old, "the leaf's latest is still {old}");
+        // The plain name is B, its first MiB zeros; the overlay reads A's.
+        let zeros = |format: &str, target: &str| -> Result<bool> {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-r", "-f", format, "-c", "read -P 0 0 1M", target])
+                .output()
+                .context("cannot run qemu-io")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            // qemu-io fails a read whose bytes are not the pattern; any
+            // other failure is the check's.
+            if text.contains("Pattern verification failed") {
+                return Ok(false);
+            }
+            anyhow::ensure!(
+                out.status.success() && text.contains("read 1048576/1048576 bytes"),
+                "qemu-io {target}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(true)
+        };
+        anyhow::ensure!(
+            zeros("raw", &format!("{node}/herd"))?,
+            "the latest version is not B"
+        );
+        anyhow::ensure!(
+            !zeros("qcow2", &overlay.to_string_lossy())?,
+            "the overlay pinned to A reads B's zeros"
+        );
+        let accel = demo::auto_accel(&disk);
+        let secs = demo::boot(
+            &disk,
+            &overlay,
+            "qcow2",
+            accel,
+            std::time::Duration::from_secs(180),
+            None,
+        )?;
+        println!("booted version {old} after {new} was published, in {secs:.1} s ({accel})");
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
+/// The identity (16 hex digits, enough to pin it) of the latest version
+/// of the default image `node` serves, from `herd image list`.
+fn latest_identity(bin: &std::path::Path, node: &str) -> Result<String> {
+    let text = crate::util::output(std::process::Command::new(bin).args(["image", "list", node]))?;
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("herd")).then(|| f.next().map(str::to_owned))?
+        })
+        .with_context(|| format!("no `herd` row in herd image list:\n{text}"))
 }
 
 /// What must hold after a boot through the chain.
