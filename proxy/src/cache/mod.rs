@@ -1051,8 +1051,9 @@ impl ChunkCache {
         if self.is_zero(c) {
             return None;
         }
-        let key = shared::key(&self.manifest, self.chunk_size, c)?;
-        store.find(image, self.chunk_size, &key)
+        store.find(image, self.chunk_size, || {
+            shared::key(&self.manifest, self.chunk_size, c)
+        })
     }
 
     /// `len` bytes at `within` of chunk `c`, for another image whose chunk

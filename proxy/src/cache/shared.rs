@@ -92,21 +92,30 @@ impl SharedChunks {
         let _ = cache.shared.set((Arc::clone(self), image.to_owned()));
     }
 
-    /// A cache of another image than `image` that holds a chunk of `key`
-    /// on disk now, and that chunk's number there.
-    #[must_use]
-    pub fn find(&self, image: &str, chunk_size: u64, key: &Key) -> Option<(Arc<ChunkCache>, u64)> {
+    /// A cache of another image than `image` that holds a chunk of
+    /// `key` on disk now, and that chunk's number there. The key is
+    /// computed only if there is another image to ask (a node of one
+    /// image pays a lock, not a hash, per lookup).
+    pub fn find(
+        &self,
+        image: &str,
+        chunk_size: u64,
+        key: impl FnOnce() -> Option<Key>,
+    ) -> Option<(Arc<ChunkCache>, u64)> {
         let members = self
             .members
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        members
+        let mut others = members
             .iter()
             .filter(|m| m.image != image && m.chunk_size == chunk_size)
-            .find_map(|m| {
-                let c = *m.by_key.get(key)?;
-                let cache = m.cache.upgrade()?;
-                cache.bitmap.is_set(c).then_some((cache, c))
-            })
+            .peekable();
+        others.peek()?;
+        let key = key()?;
+        others.find_map(|m| {
+            let c = *m.by_key.get(&key)?;
+            let cache = m.cache.upgrade()?;
+            cache.bitmap.is_set(c).then_some((cache, c))
+        })
     }
 }
