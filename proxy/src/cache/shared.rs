@@ -10,7 +10,7 @@
 //! version retires, so a newer one copies what it keeps (`SeededUpstream`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use super::ChunkCache;
 use crate::manifest::Manifest;
@@ -46,7 +46,25 @@ struct Member {
     cache: Weak<ChunkCache>,
     chunk_size: u64,
     /// Chunk by key (the first of equal ones); zero chunks have none.
-    by_key: HashMap<Key, u64>,
+    /// Built when another image first asks: a node of one image never
+    /// pays its memory (40 bytes a chunk).
+    by_key: OnceLock<HashMap<Key, u64>>,
+}
+
+/// Every non-zero chunk of `cache` by its key.
+fn index(cache: &ChunkCache) -> HashMap<Key, u64> {
+    let cs = cache.chunk_size();
+    let manifest = cache.manifest();
+    let mut by_key = HashMap::new();
+    for c in 0..cache.chunks_total() {
+        if cache.is_zero(c) {
+            continue;
+        }
+        if let Some(k) = key(manifest, cs, c) {
+            by_key.entry(k).or_insert(c);
+        }
+    }
+    by_key
 }
 
 /// The node's caches, by content.
@@ -64,17 +82,6 @@ impl SharedChunks {
     /// Adds `cache` (a version of image `image`): from now on it borrows
     /// from the other images' caches and lends them its chunks.
     pub fn join(self: &Arc<Self>, image: &str, cache: &Arc<ChunkCache>) {
-        let cs = cache.chunk_size();
-        let manifest = cache.manifest();
-        let mut by_key = HashMap::new();
-        for c in 0..cache.chunks_total() {
-            if cache.is_zero(c) {
-                continue;
-            }
-            if let Some(k) = key(manifest, cs, c) {
-                by_key.entry(k).or_insert(c);
-            }
-        }
         let mut members = self
             .members
             .write()
@@ -84,9 +91,18 @@ impl SharedChunks {
         members.push(Member {
             image: image.to_owned(),
             cache: Arc::downgrade(cache),
-            chunk_size: cs,
-            by_key,
+            chunk_size: cache.chunk_size(),
+            by_key: OnceLock::new(),
         });
+        // With two images here, every index is built now, as a version
+        // opens, rather than by a client's first miss.
+        if members.iter().any(|m| m.image != image) {
+            for m in members.iter() {
+                if let Some(c) = m.cache.upgrade() {
+                    m.by_key.get_or_init(|| index(&c));
+                }
+            }
+        }
         drop(members);
         // Set once: a cache joins one store.
         let _ = cache.shared.set((Arc::clone(self), image.to_owned()));
@@ -113,8 +129,8 @@ impl SharedChunks {
         others.peek()?;
         let key = key()?;
         others.find_map(|m| {
-            let c = *m.by_key.get(&key)?;
             let cache = m.cache.upgrade()?;
+            let c = *m.by_key.get_or_init(|| index(&cache)).get(&key)?;
             cache.bitmap.is_set(c).then_some((cache, c))
         })
     }
