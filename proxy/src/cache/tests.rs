@@ -11,6 +11,9 @@ use crate::upstream::ReadFuture;
 struct CountingUpstream {
     data: Vec<u8>,
     reads: AtomicU64,
+    /// Reads in progress now, and the most at once.
+    busy: AtomicU64,
+    most_busy: AtomicU64,
     fail: std::sync::atomic::AtomicBool,
     /// Reads covering this offset that still come back with a flipped byte.
     corrupt_at: AtomicU64,
@@ -22,6 +25,8 @@ impl CountingUpstream {
         Arc::new(Self {
             data,
             reads: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            most_busy: AtomicU64::new(0),
             fail: false.into(),
             corrupt_at: AtomicU64::new(u64::MAX),
             corrupt_reads: AtomicU64::new(0),
@@ -36,8 +41,11 @@ impl Upstream for CountingUpstream {
     fn read_at(&self, offset: u64, len: usize) -> ReadFuture<'_> {
         Box::pin(async move {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            let busy = self.busy.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_busy.fetch_max(busy, Ordering::SeqCst);
             // Slow enough that concurrent readers overlap the fetch.
             tokio::time::sleep(Duration::from_millis(50)).await;
+            self.busy.fetch_sub(1, Ordering::SeqCst);
             if self.fail.load(Ordering::SeqCst) {
                 return Err(UpstreamError::ConnectionLost {
                     addr: "test".into(),
@@ -361,7 +369,7 @@ async fn images_with_common_chunks_store_them_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_read_that_misses_is_gathered_run_by_run() {
-    let (dir, up, engine) = setup("steps", 6 << 20);
+    let (dir, up, engine) = setup("steps", 20 << 20);
     let cache = open(&dir, &up, 64 << 10, engine);
     // A MiB in the middle is present; the rest of a 5 MiB read is not.
     cache.read(2 << 20, 1 << 20).await.expect("warm");
@@ -379,9 +387,17 @@ async fn a_large_read_that_misses_is_gathered_run_by_run() {
     assert_eq!(s.joins.load(Ordering::SeqCst), 0);
     assert_eq!(s.misses.load(Ordering::SeqCst), 16 + 65);
     assert_eq!(s.hits.load(Ordering::SeqCst), 16);
+    // At most the run being gathered and 4 MiB ahead are fetched at
+    // once (all at once, a 12 MiB read would have 8 runs in flight: as
+    // many as the 8 MiB fetch buffer lets wait).
+    up.most_busy.store(0, Ordering::SeqCst);
+    let got = cache.read(8 << 20, 12 << 20).await.expect("12 MiB");
+    assert_eq!(&got[..], &up.data[8 << 20..]);
+    let most = up.most_busy.load(Ordering::SeqCst);
+    assert!((2..=6).contains(&most), "{most} runs fetched at once");
     // NBD_CMD_CACHE of a large range makes it all present.
-    cache.ensure(0, 6 << 20).await.expect("ensure");
+    cache.ensure(0, 20 << 20).await.expect("ensure");
     assert!(cache.settle(Duration::from_secs(10)).await);
-    assert_eq!(cache.chunks_present(), 96);
+    assert_eq!(cache.chunks_present(), 320);
     let _ = std::fs::remove_dir_all(&dir);
 }
