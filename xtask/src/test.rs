@@ -546,17 +546,10 @@ fn iscsi_smoke() -> Result<()> {
 /// came by iSCSI, and the root sent at most twice what the leaf served
 /// plus 8 MiB (a tree that moved the image fails).
 fn iscsi_boot_smoke() -> Result<()> {
-    crate::deps::ensure(crate::deps::PACKAGES)?;
-    let bin = demo::build_herd()?;
-    let disk = crate::image::ensure(Kind::Busybox)?;
-    let size = std::fs::metadata(&disk.root)?.len();
-    let dir = crate::util::work_dir("iscsi-boot");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let res = (|| -> Result<()> {
+    with_busybox("iscsi-boot", |bin, disk, size, dir| {
         let root = demo::Proxy::start(
-            &bin,
-            &dir,
+            bin,
+            dir,
             "root",
             &disk.root.to_string_lossy(),
             "64KiB",
@@ -566,8 +559,8 @@ fn iscsi_boot_smoke() -> Result<()> {
         let iqn = "iqn.2026-12.io.herd:boot.herd";
         let listen = format!("127.0.0.1:{port}");
         let leaf = demo::Proxy::start_with(
-            &bin,
-            &dir,
+            bin,
+            dir,
             "leaf",
             &root.url(),
             "64KiB",
@@ -577,15 +570,7 @@ fn iscsi_boot_smoke() -> Result<()> {
         crate::util::wait_port(port, std::time::Duration::from_secs(20))?;
         let overlay = dir.join("vm.qcow2");
         crate::util::raw_overlay(&overlay, &format!("iscsi://{listen}/{iqn}/0"), size)?;
-        let accel = demo::auto_accel(&disk);
-        let secs = demo::boot(
-            &disk,
-            &overlay,
-            "qcow2",
-            accel,
-            std::time::Duration::from_secs(180),
-            None,
-        )?;
+        let (secs, accel) = boot_busybox(disk, &overlay)?;
         let commands = demo::metric(leaf.metrics, "herd_iscsi_target_commands_total")?;
         let served = demo::metric(leaf.metrics, "herd_served_bytes_total")?;
         let egress = demo::metric(root.metrics, "herd_served_bytes_total")?;
@@ -600,34 +585,25 @@ fn iscsi_boot_smoke() -> Result<()> {
             "the root sent {egress} bytes for {served} the VM read"
         );
         Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    res
+    })
 }
 
 /// A qcow2 overlay whose backing name pins version A of a leaf's image
 /// still boots after version B, unbootable (its first MiB zeroed), was
 /// published down the tree; the plain name serves B.
 fn pinned_boot_smoke() -> Result<()> {
-    crate::deps::ensure(crate::deps::PACKAGES)?;
-    let bin = demo::build_herd()?;
-    let disk = crate::image::ensure(Kind::Busybox)?;
-    let size = std::fs::metadata(&disk.root)?.len();
-    let dir = crate::util::work_dir("pinned-boot");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let golden = dir.join("golden.img");
-    std::fs::copy(&disk.root, &golden)?;
-    let res = (|| -> Result<()> {
+    with_busybox("pinned-boot", |bin, disk, size, dir| {
+        let golden = dir.join("golden.img");
+        std::fs::copy(&disk.root, &golden)?;
         // Version A stays while the overlay has not yet connected.
         let keep = ["--retire-after", "600"];
         let start = |name: &str, upstream: &str| {
-            demo::Proxy::start_with(&bin, &dir, name, upstream, "64KiB", "256KiB", &keep)
+            demo::Proxy::start_with(bin, dir, name, upstream, "64KiB", "256KiB", &keep)
         };
         let root = start("root", &golden.to_string_lossy())?;
         let leaf = start("leaf", &root.url())?;
         let node = format!("nbd://127.0.0.1:{}", leaf.port);
-        let old = latest_identity(&bin, &node)?;
+        let old = latest_identity(bin, &node)?;
         let overlay = dir.join("vm.qcow2");
         crate::util::raw_overlay(&overlay, &format!("{node}/herd@{old}"), size)?;
         step("publishing version B (first MiB zeroed) at the root");
@@ -649,7 +625,7 @@ fn pinned_boot_smoke() -> Result<()> {
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let new = latest_identity(&bin, &node)?;
+        let new = latest_identity(bin, &node)?;
         anyhow::ensure!(new != old, "the leaf's latest is still {old}");
         // The plain name is B, its first MiB zeros; the overlay reads A's.
         let zeros = |format: &str, target: &str| -> Result<bool> {
@@ -678,20 +654,46 @@ fn pinned_boot_smoke() -> Result<()> {
             !zeros("qcow2", &overlay.to_string_lossy())?,
             "the overlay pinned to A reads B's zeros"
         );
-        let accel = demo::auto_accel(&disk);
-        let secs = demo::boot(
-            &disk,
-            &overlay,
-            "qcow2",
-            accel,
-            std::time::Duration::from_secs(180),
-            None,
-        )?;
+        let (secs, accel) = boot_busybox(disk, &overlay)?;
         println!("booted version {old} after {new} was published, in {secs:.1} s ({accel})");
         Ok(())
-    })();
+    })
+}
+
+/// Runs `check` with the release herd, the busybox disk, its size and a
+/// fresh work directory `name` (removed afterwards, pass or fail).
+fn with_busybox(
+    name: &str,
+    check: impl FnOnce(&std::path::Path, &crate::image::Disk, u64, &std::path::Path) -> Result<()>,
+) -> Result<()> {
+    crate::deps::ensure(crate::deps::PACKAGES)?;
+    let bin = demo::build_herd()?;
+    let disk = crate::image::ensure(Kind::Busybox)?;
+    let size = std::fs::metadata(&disk.root)?.len();
+    let dir = crate::util::work_dir(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let res = check(&bin, &disk, size, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     res
+}
+
+/// Boots the busybox VM from `overlay` (qcow2), KVM if it works here:
+/// (seconds to the marker, accelerator).
+fn boot_busybox(
+    disk: &crate::image::Disk,
+    overlay: &std::path::Path,
+) -> Result<(f64, &'static str)> {
+    let accel = demo::auto_accel(disk);
+    let secs = demo::boot(
+        disk,
+        overlay,
+        "qcow2",
+        accel,
+        std::time::Duration::from_secs(180),
+        None,
+    )?;
+    Ok((secs, accel))
 }
 
 /// The identity (16 hex digits, enough to pin it) of the latest version
