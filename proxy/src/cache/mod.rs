@@ -1007,14 +1007,9 @@ impl ChunkCache {
     /// # Errors
     /// As `read`.
     pub async fn ensure(self: &Arc<Self>, offset: u64, len: u64) -> CacheResult<()> {
-        self.check_range(offset, len)?;
-        if len == 0 {
+        let Some((first, last)) = self.chunk_span(offset, len)? else {
             return Ok(());
-        }
-        let (first, last) = (
-            offset / self.chunk_size,
-            (offset + len - 1) / self.chunk_size,
-        );
+        };
         // Each fetched run is let go as it arrives: nothing is held.
         for (chunk, claim) in self.begin_range(first, last, Ask::READ, Class::Demand) {
             if let Claim::Fetch(rx) = claim {
@@ -1147,6 +1142,17 @@ impl ChunkCache {
         }
     }
 
+    /// The first and last chunk of a valid range; `None` if it is empty.
+    fn chunk_span(&self, offset: u64, len: u64) -> CacheResult<Option<(u64, u64)>> {
+        self.check_range(offset, len)?;
+        Ok((len > 0).then(|| {
+            (
+                offset / self.chunk_size,
+                (offset + len - 1) / self.chunk_size,
+            )
+        }))
+    }
+
     /// For each chunk of the range: where its bytes are.
     async fn resolve(
         self: &Arc<Self>,
@@ -1154,12 +1160,9 @@ impl ChunkCache {
         len: u64,
         ask: Ask,
     ) -> CacheResult<Vec<(u64, Part)>> {
-        self.check_range(offset, len)?;
-        if len == 0 {
+        let Some((first, last)) = self.chunk_span(offset, len)? else {
             return Ok(Vec::new());
-        }
-        let first = offset / self.chunk_size;
-        let last = (offset + len - 1) / self.chunk_size;
+        };
         // Start every missing chunk's fetch before waiting on any, so a
         // chunk-spanning read fetches its chunks in parallel (adjacent ones
         // in one upstream read).
