@@ -85,14 +85,19 @@ fn nbd(port: u16) -> String {
 }
 
 /// A 64 KiB-chunk herd: the image is 1536 chunks, so a fault lands mid-run.
-fn herd(dir: &Path, name: &str, upstreams: &[String], port: u16, extra: &[&str]) -> Herd {
+/// A herd node on `port`, or (`None`) on free ports, tried again if
+/// another process takes one first.
+fn herd(dir: &Path, name: &str, upstreams: &[String], port: Option<u16>, extra: &[&str]) -> Herd {
     let mut args: Vec<&str> = vec!["--chunk-size", "64KiB"];
     for u in &upstreams[1..] {
         args.push("--upstream");
         args.push(u);
     }
     args.extend_from_slice(extra);
-    Herd::start_on(dir, name, &upstreams[0], port, &args)
+    match port {
+        Some(port) => Herd::start_on(dir, name, &upstreams[0], port, &args),
+        None => Herd::start(dir, name, &upstreams[0], &args),
+    }
 }
 
 /// Root on a file, relays A and B under it, a leaf reading from [A, B, root].
@@ -107,14 +112,14 @@ struct Tree {
 fn tree(dir: &Path) -> Tree {
     let img = dir.join("golden.img");
     let data = Arc::new(random_image(&img, IMAGE));
-    let root = herd(dir, "root", &[img.display().to_string()], free_port(), &[]);
-    let a = herd(dir, "a", &[root.url()], free_port(), &[]);
-    let b = herd(dir, "b", &[root.url()], free_port(), &[]);
+    let root = herd(dir, "root", &[img.display().to_string()], None, &[]);
+    let a = herd(dir, "a", &[root.url()], None, &[]);
+    let b = herd(dir, "b", &[root.url()], None, &[]);
     let leaf = herd(
         dir,
         "leaf",
         &[nbd(a.port), nbd(b.port), nbd(root.port)],
-        free_port(),
+        None,
         &[],
     );
     Tree {
@@ -201,7 +206,7 @@ fn a_parent_that_returns_errors_sends_reads_to_the_next() {
     let img = dir.join("golden.img");
     let data = Arc::new(random_image(&img, IMAGE));
     let manifest = build_manifest(&img);
-    let root = herd(&dir, "root", &[img.display().to_string()], free_port(), &[]);
+    let root = herd(&dir, "root", &[img.display().to_string()], None, &[]);
     // Relay A reads through nbdkit's error filter: every read fails with
     // EIO while the trigger file exists.
     let trigger = dir.join("errors-on");
@@ -228,10 +233,10 @@ fn a_parent_that_returns_errors_sends_reads_to_the_next() {
         &dir,
         "a",
         &[format!("nbd://127.0.0.1:{kit_port}")],
-        free_port(),
+        None,
         &["--manifest", m],
     );
-    let leaf = herd(&dir, "leaf", &[nbd(a.port), root.url()], free_port(), &[]);
+    let leaf = herd(&dir, "leaf", &[nbd(a.port), root.url()], None, &[]);
     let r = Readers::start(leaf.port, &data);
     r.wait_progress(16 << 20);
     std::fs::write(&trigger, b"").unwrap();
@@ -258,19 +263,13 @@ fn root_restart(name: &str, net_io: &str) {
     let data = Arc::new(random_image(&img, IMAGE));
     let port = free_port();
     let up = img.display().to_string();
-    let mut root = herd(&dir, "root", std::slice::from_ref(&up), port, &[]);
-    let leaf = herd(
-        &dir,
-        "leaf",
-        &[nbd(port)],
-        free_port(),
-        &["--net-io", net_io],
-    );
+    let mut root = herd(&dir, "root", std::slice::from_ref(&up), Some(port), &[]);
+    let leaf = herd(&dir, "leaf", &[nbd(port)], None, &["--net-io", net_io]);
     let r = Readers::start(leaf.port, &data);
     r.wait_progress(16 << 20);
     root.kill9();
     std::thread::sleep(Duration::from_secs(1));
-    let _root = herd(&dir, "root", &[up], port, &[]);
+    let _root = herd(&dir, "root", &[up], Some(port), &[]);
     r.finish();
     assert!(leaf.metric("herd_upstream_down_total") >= 1.0);
     // The restarted root is active again once it has answered probes for
@@ -289,22 +288,22 @@ fn at_start_a_child_waits_for_its_tree_parent_then_takes_an_alternate() {
     let dir = scratch("failover-start");
     let img = dir.join("golden.img");
     random_image(&img, 8 << 20);
-    let root = herd(&dir, "root", &[img.display().to_string()], free_port(), &[]);
+    let root = herd(&dir, "root", &[img.display().to_string()], None, &[]);
     let a_port = free_port();
     let ups = [nbd(a_port), root.url()];
     let leaf = {
         let (d, u) = (dir.clone(), ups.clone());
-        std::thread::spawn(move || herd(&d, "leaf", &u, free_port(), &[]))
+        std::thread::spawn(move || herd(&d, "leaf", &u, None, &[]))
     };
     std::thread::sleep(Duration::from_secs(1));
-    let _a = herd(&dir, "a", &[root.url()], a_port, &[]);
+    let _a = herd(&dir, "a", &[root.url()], Some(a_port), &[]);
     let leaf = leaf.join().unwrap();
     assert_eq!(active(&leaf, a_port), 1.0);
     assert_eq!(leaf.metric("herd_upstream_down_total"), 0.0);
     // A first parent that never comes: the root serves after the grace.
     let dead = free_port();
     let t = Instant::now();
-    let lone = herd(&dir, "lone", &[nbd(dead), root.url()], free_port(), &[]);
+    let lone = herd(&dir, "lone", &[nbd(dead), root.url()], None, &[]);
     assert!(t.elapsed() >= Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(active(&lone, root.port), 1.0);
     assert_eq!(lone.metric("herd_upstream_down_total"), 1.0);
@@ -592,10 +591,10 @@ fn a_child_holds_its_profile_connection_instead_of_polling() {
         &dir,
         "root",
         &[img.display().to_string()],
-        free_port(),
+        None,
         &["--profile", prof.to_str().unwrap()],
     );
-    let child = herd(&dir, "child", &[root.url()], free_port(), &[]);
+    let child = herd(&dir, "child", &[root.url()], None, &[]);
     child.wait_prefetched(Duration::from_secs(30));
     // The child's startup connections (data, probe, profile, the held
     // manifest its version follower watches) settle first: the count
