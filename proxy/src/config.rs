@@ -254,7 +254,9 @@ pub struct ServeConfig {
     /// disk; fetching waits beyond it.
     pub fetch_buffer: u64,
     /// `--spin-us`: how long an NBD connection that sends back to back is
-    /// polled for its next request before its task sleeps (zero: never).
+    /// polled for its next request, and the iSCSI upstream session with
+    /// one command in flight for its answer, before the task sleeps
+    /// (zero: never).
     pub spin: std::time::Duration,
     /// What drives the sockets to the parent.
     pub net_io: NetIo,
@@ -781,7 +783,7 @@ impl FileConfig {
             }
         };
         let spin = match self.spin_us {
-            None => crate::export::nbd::spin::DEFAULT_WINDOW,
+            None => crate::io::spin::DEFAULT_WINDOW,
             Some(us) if us > MAX_SPIN_US => {
                 return Err(inv(
                     "spin_us",
@@ -988,10 +990,7 @@ mod tests {
     #[test]
     fn spin_defaults_on_and_a_long_one_is_refused() {
         let spin = |extra: &str| minimal_with(extra).map(|c| c.spin);
-        assert_eq!(
-            spin("").ok(),
-            Some(crate::export::nbd::spin::DEFAULT_WINDOW)
-        );
+        assert_eq!(spin("").ok(), Some(crate::io::spin::DEFAULT_WINDOW));
         assert_eq!(spin("spin_us = 0\n").ok(), Some(std::time::Duration::ZERO));
         let e = spin("spin_us = 5000\n").expect_err("too long");
         assert!(e.to_string().contains("spin_us"), "{e}");

@@ -68,6 +68,7 @@ fn register_at_zero() {
         "herd_iscsi_target_digest_errors_total",
         "herd_iscsi_target_rejects_total",
         "herd_export_spin_microseconds_total",
+        "herd_iscsi_spin_microseconds_total",
     ] {
         counter!(name).increment(0);
     }
@@ -90,6 +91,7 @@ fn register_at_zero() {
     }
     for outcome in ["request", "idle"] {
         counter!("herd_export_spins_total", "outcome" => outcome).increment(0);
+        counter!("herd_iscsi_spins_total", "outcome" => outcome).increment(0);
     }
     for (side, result) in [
         ("export", "ok"),
@@ -130,6 +132,15 @@ fn describe() {
         "herd_export_spin_microseconds_total",
         Unit::Microseconds,
         "time connection tasks spent spinning for a next request (CPU kept awake)"
+    );
+    describe_counter!(
+        "herd_iscsi_spins_total",
+        "waits of an iSCSI session for its target's answer to the one command in flight that spun first, by how they ended (request: it came within --spin-us; idle: it did not)"
+    );
+    describe_counter!(
+        "herd_iscsi_spin_microseconds_total",
+        Unit::Microseconds,
+        "time iSCSI sessions spent spinning for their target's answer (CPU kept awake)"
     );
     describe_counter!(
         "herd_upstream_read_bytes_total",
@@ -331,11 +342,21 @@ pub fn upstream_active(parent: &str, active: bool) {
 pub fn served_side(bytes: u64) {
     counter!("herd_served_side_bytes_total").increment(bytes);
 }
-pub fn export_spin(request: bool, spent: std::time::Duration) {
+pub fn spin(side: crate::io::spin::Side, request: bool, spent: std::time::Duration) {
+    use crate::io::spin::Side;
     let outcome = if request { "request" } else { "idle" };
-    counter!("herd_export_spins_total", "outcome" => outcome).increment(1);
-    counter!("herd_export_spin_microseconds_total")
-        .increment(u64::try_from(spent.as_micros()).unwrap_or(u64::MAX));
+    let (spins, micros) = match side {
+        Side::Export => (
+            "herd_export_spins_total",
+            "herd_export_spin_microseconds_total",
+        ),
+        Side::Iscsi => (
+            "herd_iscsi_spins_total",
+            "herd_iscsi_spin_microseconds_total",
+        ),
+    };
+    counter!(spins, "outcome" => outcome).increment(1);
+    counter!(micros).increment(u64::try_from(spent.as_micros()).unwrap_or(u64::MAX));
 }
 pub fn request() {
     counter!("herd_served_requests_total").increment(1);

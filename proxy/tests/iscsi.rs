@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     assert_same_file, data_chunk_bytes, have, nbdcopy, random_image, scratch, sparse_image, Herd,
-    Tgtd,
+    RawClient, Tgtd,
 };
 
 const MIB: usize = 1 << 20;
@@ -194,6 +194,57 @@ fn target_restart_mid_read_is_invisible_to_the_reader() {
     }
     let log = read_across_target_restart("iscsi-restart", 128, &[], 8, Duration::from_millis(1500));
     assert!(log.contains("(re)established"), "herd logged in again");
+}
+
+/// Cold 4 KiB reads one at a time, each its own chunk, so the session has
+/// one command in flight; every byte checked. Returns the session's spin
+/// counters (request, idle, microseconds).
+fn qd1_fetches(spin_us: &str) -> (f64, f64, f64) {
+    let dir = scratch(&format!("iscsi-spin-{spin_us}"));
+    let img = dir.join("lun.img");
+    let data = random_image(&img, 64 * MIB);
+    let t = Tgtd::start(&img, None);
+    // Only the epoll path spins (a ring's receive is armed in the kernel).
+    let h = Herd::start(
+        &dir,
+        "root",
+        &t.url(None),
+        &["--spin-us", spin_us, "--net-io", "epoll"],
+    );
+    let mut c = RawClient::connect(h.port, "");
+    // Backwards, so no read looks sequential and earns read-ahead.
+    for i in (0..64u64).rev() {
+        let off = i * MIB as u64 + 4096 * (i % 7);
+        assert_eq!(
+            c.read(off, 4096),
+            data[off as usize..off as usize + 4096],
+            "chunk {i}"
+        );
+    }
+    let counters = (
+        h.metric("herd_iscsi_spins_total{outcome=\"request\"}"),
+        h.metric("herd_iscsi_spins_total{outcome=\"idle\"}"),
+        h.metric("herd_iscsi_spin_microseconds_total"),
+    );
+    drop(h);
+    drop(t);
+    let _ = std::fs::remove_dir_all(&dir);
+    counters
+}
+
+#[test]
+fn a_session_with_one_command_in_flight_spins_for_its_answer() {
+    if !have("tgtd") {
+        return;
+    }
+    let (request, idle, us) = qd1_fetches("1000");
+    assert!(request + idle > 0.0, "the session never spun for an answer");
+    assert!(
+        us > 0.0,
+        "spin time not counted ({request} request, {idle} idle)"
+    );
+    eprintln!("iSCSI spins: {request} ended by an answer, {idle} idle, {us} µs");
+    assert_eq!(qd1_fetches("0"), (0.0, 0.0, 0.0), "--spin-us 0 still spun");
 }
 
 #[test]

@@ -65,9 +65,15 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             isid: iscsi::isid(),
             digests: false,
         };
-        let s = iscsi::connect(&portal, &spec, 0, herd::io::ring_stream::NetIo::default())
-            .await
-            .with_context(|| format!("login to {target} failed"))?;
+        let s = iscsi::connect(
+            &portal,
+            &spec,
+            0,
+            herd::io::ring_stream::NetIo::default(),
+            std::time::Duration::ZERO,
+        )
+        .await
+        .with_context(|| format!("login to {target} failed"))?;
         println!(
             "session  MaxBurstLength={} MaxXmitDataSegmentLength={}",
             s.params.max_burst, s.params.max_xmit_dsl
@@ -81,8 +87,14 @@ pub fn probe(url: &str, secret_file: Option<PathBuf>, initiator: String) -> Resu
             if lun.is_some_and(|want| want != l) {
                 continue;
             }
-            let s =
-                iscsi::connect(&portal, &spec, l, herd::io::ring_stream::NetIo::default()).await?;
+            let s = iscsi::connect(
+                &portal,
+                &spec,
+                l,
+                herd::io::ring_stream::NetIo::default(),
+                std::time::Duration::ZERO,
+            )
+            .await?;
             let inq = cmd(&s, scsi::inquiry(None, 96), 96)
                 .await
                 .and_then(|d| scsi::parse_inquiry(&d));
@@ -170,6 +182,10 @@ pub struct BenchArgs {
     /// What drives the session socket: epoll or uring (a ring it owns).
     #[arg(long, default_value = "epoll")]
     net_io: herd::io::ring_stream::NetIo,
+    /// Microseconds the session polls for the answer to its one command
+    /// in flight before sleeping (0: never), as `herd serve --spin-us`.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -202,6 +218,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             recovery: std::time::Duration::from_secs(10),
             net_io: a.net_io,
             digests: a.digests,
+            spin: std::time::Duration::from_micros(a.spin_us),
         };
         let up = Arc::new(IscsiUpstream::connect(t).await?);
         let bs = a.block_size as u64;

@@ -143,9 +143,10 @@ pub async fn connect(
     spec: &LoginSpec,
     lun: u16,
     io: crate::io::ring_stream::NetIo,
+    spin: std::time::Duration,
 ) -> Result<Arc<Session>, IscsiError> {
     let (s, params) = open(portal, spec).await?;
-    Ok(Session::start(s, params, lun, io)?)
+    Ok(Session::start(s, params, lun, io, spin)?)
 }
 
 /// A SendTargets result: target name and its portals.

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 use crate::io::ring_stream::{self, Driven, NetIo, RingRx, RingTx};
+use crate::io::spin::{Side, Spin};
 
 use super::login::Params;
 use super::pdu::{self, ScsiCmd, Sn, TargetPdu};
@@ -58,7 +59,14 @@ pub enum Fault {
 /// Bytes asked of each receive.
 const RECV_SIZE: usize = 512 * 1024;
 
+/// Data-In payloads at least this large are read from the socket straight
+/// into their command's buffer (the header first, exactly); smaller ones
+/// come in large receives and are copied, which costs less than a second
+/// syscall per PDU.
+const DIRECT_MIN: usize = 32 * 1024;
+
 struct Pending {
+    /// Filled in order (DataPDUInOrder): `..received` is the target's.
     buf: IoBuf,
     received: usize,
     tx: oneshot::Sender<Result<Completion, Fault>>,
@@ -78,48 +86,130 @@ enum Tx {
 }
 
 enum Rx {
-    Epoll(OwnedReadHalf),
+    /// With the spin, if on (the ring's receives are armed in the kernel
+    /// and consume what arrives, so only the epoll path peeks and spins),
+    /// and whether large payloads are arriving (read straight into place).
+    Epoll(OwnedReadHalf, Option<Spin>, bool),
     Ring(RingRx),
 }
 
 impl Rx {
     /// Feeds whatever arrives next to `parser` and acts on what it yields;
-    /// false when the connection is over (EOF, error, bad PDU).
+    /// `None` when the connection is over (EOF, error, bad PDU), else how
+    /// many commands completed. `completed` is how many the previous pump
+    /// completed, leaving none in flight: one means queue depth 1, the
+    /// case the spin is for.
     async fn pump(
         &mut self,
         scratch: &mut Vec<u8>,
         parser: &mut PduStream,
         session: &std::sync::Weak<Session>,
-    ) -> bool {
+        completed: u32,
+    ) -> Option<u32> {
         match self {
-            Self::Epoll(r) => {
-                // read_buf appends into spare capacity: no zero-filling.
+            Self::Epoll(r, spin, direct) => {
+                if let Some(s) = spin {
+                    s.wait(completed).await;
+                }
+                if let Some((itt, at, left)) = parser.payload_wanted() {
+                    *direct = left >= DIRECT_MIN;
+                    if *direct {
+                        if let Some(placed) = read_direct(r, parser, session, itt, at, left).await {
+                            return placed;
+                        }
+                    }
+                }
                 scratch.clear();
-                scratch.reserve(RECV_SIZE);
-                if r.read_buf(scratch).await.unwrap_or(0) == 0 {
-                    return false;
+                match parser.until_payload() {
+                    // Large payloads are coming: read up to the next one.
+                    Some(want) if *direct && want > 0 => {
+                        scratch.resize(want, 0);
+                        let n = r.read(scratch).await.unwrap_or(0);
+                        if n == 0 {
+                            return None;
+                        }
+                        scratch.truncate(n);
+                    }
+                    _ => {
+                        // read_buf appends into spare capacity: no zero-filling.
+                        scratch.reserve(RECV_SIZE);
+                        if r.read_buf(scratch).await.unwrap_or(0) == 0 {
+                            return None;
+                        }
+                    }
                 }
                 consume(parser, scratch, session).await
             }
             Self::Ring(r) => match r.recv().await {
                 Ok(Some(chunk)) => consume(parser, &chunk, session).await,
-                _ => false,
+                _ => None,
             },
         }
     }
 }
 
+/// Reads what has arrived of Data-In `itt`'s payload (`left` bytes from
+/// buffer offset `at`) from the socket straight into its command's buffer.
+/// `None` when the command cannot take it there (unknown, or not next in
+/// order): the caller reads into scratch and `consume` decides. Otherwise
+/// what `pump` returns.
+async fn read_direct(
+    r: &mut OwnedReadHalf,
+    parser: &mut PduStream,
+    session: &std::sync::Weak<Session>,
+    itt: u32,
+    at: usize,
+    left: usize,
+) -> Option<Option<u32>> {
+    // The buffer is taken out for the read: no lock, and no strong
+    // reference that would keep a dropped session's socket open, is held
+    // across it.
+    let Some(s) = session.upgrade() else {
+        return Some(None);
+    };
+    let mut buf = {
+        let mut st = s.lock();
+        let p = st.pending.get_mut(&itt)?;
+        if p.received != at || at + left > p.buf.len() {
+            return None;
+        }
+        std::mem::replace(&mut p.buf, IoBuf::scratch(0))
+    };
+    drop(s);
+    let n = r.read(&mut buf[at..at + left]).await.unwrap_or(0);
+    if n == 0 {
+        return Some(None);
+    }
+    parser.data_received(&buf[at..at + n]);
+    {
+        let Some(s) = session.upgrade() else {
+            return Some(None);
+        };
+        let mut st = s.lock();
+        // Gone if the session was killed meanwhile: its caller has its
+        // answer (Lost), and the buffer is dropped.
+        if let Some(p) = st.pending.get_mut(&itt) {
+            p.buf = buf;
+            p.received = at + n;
+        }
+    }
+    // The PDU, if its payload is now whole (and no digest follows).
+    Some(consume(parser, &[], session).await)
+}
+
 /// Acts on every event `input` completes: Data-In payload is copied
-/// straight into its command's buffer.
+/// straight into its command's buffer. Returns how many commands it
+/// completed, `None` when the connection must end.
 async fn consume(
     parser: &mut PduStream,
     mut input: &[u8],
     session: &std::sync::Weak<Session>,
-) -> bool {
+) -> Option<u32> {
+    let mut completed = 0;
     loop {
         let event = match parser.next(&mut input) {
             Ok(Some(e)) => e,
-            Ok(None) => return true,
+            Ok(None) => return Some(completed),
             Err(StreamError::Digest { header, data }) => {
                 // ERL 0: a digest error ends the connection; the commands
                 // are reissued on a new one.
@@ -129,30 +219,50 @@ async fn consume(
                     "iSCSI digest mismatch; dropping the connection"
                 );
                 crate::metrics::iscsi_digest_error();
-                return false;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "iSCSI target sent a bad PDU; dropping the connection");
-                return false;
+                return None;
             }
         };
-        let Some(s) = session.upgrade() else {
-            return false;
-        };
+        let s = session.upgrade()?;
         match event {
             Event::Data { itt, offset, bytes } => {
                 let mut st = s.lock();
                 if let Some(p) = st.pending.get_mut(&itt) {
-                    let end = offset + bytes.len();
-                    if end <= p.buf.len() {
-                        p.buf[offset..end].copy_from_slice(bytes);
-                        p.received = p.received.max(end);
+                    // Bytes past what was asked for (overflow) are dropped.
+                    if offset < p.buf.len() {
+                        if offset != p.received {
+                            // Buffers are not zeroed first: a gap would
+                            // hand out stale bytes.
+                            tracing::warn!(
+                                itt,
+                                offset,
+                                expected = p.received,
+                                "iSCSI target sent Data-In out of order (DataPDUInOrder=Yes); dropping the connection"
+                            );
+                            return None;
+                        }
+                        let end = (offset + bytes.len()).min(p.buf.len());
+                        p.buf[offset..end].copy_from_slice(&bytes[..end - offset]);
+                        p.received = end;
                     }
                 }
             }
             Event::Pdu { pdu, payload } => {
+                if matches!(
+                    pdu,
+                    TargetPdu::ScsiResp { .. }
+                        | TargetPdu::DataIn {
+                            has_status: true,
+                            ..
+                        }
+                ) {
+                    completed += 1;
+                }
                 if !handle(&s, pdu, &payload).await {
-                    return false;
+                    return None;
                 }
             }
         }
@@ -198,12 +308,23 @@ impl Session {
         params: Params,
         lun: u16,
         io: NetIo,
+        spin: std::time::Duration,
     ) -> std::io::Result<Arc<Self>> {
         let fd = stream.as_raw_fd();
         let (tx, rx) = match ring_stream::drive(stream.into_std()?, io, "iscsi")? {
             Driven::Tokio(stream) => {
+                // The spin only peeks, through a dup of its own.
+                let spin = if spin.is_zero() {
+                    None
+                } else {
+                    Spin::new(
+                        Arc::new(stream.as_fd().try_clone_to_owned()?),
+                        spin,
+                        Side::Iscsi,
+                    )
+                };
                 let (r, w) = stream.into_split();
-                (Tx::Epoll(w), Rx::Epoll(r))
+                (Tx::Epoll(w), Rx::Epoll(r, spin, false))
             }
             Driven::Ring(w, r) => (Tx::Ring(w), Rx::Ring(r)),
         };
@@ -335,7 +456,7 @@ impl Session {
         st.pending.insert(
             itt,
             Pending {
-                buf: IoBuf::zeroed(read_len),
+                buf: IoBuf::scratch(read_len),
                 received: 0,
                 tx,
             },
@@ -454,7 +575,19 @@ async fn reader_loop(
     // whatever arrives.
     let mut parser = PduStream::new(header_digest, data_digest);
     let mut scratch: Vec<u8> = Vec::new();
-    while rx.pump(&mut scratch, &mut parser, &session).await {}
+    let mut completed = 0;
+    while let Some(n) = rx
+        .pump(&mut scratch, &mut parser, &session, completed)
+        .await
+    {
+        // Queue depth 1: the one command in flight completed. With others
+        // still in flight their answers are on the way, and a spin would
+        // take CPU from the target when it shares the machine.
+        let idle = session
+            .upgrade()
+            .is_some_and(|s| s.lock().pending.is_empty());
+        completed = if idle { n } else { 0 };
+    }
     if let Some(s) = session.upgrade() {
         s.kill();
     }

@@ -190,6 +190,70 @@ impl PduStream {
         }
     }
 
+    /// Bytes to read before a Data-In payload could next go straight into
+    /// place: the rest of the current header, or of the current PDU's
+    /// payload, padding and digest; `None` inside a Data-In's data, which
+    /// [`PduStream::payload_wanted`] describes. A reader expecting large
+    /// payloads reads no further, so the next one is not copied.
+    #[must_use]
+    pub fn until_payload(&self) -> Option<usize> {
+        let digest = if self.data_digest { 4 } else { 0 };
+        match &self.state {
+            State::Header => Some(self.header_len() - self.hdr.len()),
+            State::Payload {
+                data_in: Some(_),
+                len,
+                done,
+                ..
+            } if done < len => None,
+            State::Payload { padded, done, .. } => Some(padded - done + digest),
+            State::Digest { have, .. } => Some(4 - have),
+        }
+    }
+
+    /// In a Data-In's payload: its command (Initiator Task Tag), the buffer
+    /// offset of the next data byte, and the data bytes still to come
+    /// (padding and digest not counted). The caller may read them from the
+    /// socket into that buffer itself and report them with
+    /// [`PduStream::data_received`], instead of passing them through
+    /// [`PduStream::next`] and copying each `Event::Data`.
+    #[must_use]
+    pub fn payload_wanted(&self) -> Option<(u32, usize, usize)> {
+        match &self.state {
+            State::Payload {
+                data_in: Some((itt, offset)),
+                len,
+                done,
+                ..
+            } if done < len => Some((*itt, offset + done, len - done)),
+            _ => None,
+        }
+    }
+
+    /// Accounts for payload bytes the caller placed itself (at most the
+    /// count [`PduStream::payload_wanted`] gave): digests them and moves
+    /// on. The PDU itself comes from the next call of `next`.
+    pub fn data_received(&mut self, bytes: &[u8]) {
+        let data_digest = self.data_digest;
+        if let State::Payload {
+            len,
+            padded,
+            done,
+            crc,
+            ..
+        } = &mut self.state
+        {
+            let n = bytes.len().min(*len - *done);
+            if data_digest {
+                *crc = crc32c::crc32c_append(*crc, &bytes[..n]);
+            }
+            *done += n;
+            if *done == *padded {
+                self.end_payload();
+            }
+        }
+    }
+
     /// Header bytes to gather: the BHS first, then AHS and digest.
     fn header_len(&self) -> usize {
         if self.hdr.len() < pdu::BHS_LEN {
@@ -362,6 +426,88 @@ mod tests {
                 ));
             }
         }
+    }
+
+    /// Reads `wire` as the session's direct path does: headers exactly,
+    /// Data-In payloads (up to `step` bytes a read) straight into `dest`,
+    /// everything else in pieces of `step` through `next`.
+    fn run_direct(
+        wire: &[u8],
+        step: usize,
+        digests: bool,
+        dest: &mut [u8],
+    ) -> Result<Vec<TargetPdu>, StreamError> {
+        let mut p = PduStream::new(digests, digests);
+        let mut pdus = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            if let Some((_, offset, left)) = p.payload_wanted() {
+                let n = left.min(step).min(wire.len() - at);
+                dest[offset..offset + n].copy_from_slice(&wire[at..at + n]);
+                p.data_received(&dest[offset..offset + n]);
+                at += n;
+            } else {
+                let n = p
+                    .until_payload()
+                    .unwrap_or(step)
+                    .min(step)
+                    .min(wire.len() - at);
+                let mut input = &wire[at..at + n];
+                at += n;
+                while let Some(e) = p.next(&mut input)? {
+                    match e {
+                        Event::Data { .. } => panic!("payload passed through next"),
+                        Event::Pdu { pdu, .. } => pdus.push(pdu),
+                    }
+                }
+            }
+            // A payload placed in full leaves its PDU to be emitted.
+            let mut none: &[u8] = &[];
+            while let Some(e) = p.next(&mut none)? {
+                if let Event::Pdu { pdu, .. } = e {
+                    pdus.push(pdu);
+                }
+            }
+        }
+        Ok(pdus)
+    }
+
+    #[test]
+    fn payload_read_straight_into_place_matches_the_stream() {
+        let a: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
+        // Not a multiple of 4: padding follows it on the wire.
+        let b: Vec<u8> = (0..4099u32).map(|i| (i % 7) as u8).collect();
+        let mut whole = a.clone();
+        whole.extend_from_slice(&b);
+        for digests in [false, true] {
+            let mut wire = data_in(9, 0, &a, false, digests);
+            wire.extend(data_in(9, 5000, &b, true, digests));
+            for step in [1, 3, 48, 1000, 4096, 1 << 20] {
+                let mut dest = vec![0u8; whole.len()];
+                let pdus = run_direct(&wire, step, digests, &mut dest).unwrap();
+                assert!(dest == whole, "step {step} digests {digests}");
+                assert_eq!(pdus.len(), 2, "step {step} digests {digests}");
+                assert!(matches!(
+                    pdus[1],
+                    TargetPdu::DataIn {
+                        has_status: true,
+                        itt: 9,
+                        ..
+                    }
+                ));
+            }
+        }
+        // The data digest covers bytes placed directly too.
+        let mut wire = data_in(1, 0, &a, true, true);
+        wire[pdu::BHS_LEN + 4 + 10] ^= 1;
+        let mut dest = vec![0u8; a.len()];
+        assert_eq!(
+            run_direct(&wire, 4096, true, &mut dest).unwrap_err(),
+            StreamError::Digest {
+                header: true,
+                data: false
+            }
+        );
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct IscsiTarget {
     pub net_io: crate::io::ring_stream::NetIo,
     /// Offer CRC32C header and data digests.
     pub digests: bool,
+    /// How long the session polls for the answer to its one command in
+    /// flight before sleeping (`io::spin`; zero: never).
+    pub spin: Duration,
 }
 
 impl IscsiTarget {
@@ -94,7 +97,7 @@ impl IscsiUpstream {
     /// Login failures (bad IQN, authentication, unreachable) or a LUN that
     /// cannot report its capacity.
     pub async fn connect(t: IscsiTarget) -> UpstreamResult<Self> {
-        let session = is::connect(&t.portal, &t.spec(), t.lun, t.net_io)
+        let session = is::connect(&t.portal, &t.spec(), t.lun, t.net_io, t.spin)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
         let mut up = Self {
@@ -200,9 +203,15 @@ impl IscsiUpstream {
                 return Ok(Arc::clone(s));
             }
         }
-        let s = is::connect(&self.t.portal, &self.t.spec(), self.t.lun, self.t.net_io)
-            .await
-            .map_err(|e| iscsi_err(&self.t, e))?;
+        let s = is::connect(
+            &self.t.portal,
+            &self.t.spec(),
+            self.t.lun,
+            self.t.net_io,
+            self.t.spin,
+        )
+        .await
+        .map_err(|e| iscsi_err(&self.t, e))?;
         tracing::info!(target = %self.t.target, "iSCSI session (re)established");
         *g = Some(Arc::clone(&s));
         Ok(s)
@@ -382,9 +391,16 @@ impl IscsiUpstream {
             pieces.push((at, self.read_blocks((start + at as u64) / bs, n)));
             at += n;
         }
-        let results = futures_join(pieces).await;
-        let mut out = IoBuf::zeroed(len);
+        let mut results = futures_join(pieces).await;
         let skip = usize::try_from(offset - start).unwrap_or(0);
+        // Block-aligned and within one command (a cache's chunk fetches):
+        // the command's buffer is the answer, not copied.
+        if skip == 0 && results.len() == 1 && span == len {
+            if let Some((_, piece)) = results.pop() {
+                return piece;
+            }
+        }
+        let mut out = IoBuf::zeroed(len);
         for (at, piece) in results {
             let piece = piece?;
             // Copy the overlap of [at, at+piece) with [skip, skip+len).

@@ -364,7 +364,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let mut md = format!(
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s), medians. \
-         herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`).\n\n\
+         herd runs on its default path (tokio's epoll, with the QD1 spin of `--spin-us`, default 50 µs) and with the session on its own io_uring ring (`--net-io uring`, which does not spin).\n\n\
          | pattern | herd IOPS | herd MiB/s | herd uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | herd ÷ iscsi-perf |\n\
          |---|---|---|---|---|---|---|---|\n"
     );

@@ -63,6 +63,7 @@ pub(super) async fn open_anchor(
                 recovery: cfg.iscsi.recovery,
                 net_io: cfg.net_io,
                 digests: cfg.iscsi.digests,
+                spin: cfg.spin,
             };
             let up = IscsiUpstream::connect(t).await.with_context(|| {
                 format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")

@@ -191,7 +191,8 @@ pub struct ServeArgs {
     #[arg(long)]
     write_timeout: Option<u64>,
     /// Microseconds an NBD connection that sends requests back to back is
-    /// polled for its next one before its task sleeps (default 50; 0:
+    /// polled for its next one, and the iSCSI session with one command in
+    /// flight for its answer, before the task sleeps (default 50; 0:
     /// never). Wins QD1 latency on an idle machine for a little CPU.
     #[arg(long)]
     spin_us: Option<u64>,

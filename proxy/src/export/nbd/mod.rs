@@ -9,7 +9,6 @@
 mod exports;
 mod handshake;
 pub mod limits;
-pub mod spin;
 mod transmission;
 mod zerocopy;
 

@@ -14,10 +14,10 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::limits::Hold;
-use super::spin::Spin;
 use super::zerocopy::ZeroCopy;
 use super::{errno_for, Export};
 use crate::cache::Data;
+use crate::io::spin::{Side, Spin};
 use crate::io::IoBuf;
 use crate::metrics as m;
 use crate::nbd::proto::{self, Request};
@@ -134,7 +134,9 @@ pub async fn run(
     // One dup serves the zero-copy sender and the spin (no fd more per
     // connection); TLS connections have none and are not spun for.
     let dup = dup.map(Arc::new);
-    let mut spin = dup.clone().and_then(|fd| Spin::new(fd, access.spin));
+    let mut spin = dup
+        .clone()
+        .and_then(|fd| Spin::new(fd, access.spin, Side::Export));
     let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
         Ok(z) => Some(z),
         Err(e) => {

@@ -1,25 +1,29 @@
-//! Adaptive spin: a connection that sends requests back to back is polled
-//! for a short while before its task sleeps on the runtime's reactor.
+//! Adaptive spin: a socket whose peer answers back to back is polled for
+//! a short while before its task sleeps on the runtime's reactor.
 //!
-//! At queue depth 1 a request's cost here is dominated by waking an idle
-//! vCPU (~90–100 µs a round trip on this machine kind, against ~10 µs of
-//! work), not by the syscall interface; a server that does not sleep
-//! between requests that come back to back answers more of them. So
-//! before waiting for the next request the reader yields to the runtime
-//! (the writer task sends the reply) and peeks at the socket, for at most
-//! `window`, yielding its CPU (`sched_yield`) between peeks.
+//! At queue depth 1 a round trip's cost here is dominated by waking an
+//! idle vCPU (~90–100 µs on this machine kind, against ~10 µs of work),
+//! not by the syscall interface; a task that does not sleep between
+//! messages that come back to back handles more of them. So before
+//! waiting for the next message the task yields to the runtime (another
+//! task sends the reply or the next command) and peeks at the socket, for
+//! at most `window`, yielding its CPU (`sched_yield`) between peeks.
 //!
-//! Whether that pays depends on where the client runs, which the server
-//! cannot see: with the client on another, idle vCPU it saves a wake-up;
-//! on the same vCPU the client cannot send while the server spins, and
-//! the spin only adds syscalls (measured: 0.73–0.82× the IOPS with both
-//! pinned to one vCPU). So each connection measures it: the time from one
-//! wait for a request to the next is its request cycle, and the cycles
-//! of the mode in use (64) are compared with a short trial of the other
-//! (16); spinning is kept only while its cycles are 5 % shorter. Within
-//! spinning, a spin that ends without a request backs off: the next 1, 3,
-//! 7 … 63 waits sleep at once, so a client with think time longer than
-//! the window costs at most one window every 64 requests.
+//! Two sides use it: the NBD export waits for a client's next request
+//! (`Side::Export`), and the iSCSI initiator's session waits for the
+//! target's answer to the one command in flight (`Side::Iscsi`).
+//!
+//! Whether that pays depends on where the peer runs, which this side
+//! cannot see: with the peer on another, idle vCPU it saves a wake-up;
+//! on the same vCPU the peer cannot send while this side spins, and
+//! the spin only adds syscalls (measured on the export: 0.73–0.82× the
+//! IOPS with both pinned to one vCPU). So each connection measures it:
+//! the time from one wait for a message to the next is its cycle, and the
+//! cycles of the mode in use (64) are compared with a short trial of the
+//! other (16); spinning is kept only while its cycles are 5 % shorter.
+//! Within spinning, a spin that ends without a message backs off: the
+//! next 1, 3, 7 … 63 waits sleep at once, so a peer with think time longer
+//! than the window costs at most one window every 64 messages.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -48,6 +52,15 @@ const SPIN_MARGIN: f64 = 0.95;
 /// does not decide.
 const CYCLE_CAP: Duration = Duration::from_millis(2);
 
+/// Whose wait spins: each side has its own metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// An NBD export connection waiting for its client's next request.
+    Export,
+    /// An iSCSI initiator session waiting for its target's answer.
+    Iscsi,
+}
+
 /// One connection's spin state.
 pub struct Spin {
     /// The connection's dup of the client socket (shared with its
@@ -61,6 +74,7 @@ pub struct Spin {
     chooser: Chooser,
     /// When the previous wait began.
     last: Option<Instant>,
+    side: Side,
 }
 
 /// How a wait began.
@@ -76,7 +90,7 @@ pub enum Outcome {
 
 impl Spin {
     /// `None` when `window` is zero (spinning off).
-    pub fn new(fd: Arc<OwnedFd>, window: Duration) -> Option<Self> {
+    pub fn new(fd: Arc<OwnedFd>, window: Duration, side: Side) -> Option<Self> {
         (!window.is_zero()).then_some(Self {
             fd,
             window,
@@ -84,13 +98,14 @@ impl Spin {
             misses: 0,
             chooser: Chooser::default(),
             last: None,
+            side,
         })
     }
 
     /// Spins until the socket has bytes or the window passes, if this
     /// connection spins; call when the connection's read buffer is empty,
-    /// before waiting on the socket, with the requests read since the last
-    /// wait. Only a connection at queue depth 1 (one request a cycle) is
+    /// before waiting on the socket, with the messages handled since the
+    /// last wait (requests read; on the initiator, commands completed). Only a connection at queue depth 1 (one request a cycle) is
     /// spun for: a deeper queue has work in flight while it waits, and a
     /// spin would take CPU from the client (64K QD8 measured 0.75–0.96×).
     pub async fn wait(&mut self, requests: u32) -> Outcome {
@@ -123,7 +138,7 @@ impl Spin {
             std::thread::yield_now();
         };
         self.settle(outcome);
-        m::export_spin(outcome == Outcome::Request, start.elapsed());
+        m::spin(self.side, outcome == Outcome::Request, start.elapsed());
         outcome
     }
 
@@ -235,14 +250,14 @@ mod tests {
         // The spin only peeks: b stays open (dropped with the test) so
         // a's writes are not EPIPE.
         std::mem::forget(b);
-        (a, Spin::new(fd, window).unwrap())
+        (a, Spin::new(fd, window, Side::Export).unwrap())
     }
 
     #[test]
     fn zero_window_is_off() {
         let (a, _) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = Arc::new(a.as_fd().try_clone_to_owned().unwrap());
-        assert!(Spin::new(fd, Duration::ZERO).is_none());
+        assert!(Spin::new(fd, Duration::ZERO, Side::Export).is_none());
     }
 
     #[tokio::test]
