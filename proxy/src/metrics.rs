@@ -69,6 +69,7 @@ fn register_at_zero() {
         "herd_iscsi_target_rejects_total",
         "herd_export_spin_microseconds_total",
         "herd_iscsi_spin_microseconds_total",
+        "herd_iscsi_target_spin_microseconds_total",
     ] {
         counter!(name).increment(0);
     }
@@ -92,6 +93,7 @@ fn register_at_zero() {
     for outcome in ["request", "idle"] {
         counter!("herd_export_spins_total", "outcome" => outcome).increment(0);
         counter!("herd_iscsi_spins_total", "outcome" => outcome).increment(0);
+        counter!("herd_iscsi_target_spins_total", "outcome" => outcome).increment(0);
     }
     for (side, result) in [
         ("export", "ok"),
@@ -141,6 +143,15 @@ fn describe() {
         "herd_iscsi_spin_microseconds_total",
         Unit::Microseconds,
         "time iSCSI sessions spent spinning for their target's answer (CPU kept awake)"
+    );
+    describe_counter!(
+        "herd_iscsi_target_spins_total",
+        "waits of an iSCSI target connection for its initiator's next command that spun first, by how they ended (request: it came within --spin-us; idle: it did not)"
+    );
+    describe_counter!(
+        "herd_iscsi_target_spin_microseconds_total",
+        Unit::Microseconds,
+        "time iSCSI target connections spent spinning for a next command (CPU kept awake)"
     );
     describe_counter!(
         "herd_upstream_read_bytes_total",
@@ -353,6 +364,10 @@ pub fn spin(side: crate::io::spin::Side, request: bool, spent: std::time::Durati
         Side::Iscsi => (
             "herd_iscsi_spins_total",
             "herd_iscsi_spin_microseconds_total",
+        ),
+        Side::Target => (
+            "herd_iscsi_target_spins_total",
+            "herd_iscsi_target_spin_microseconds_total",
         ),
     };
     counter!(spins, "outcome" => outcome).increment(1);

@@ -161,6 +161,48 @@ fn libiscsi_tools_and_qemu_read_the_image_through_a_leaf() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// qemu copies the image one command at a time (`-m 1`), every byte
+/// checked; returns the target's spin counters (request, idle, µs).
+fn qd1_copy(spin_us: &str) -> (f64, f64, f64) {
+    let dir = scratch(&format!("iscsi-target-spin-{spin_us}"));
+    let img_path = dir.join("disk.img");
+    let img = random_image(&img_path, 16 * MIB);
+    let (node, port) = start(
+        &dir,
+        "root",
+        img_path.to_str().expect("utf8"),
+        &["--spin-us", spin_us],
+    );
+    let out = dir.join("copy.img");
+    run(Command::new("qemu-img")
+        .args(["convert", "-m", "1", "-f", "raw", "-O", "raw", &url(port)])
+        .arg(&out));
+    assert_same_file(&out, &img);
+    let counters = (
+        node.metric("herd_iscsi_target_spins_total{outcome=\"request\"}"),
+        node.metric("herd_iscsi_target_spins_total{outcome=\"idle\"}"),
+        node.metric("herd_iscsi_target_spin_microseconds_total"),
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+    counters
+}
+
+#[test]
+fn an_initiator_sending_one_command_at_a_time_is_spun_for() {
+    if !have("qemu-img") {
+        return;
+    }
+    let (request, idle, us) = qd1_copy("1000");
+    assert!(request + idle > 0.0, "the target never spun for a command");
+    assert!(
+        us > 0.0,
+        "spin time not counted ({request} request, {idle} idle)"
+    );
+    eprintln!("target spins: {request} ended by a command, {idle} idle, {us} µs");
+    assert_eq!(qd1_copy("0"), (0.0, 0.0, 0.0), "--spin-us 0 still spun");
+}
+
 #[test]
 fn libiscsi_conformance_suites_pass() {
     if !have("iscsi-test-cu") {

@@ -9,9 +9,10 @@
 //! task sends the reply or the next command) and peeks at the socket, for
 //! at most `window`, yielding its CPU (`sched_yield`) between peeks.
 //!
-//! Two sides use it: the NBD export waits for a client's next request
-//! (`Side::Export`), and the iSCSI initiator's session waits for the
-//! target's answer to the one command in flight (`Side::Iscsi`).
+//! Three sides use it: the NBD export and the iSCSI target wait for a
+//! client's next request (`Side::Export`, `Side::Target`), and the iSCSI
+//! initiator's session waits for the target's answer to the one command in
+//! flight (`Side::Iscsi`).
 //!
 //! Whether that pays depends on where the peer runs, which this side
 //! cannot see: with the peer on another, idle vCPU it saves a wake-up;
@@ -59,6 +60,8 @@ pub enum Side {
     Export,
     /// An iSCSI initiator session waiting for its target's answer.
     Iscsi,
+    /// An iSCSI target connection waiting for its initiator's next command.
+    Target,
 }
 
 /// One connection's spin state.

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use crate::export::nbd::{Access, Export, Exports};
+use crate::io::spin::{Side, Spin};
 
 pub use login::Auth;
 pub use session::SessionError;
@@ -153,13 +154,22 @@ pub async fn serve(
                 target = Arc::new(target.with_export(latest));
             }
         }
+        // The spin peeks through a dup of the socket (none: no spin).
+        let spin = if access.spin.is_zero() {
+            None
+        } else {
+            std::os::fd::AsFd::as_fd(&stream)
+                .try_clone_to_owned()
+                .ok()
+                .and_then(|fd| Spin::new(Arc::new(fd), access.spin, Side::Target))
+        };
         let (target, access) = (Arc::clone(&target), Arc::clone(&access));
         tokio::spawn(async move {
             let _slot = slot;
             let _client = target.export.client();
             let budget = Arc::new(access.gate.budget());
             let stall = access.gate.write_stall();
-            match session::run(stream, here, target, budget, stall).await {
+            match session::run(stream, here, target, budget, stall, spin).await {
                 Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
                 Err(SessionError::Io(e))
                     if matches!(

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::login::{self, Login, Negotiated};
@@ -24,6 +24,7 @@ use super::scsi::{self, Action, Sense, INVALID_FIELD_IN_CDB as INVALID_FIELD};
 use super::Target;
 use crate::cache::Data;
 use crate::export::nbd::limits::{Budget, Hold};
+use crate::io::spin::Spin;
 use crate::iscsi::pdu::{
     digest, padded, PduError, Sn, BHS_LEN, OP_DATA_IN, OP_LOGIN_RESP, RESERVED_TAG,
     STAGE_FULL_FEATURE,
@@ -205,11 +206,15 @@ pub async fn run<S>(
     target: Arc<Target>,
     budget: Arc<Budget>,
     write_stall: Duration,
+    spin: Option<Spin>,
 ) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut r, w) = tokio::io::split(stream);
+    let (r, w) = tokio::io::split(stream);
+    // Buffered: one recv takes every PDU already queued, and an empty
+    // buffer tells the spin that the initiator has nothing more on the way.
+    let mut r = BufReader::with_capacity(64 << 10, r);
     let mut w = BufWriter::with_capacity(64 << 10, w);
     let address = format!("{local},1");
     let (neg, start) = match tokio::time::timeout(
@@ -246,7 +251,7 @@ where
         write_stall,
     ));
     let res = full_feature(
-        &mut r, &tx, &target, &neg, &sns, &in_flight, &budget, &address,
+        &mut r, &tx, &target, &neg, &sns, &in_flight, &budget, &address, spin,
     )
     .await;
     // Outstanding tasks end with the connection.
@@ -363,7 +368,7 @@ where
 
 #[allow(clippy::too_many_arguments)]
 async fn full_feature<R: AsyncRead + Unpin>(
-    r: &mut R,
+    r: &mut BufReader<R>,
     tx: &mpsc::Sender<Reply>,
     target: &Arc<Target>,
     neg: &Negotiated,
@@ -371,11 +376,21 @@ async fn full_feature<R: AsyncRead + Unpin>(
     in_flight: &Arc<Mutex<HashMap<u32, tokio::task::AbortHandle>>>,
     budget: &Arc<Budget>,
     address: &str,
+    mut spin: Option<Spin>,
 ) -> Result<(), SessionError> {
     let slots = Arc::new(Semaphore::new(WINDOW as usize));
     let mut collecting: HashMap<u32, Collect> = HashMap::new();
     let mut next_ttt: u32 = 1;
+    // PDUs read since the connection last waited for one.
+    let mut batch = 0u32;
     loop {
+        if let Some(s) = spin.as_mut() {
+            if r.buffer().is_empty() {
+                s.wait(batch).await;
+                batch = 0;
+            }
+        }
+        batch = batch.saturating_add(1);
         let (decoded, bhs, data, data_ok) = read_pdu(r, neg.header_digest, neg.data_digest).await?;
         let h = match decoded {
             Ok(h) => h,
