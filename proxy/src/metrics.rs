@@ -67,9 +67,6 @@ fn register_at_zero() {
         "herd_iscsi_target_commands_total",
         "herd_iscsi_target_digest_errors_total",
         "herd_iscsi_target_rejects_total",
-        "herd_export_spin_microseconds_total",
-        "herd_iscsi_spin_microseconds_total",
-        "herd_iscsi_target_spin_microseconds_total",
     ] {
         counter!(name).increment(0);
     }
@@ -90,10 +87,12 @@ fn register_at_zero() {
     for reason in REFUSAL_REASONS {
         counter!("herd_nbd_connections_refused_total", "reason" => *reason).increment(0);
     }
-    for outcome in ["request", "idle"] {
-        counter!("herd_export_spins_total", "outcome" => outcome).increment(0);
-        counter!("herd_iscsi_spins_total", "outcome" => outcome).increment(0);
-        counter!("herd_iscsi_target_spins_total", "outcome" => outcome).increment(0);
+    for side in crate::io::spin::Side::ALL {
+        let (spins, micros) = crate::io::spin::Spin::metric_names(side);
+        for outcome in ["request", "idle"] {
+            counter!(spins, "outcome" => outcome).increment(0);
+        }
+        counter!(micros).increment(0);
     }
     for (side, result) in [
         ("export", "ok"),
@@ -354,22 +353,8 @@ pub fn served_side(bytes: u64) {
     counter!("herd_served_side_bytes_total").increment(bytes);
 }
 pub fn spin(side: crate::io::spin::Side, request: bool, spent: std::time::Duration) {
-    use crate::io::spin::Side;
     let outcome = if request { "request" } else { "idle" };
-    let (spins, micros) = match side {
-        Side::Export => (
-            "herd_export_spins_total",
-            "herd_export_spin_microseconds_total",
-        ),
-        Side::Iscsi => (
-            "herd_iscsi_spins_total",
-            "herd_iscsi_spin_microseconds_total",
-        ),
-        Side::Target => (
-            "herd_iscsi_target_spins_total",
-            "herd_iscsi_target_spin_microseconds_total",
-        ),
-    };
+    let (spins, micros) = crate::io::spin::Spin::metric_names(side);
     counter!(spins, "outcome" => outcome).increment(1);
     counter!(micros).increment(u64::try_from(spent.as_micros()).unwrap_or(u64::MAX));
 }

@@ -221,11 +221,7 @@ fn qd1_fetches(spin_us: &str) -> (f64, f64, f64) {
             "chunk {i}"
         );
     }
-    let counters = (
-        h.metric("herd_iscsi_spins_total{outcome=\"request\"}"),
-        h.metric("herd_iscsi_spins_total{outcome=\"idle\"}"),
-        h.metric("herd_iscsi_spin_microseconds_total"),
-    );
+    let counters = h.spins("herd_iscsi");
     drop(h);
     drop(t);
     let _ = std::fs::remove_dir_all(&dir);

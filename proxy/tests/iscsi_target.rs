@@ -178,11 +178,7 @@ fn qd1_copy(spin_us: &str) -> (f64, f64, f64) {
         .args(["convert", "-m", "1", "-f", "raw", "-O", "raw", &url(port)])
         .arg(&out));
     assert_same_file(&out, &img);
-    let counters = (
-        node.metric("herd_iscsi_target_spins_total{outcome=\"request\"}"),
-        node.metric("herd_iscsi_target_spins_total{outcome=\"idle\"}"),
-        node.metric("herd_iscsi_target_spin_microseconds_total"),
-    );
+    let counters = node.spins("herd_iscsi_target");
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
     counters

@@ -122,11 +122,7 @@ fn qd1_reads(spin_us: &str) -> (f64, f64, f64) {
         assert_eq!((hd, err), (i, 0));
         assert_eq!(got, data[off as usize..off as usize + 4096], "read {i}");
     }
-    (
-        h.metric("herd_export_spins_total{outcome=\"request\"}"),
-        h.metric("herd_export_spins_total{outcome=\"idle\"}"),
-        h.metric("herd_export_spin_microseconds_total"),
-    )
+    h.spins("herd_export")
 }
 
 #[test]

@@ -26,7 +26,7 @@
 //! next 1, 3, 7 … 63 waits sleep at once, so a peer with think time longer
 //! than the window costs at most one window every 64 messages.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,10 @@ pub enum Side {
     Iscsi,
     /// An iSCSI target connection waiting for its initiator's next command.
     Target,
+}
+
+impl Side {
+    pub const ALL: [Self; 3] = [Self::Export, Self::Iscsi, Self::Target];
 }
 
 /// One connection's spin state.
@@ -103,6 +107,42 @@ impl Spin {
             last: None,
             side,
         })
+    }
+
+    /// A spin over its own dup of `sock`; `None`, and no dup, when
+    /// `window` is zero (spinning off).
+    ///
+    /// # Errors
+    /// If the socket cannot be duplicated.
+    pub fn for_socket(
+        sock: &impl AsFd,
+        window: Duration,
+        side: Side,
+    ) -> std::io::Result<Option<Self>> {
+        if window.is_zero() {
+            return Ok(None);
+        }
+        let fd = sock.as_fd().try_clone_to_owned()?;
+        Ok(Self::new(Arc::new(fd), window, side))
+    }
+
+    /// Its side's metrics: spins by outcome, and microseconds spent.
+    #[must_use]
+    pub fn metric_names(side: Side) -> (&'static str, &'static str) {
+        match side {
+            Side::Export => (
+                "herd_export_spins_total",
+                "herd_export_spin_microseconds_total",
+            ),
+            Side::Iscsi => (
+                "herd_iscsi_spins_total",
+                "herd_iscsi_spin_microseconds_total",
+            ),
+            Side::Target => (
+                "herd_iscsi_target_spins_total",
+                "herd_iscsi_target_spin_microseconds_total",
+            ),
+        }
     }
 
     /// Spins until the socket has bytes or the window passes, if this

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -97,7 +97,7 @@ impl Rx {
     /// Feeds whatever arrives next to `parser` and acts on what it yields;
     /// `None` when the connection is over (EOF, error, bad PDU), else how
     /// many commands completed. `completed` is how many the previous pump
-    /// completed, leaving none in flight: one means queue depth 1, the
+    /// completed: one, leaving none in flight, means queue depth 1, the
     /// case the spin is for.
     async fn pump(
         &mut self,
@@ -109,7 +109,14 @@ impl Rx {
         match self {
             Self::Epoll(r, spin, direct) => {
                 if let Some(s) = spin {
-                    s.wait(completed).await;
+                    // Queue depth 1: the one command in flight completed.
+                    // With others still in flight their answers are on the
+                    // way, and a spin would take CPU from the target when
+                    // it shares the machine.
+                    let idle = session
+                        .upgrade()
+                        .is_some_and(|s| s.lock().pending.is_empty());
+                    s.wait(if idle { completed } else { 0 }).await;
                 }
                 if let Some((itt, at, left)) = parser.payload_wanted() {
                     *direct = left >= DIRECT_MIN;
@@ -314,15 +321,7 @@ impl Session {
         let (tx, rx) = match ring_stream::drive(stream.into_std()?, io, "iscsi")? {
             Driven::Tokio(stream) => {
                 // The spin only peeks, through a dup of its own.
-                let spin = if spin.is_zero() {
-                    None
-                } else {
-                    Spin::new(
-                        Arc::new(stream.as_fd().try_clone_to_owned()?),
-                        spin,
-                        Side::Iscsi,
-                    )
-                };
+                let spin = Spin::for_socket(&stream, spin, Side::Iscsi)?;
                 let (r, w) = stream.into_split();
                 (Tx::Epoll(w), Rx::Epoll(r, spin, false))
             }
@@ -580,13 +579,7 @@ async fn reader_loop(
         .pump(&mut scratch, &mut parser, &session, completed)
         .await
     {
-        // Queue depth 1: the one command in flight completed. With others
-        // still in flight their answers are on the way, and a spin would
-        // take CPU from the target when it shares the machine.
-        let idle = session
-            .upgrade()
-            .is_some_and(|s| s.lock().pending.is_empty());
-        completed = if idle { n } else { 0 };
+        completed = n;
     }
     if let Some(s) = session.upgrade() {
         s.kill();

@@ -307,6 +307,17 @@ impl Herd {
         scrape(self.metrics, name)
     }
 
+    /// One side's spin counters (`io::spin`), for `prefix` `herd_export`,
+    /// `herd_iscsi` or `herd_iscsi_target`: waits a message ended, waits
+    /// that idled, and microseconds spent spinning.
+    pub fn spins(&self, prefix: &str) -> (f64, f64, f64) {
+        (
+            self.metric(&format!("{prefix}_spins_total{{outcome=\"request\"}}")),
+            self.metric(&format!("{prefix}_spins_total{{outcome=\"idle\"}}")),
+            self.metric(&format!("{prefix}_spin_microseconds_total")),
+        )
+    }
+
     /// Polls a metric until it equals `want` (the cache persists chunks
     /// just after serving them); panics with the last value if it does
     /// not within 10 s. Returns `want`.

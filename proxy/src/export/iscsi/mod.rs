@@ -155,14 +155,9 @@ pub async fn serve(
             }
         }
         // The spin peeks through a dup of the socket (none: no spin).
-        let spin = if access.spin.is_zero() {
-            None
-        } else {
-            std::os::fd::AsFd::as_fd(&stream)
-                .try_clone_to_owned()
-                .ok()
-                .and_then(|fd| Spin::new(Arc::new(fd), access.spin, Side::Target))
-        };
+        let spin = Spin::for_socket(&stream, access.spin, Side::Target)
+            .ok()
+            .flatten();
         let (target, access) = (Arc::clone(&target), Arc::clone(&access));
         tokio::spawn(async move {
             let _slot = slot;
