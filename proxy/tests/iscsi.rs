@@ -199,17 +199,16 @@ fn target_restart_mid_read_is_invisible_to_the_reader() {
 /// Cold 4 KiB reads one at a time, each its own chunk, so the session has
 /// one command in flight; every byte checked. Returns the session's spin
 /// counters (request, idle, microseconds).
-fn qd1_fetches(spin_us: &str) -> (f64, f64, f64) {
-    let dir = scratch(&format!("iscsi-spin-{spin_us}"));
+fn qd1_fetches(spin_us: &str, net_io: &str) -> (f64, f64, f64) {
+    let dir = scratch(&format!("iscsi-spin-{spin_us}-{net_io}"));
     let img = dir.join("lun.img");
     let data = random_image(&img, 64 * MIB);
     let t = Tgtd::start(&img, None);
-    // Only the epoll path spins (a ring's receive is armed in the kernel).
     let h = Herd::start(
         &dir,
         "root",
         &t.url(None),
-        &["--spin-us", spin_us, "--net-io", "epoll"],
+        &["--spin-us", spin_us, "--net-io", net_io],
     );
     let mut c = RawClient::connect(h.port, "");
     // Backwards, so no read looks sequential and earns read-ahead.
@@ -221,6 +220,7 @@ fn qd1_fetches(spin_us: &str) -> (f64, f64, f64) {
             "chunk {i}"
         );
     }
+    common::assert_links_ran_on(&h, "iscsi", net_io, 1.0);
     let counters = h.spins("herd_iscsi");
     drop(h);
     drop(t);
@@ -233,14 +233,24 @@ fn a_session_with_one_command_in_flight_spins_for_its_answer() {
     if !have("tgtd") {
         return;
     }
-    let (request, idle, us) = qd1_fetches("1000");
-    assert!(request + idle > 0.0, "the session never spun for an answer");
-    assert!(
-        us > 0.0,
-        "spin time not counted ({request} request, {idle} idle)"
-    );
-    eprintln!("iSCSI spins: {request} ended by an answer, {idle} idle, {us} µs");
-    assert_eq!(qd1_fetches("0"), (0.0, 0.0, 0.0), "--spin-us 0 still spun");
+    // Both paths: epoll peeks at the socket, a ring at its completions.
+    for io in ["epoll", "uring"] {
+        let (request, idle, us) = qd1_fetches("1000", io);
+        assert!(
+            request > 0.0,
+            "{io}: no spin saw its answer arrive ({idle} idle)"
+        );
+        assert!(
+            us > 0.0,
+            "{io}: spin time not counted ({request} request, {idle} idle)"
+        );
+        eprintln!("iSCSI spins on {io}: {request} ended by an answer, {idle} idle, {us} µs");
+        assert_eq!(
+            qd1_fetches("0", io),
+            (0.0, 0.0, 0.0),
+            "{io}: --spin-us 0 still spun"
+        );
+    }
 }
 
 #[test]

@@ -147,8 +147,13 @@ type Parts = (IoUring, ProvidedBufs, AsyncFd<RingFd>);
 fn setup(sock: &std::net::TcpStream) -> io::Result<Parts> {
     sock.set_nonblocking(true)?;
     // No IPI to a running thread for a completion: it runs its task work
-    // at its next syscall, and a sleeping one is still woken.
-    let ring = IoUring::builder().setup_coop_taskrun().build(64)?;
+    // at its next syscall, and a sleeping one is still woken. The flag
+    // tells a spinning reader (`arrived`) that such work waits, so it
+    // enters the kernel only then.
+    let ring = IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_taskrun_flag()
+        .build(64)?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe)?;
     if !(probe.is_supported(opcode::RecvMulti::CODE)
@@ -630,6 +635,36 @@ impl RingRx {
                 self.error = Some(e);
             }
         }
+    }
+
+    /// Whether `recv` has something to return at once, without sleeping:
+    /// for a spin at queue depth 1. It reads shared memory and enters the
+    /// kernel only when completions wait as task work (`IORING_SQ_TASKRUN`).
+    pub fn arrived(&mut self) -> bool {
+        if !self.ready.is_empty() || self.error.is_some() || self.eof {
+            return true;
+        }
+        let taskrun = {
+            let q = self.shared.lock();
+            // SAFETY: the queue lock is held (as for every push), so this
+            // is the only submission-queue handle alive; only its flags are read.
+            let pending = unsafe { self.shared.ring.submission_shared() }.taskrun();
+            drop(q);
+            pending
+        };
+        if taskrun {
+            // Runs this thread's task work, which posts the completions.
+            if let Err(e) = self.shared.submit() {
+                self.error = Some(e);
+                return true;
+            }
+        }
+        // SAFETY: only this value reads completions.
+        let posted = !unsafe { self.shared.ring.completion_shared() }.is_empty();
+        if posted {
+            self.reap();
+        }
+        !self.ready.is_empty() || self.error.is_some() || self.eof
     }
 
     /// Waits for the next received bytes; `None` at end of stream.

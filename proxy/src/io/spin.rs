@@ -71,8 +71,9 @@ impl Side {
 /// One connection's spin state.
 pub struct Spin {
     /// The connection's dup of the client socket (shared with its
-    /// zero-copy sender), only peeked at.
-    fd: Arc<OwnedFd>,
+    /// zero-copy sender), only peeked at; `None` where the caller probes
+    /// for itself (`wait_until`: a ring's completions).
+    fd: Option<Arc<OwnedFd>>,
     window: Duration,
     /// Waits left that sleep at once.
     skip: u32,
@@ -98,6 +99,17 @@ pub enum Outcome {
 impl Spin {
     /// `None` when `window` is zero (spinning off).
     pub fn new(fd: Arc<OwnedFd>, window: Duration, side: Side) -> Option<Self> {
+        Self::build(Some(fd), window, side)
+    }
+
+    /// A spin whose caller says what counts as arrived (`wait_until`);
+    /// `None` when `window` is zero.
+    #[must_use]
+    pub fn probed(window: Duration, side: Side) -> Option<Self> {
+        Self::build(None, window, side)
+    }
+
+    fn build(fd: Option<Arc<OwnedFd>>, window: Duration, side: Side) -> Option<Self> {
         (!window.is_zero()).then_some(Self {
             fd,
             window,
@@ -152,6 +164,18 @@ impl Spin {
     /// spun for: a deeper queue has work in flight while it waits, and a
     /// spin would take CPU from the client (64K QD8 measured 0.75–0.96×).
     pub async fn wait(&mut self, requests: u32) -> Outcome {
+        let fd = self.fd.clone();
+        self.wait_until(requests, || fd.as_deref().is_some_and(readable))
+            .await
+    }
+
+    /// As `wait`, with `arrived` saying whether the message is there
+    /// (checked between yields; it must not block).
+    pub async fn wait_until(
+        &mut self,
+        requests: u32,
+        mut arrived: impl FnMut() -> bool,
+    ) -> Outcome {
         let start = Instant::now();
         if requests != 1 {
             self.last = None;
@@ -170,7 +194,7 @@ impl Spin {
         let outcome = loop {
             // Lets the writer send the reply the client is waiting for.
             tokio::task::yield_now().await;
-            if self.readable() {
+            if arrived() {
                 break Outcome::Request;
             }
             if start.elapsed() >= self.window {
@@ -194,19 +218,19 @@ impl Spin {
             self.skip = (1 << self.misses) - 1;
         }
     }
+}
 
-    /// Bytes (or end of stream, or an error the reader should see) waiting.
-    fn readable(&self) -> bool {
-        let mut b = [0u8; 1];
-        !matches!(
-            recv(
-                self.fd.as_raw_fd(),
-                &mut b,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-            ),
-            Err(Errno::EAGAIN | Errno::EINTR)
-        )
-    }
+/// Bytes (or end of stream, or an error the reader should see) waiting.
+fn readable(fd: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    !matches!(
+        recv(
+            fd.as_raw_fd(),
+            &mut b,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+        ),
+        Err(Errno::EAGAIN | Errno::EINTR)
+    )
 }
 
 /// Spin or sleep, by measurement: a pure state machine over cycle times.

@@ -86,11 +86,11 @@ enum Tx {
 }
 
 enum Rx {
-    /// With the spin, if on (the ring's receives are armed in the kernel
-    /// and consume what arrives, so only the epoll path peeks and spins),
-    /// and whether large payloads are arriving (read straight into place).
+    /// With the spin, if on (it peeks at the socket), and whether large
+    /// payloads are arriving (read straight into place).
     Epoll(OwnedReadHalf, Option<Spin>, bool),
-    Ring(RingRx),
+    /// With the spin, if on (it looks for completions: `RingRx::arrived`).
+    Ring(RingRx, Option<Spin>),
 }
 
 impl Rx {
@@ -147,10 +147,19 @@ impl Rx {
                 }
                 consume(parser, scratch, session).await
             }
-            Self::Ring(r) => match r.recv().await {
-                Ok(Some(chunk)) => consume(parser, &chunk, session).await,
-                _ => None,
-            },
+            Self::Ring(r, spin) => {
+                if let Some(s) = spin {
+                    let idle = session
+                        .upgrade()
+                        .is_some_and(|s| s.lock().pending.is_empty());
+                    s.wait_until(if idle { completed } else { 0 }, || r.arrived())
+                        .await;
+                }
+                match r.recv().await {
+                    Ok(Some(chunk)) => consume(parser, &chunk, session).await,
+                    _ => None,
+                }
+            }
         }
     }
 }
@@ -325,7 +334,7 @@ impl Session {
                 let (r, w) = stream.into_split();
                 (Tx::Epoll(w), Rx::Epoll(r, spin, false))
             }
-            Driven::Ring(w, r) => (Tx::Ring(w), Rx::Ring(r)),
+            Driven::Ring(w, r) => (Tx::Ring(w), Rx::Ring(r, Spin::probed(spin, Side::Iscsi))),
         };
         let s = Arc::new(Self {
             fd,
@@ -343,12 +352,13 @@ impl Session {
             lun,
             reader: Mutex::new(None),
         });
-        let h = tokio::spawn(reader_loop(
+        let reader = reader_loop(
             Arc::downgrade(&s),
             rx,
             params.header_digest,
             params.data_digest,
-        ));
+        );
+        let h = tokio::spawn(reader);
         if let Ok(mut g) = s.reader.lock() {
             *g = Some(h);
         }
