@@ -522,6 +522,8 @@ fn iscsi_smoke() -> Result<()> {
         anyhow::ensure!(
             row.herd_median_iops > 0.0
                 && row.herd_uring_median_iops > 0.0
+                && row.herd_1w_median_iops > 0.0
+                && row.herd_uring_1w_median_iops > 0.0
                 && row.iscsi_perf_median_iops > 0.0,
             "{}: no rate measured",
             row.pattern

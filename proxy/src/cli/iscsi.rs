@@ -186,6 +186,12 @@ pub struct BenchArgs {
     /// in flight before sleeping (0: never), as `herd serve --spin-us`.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// Runtime threads the callers and the session share (default: one
+    /// per core, as `herd serve`). With 1 everything runs on one thread,
+    /// as in a thread-per-core daemon: a ring is then reaped by the
+    /// thread that armed it.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -205,9 +211,18 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     else {
         bail!("`{}` is not iscsi://host[:port]/<target-iqn>/<lun>", a.url);
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match a.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.clamp(1, 256))
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(async move {
         let t = IscsiTarget {
             portal: Portal { host, port },

@@ -160,9 +160,11 @@ impl Spin {
     /// Spins until the socket has bytes or the window passes, if this
     /// connection spins; call when the connection's read buffer is empty,
     /// before waiting on the socket, with the messages handled since the
-    /// last wait (requests read; on the initiator, commands completed). Only a connection at queue depth 1 (one request a cycle) is
-    /// spun for: a deeper queue has work in flight while it waits, and a
-    /// spin would take CPU from the client (64K QD8 measured 0.75–0.96×).
+    /// last wait (requests read; on the initiator, commands completed).
+    /// Only a connection at queue depth 1 (one request a cycle) is spun
+    /// for: a deeper queue has work in flight while it waits, and a spin
+    /// would take CPU from the client (64K QD8 measured 0.75–0.96×). A
+    /// `probed` spin has no socket to peek at: it waits with `wait_until`.
     pub async fn wait(&mut self, requests: u32) -> Outcome {
         let fd = self.fd.clone();
         self.wait_until(requests, || fd.as_deref().is_some_and(readable))

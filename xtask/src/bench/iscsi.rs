@@ -3,7 +3,9 @@
 //! * initiator rows: herd's iSCSI initiator against libiscsi's
 //!   `iscsi-perf`, on the same tgtd LUN (herd measured with `herd iscsi
 //!   bench`: the initiator alone, no cache, no NBD), herd on its default
-//!   path (epoll) and with the session on its own io_uring ring;
+//!   path (epoll) and with the session on its own io_uring ring, each
+//!   also with the callers and the session on one thread (`--workers 1`,
+//!   as a thread-per-core daemon would run them);
 //! * target rows: `iscsi-perf` against herd's target (`--listen-iscsi`,
 //!   cache warm) and against tgtd serving the same file.
 //!
@@ -78,6 +80,21 @@ pub struct Row {
     /// herd on the ring ÷ herd on epoll.
     #[serde(default)]
     pub uring_vs_epoll: f64,
+    /// herd on epoll, callers and session on one thread (`--workers 1`).
+    #[serde(default)]
+    pub herd_1w_iops: Vec<f64>,
+    #[serde(default)]
+    pub herd_1w_median_iops: f64,
+    /// herd on the ring, callers and session on one thread.
+    #[serde(default)]
+    pub herd_uring_1w_iops: Vec<f64>,
+    #[serde(default)]
+    pub herd_uring_1w_median_iops: f64,
+    /// On one thread: the ring ÷ epoll, and the ring ÷ iscsi-perf.
+    #[serde(default)]
+    pub uring_1w_vs_epoll_1w: f64,
+    #[serde(default)]
+    pub uring_1w_ratio: f64,
     pub iscsi_perf_iops: Vec<f64>,
     pub herd_median_iops: f64,
     pub iscsi_perf_median_iops: f64,
@@ -226,7 +243,25 @@ fn start_tgtd(backing: &Path) -> Result<Tgtd> {
     Ok(t)
 }
 
-fn herd_run(herd: &Path, url: &str, p: &Pattern, secs: u64, net_io: &str) -> Result<f64> {
+/// How `herd iscsi bench` runs: what drives the socket, and on how many
+/// runtime threads (`None`: one per core, the default).
+type Variant = (&'static str, Option<usize>);
+
+/// epoll, uring, then each on one thread; the order `run_bench` keeps.
+const VARIANTS: [Variant; 4] = [
+    ("epoll", None),
+    ("uring", None),
+    ("epoll", Some(1)),
+    ("uring", Some(1)),
+];
+
+fn herd_run(
+    herd: &Path,
+    url: &str,
+    p: &Pattern,
+    secs: u64,
+    (net_io, workers): Variant,
+) -> Result<f64> {
     let mut cmd = Command::new(herd);
     cmd.args(["iscsi", "bench", url, "--net-io", net_io])
         .args([
@@ -240,6 +275,9 @@ fn herd_run(herd: &Path, url: &str, p: &Pattern, secs: u64, net_io: &str) -> Res
         .env("RUST_LOG", "warn");
     if p.random {
         cmd.arg("--random");
+    }
+    if let Some(n) = workers {
+        cmd.args(["--workers", &n.to_string()]);
     }
     let out = output(&mut cmd)?;
     let v: serde_json::Value = serde_json::from_str(out.trim()).context("herd iscsi bench JSON")?;
@@ -291,8 +329,8 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     step("herd's target: filling its cache");
     let ht = start_herd_target(&herd, &lun, &dir)?;
     let herd_url = format!("iscsi://127.0.0.1:{}/{HERD_IQN}/0", ht.port);
-    let mut herd_s = vec![Vec::new(); PATTERNS.len()];
-    let mut uring_s = vec![Vec::new(); PATTERNS.len()];
+    // herd's samples by variant (VARIANTS' order), then by pattern.
+    let mut herd_v = vec![vec![Vec::new(); PATTERNS.len()]; VARIANTS.len()];
     let mut perf_s = vec![Vec::new(); PATTERNS.len()];
     let mut target_s = vec![Vec::new(); PATTERNS.len()];
     let mut tgtd_s = vec![Vec::new(); PATTERNS.len()];
@@ -303,12 +341,14 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             // on what ran just before it (the same iscsi-perf job against
             // the same tgtd measured 11k and 20k IOPS at 4K QD1 back to
             // back), so no side always runs in the same place.
-            for k in 0..5 {
-                match (k + round) % 5 {
-                    0 => herd_s[i].push(herd_run(&herd, &url, p, secs, "epoll")?),
-                    1 => uring_s[i].push(herd_run(&herd, &url, p, secs, "uring")?),
-                    2 => perf_s[i].push(perf_run(&url, p, secs)?),
-                    3 => target_s[i].push(perf_run(&herd_url, p, secs)?),
+            let sides = VARIANTS.len() + 3;
+            for k in 0..sides {
+                match (k + round) % sides {
+                    v if v < VARIANTS.len() => {
+                        herd_v[v][i].push(herd_run(&herd, &url, p, secs, VARIANTS[v])?);
+                    }
+                    v if v == VARIANTS.len() => perf_s[i].push(perf_run(&url, p, secs)?),
+                    v if v == VARIANTS.len() + 1 => target_s[i].push(perf_run(&herd_url, p, secs)?),
                     _ => tgtd_s[i].push(perf_run(&url, p, secs)?),
                 }
             }
@@ -321,21 +361,28 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let (h, q) = (median(&herd_s[i]), median(&perf_s[i]));
-            let u = median(&uring_s[i]);
+            let q = median(&perf_s[i]);
+            let [h, u, h1, u1] = [0, 1, 2, 3].map(|v| median(&herd_v[v][i]));
+            let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
             let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
             Row {
                 pattern: p.name.into(),
-                herd_iops: herd_s[i].clone(),
-                herd_uring_iops: uring_s[i].clone(),
+                herd_iops: herd_v[0][i].clone(),
+                herd_uring_iops: herd_v[1][i].clone(),
                 herd_uring_median_iops: u,
-                uring_vs_epoll: if h > 0.0 { u / h } else { 0.0 },
+                uring_vs_epoll: div(u, h),
+                herd_1w_iops: herd_v[2][i].clone(),
+                herd_1w_median_iops: h1,
+                herd_uring_1w_iops: herd_v[3][i].clone(),
+                herd_uring_1w_median_iops: u1,
+                uring_1w_vs_epoll_1w: div(u1, h1),
+                uring_1w_ratio: div(u1, q),
                 iscsi_perf_iops: perf_s[i].clone(),
                 herd_median_iops: h,
                 iscsi_perf_median_iops: q,
                 herd_mib_s: to_mib(h),
                 iscsi_perf_mib_s: to_mib(q),
-                ratio: if q > 0.0 { h / q } else { 0.0 },
+                ratio: div(h, q),
             }
         })
         .collect();
@@ -359,7 +406,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         })
         .collect();
     let r = Results {
-        version: 3,
+        version: 4,
         lun_mib: mib,
         seconds: secs,
         reps,
@@ -372,21 +419,26 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let mut md = format!(
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s) in an order that turns each round, medians. \
-         herd runs on its default path (tokio's epoll, with the QD1 spin of `--spin-us`, default 50 µs) and with the session on its own io_uring ring (`--net-io uring`, which does not spin).\n\n\
-         | pattern | herd IOPS | herd MiB/s | herd uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | herd ÷ iscsi-perf |\n\
-         |---|---|---|---|---|---|---|---|\n"
+         herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`), both with the QD1 spin of `--spin-us` (default 50 µs), \
+         on the default runtime (a worker per core) and with the callers and the session on one thread (`--workers 1`, \"1 thread\" below).\n\n\
+         | pattern | herd IOPS | herd MiB/s | uring IOPS | 1 thread: epoll IOPS | 1 thread: uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | 1 thread: uring ÷ epoll | herd ÷ iscsi-perf | 1 thread: uring ÷ iscsi-perf |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for row in &r.rows {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | **{:.2}** |\n",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | **{:.2}** | **{:.2}** |\n",
             row.pattern,
             row.herd_median_iops,
             row.herd_mib_s,
             row.herd_uring_median_iops,
+            row.herd_1w_median_iops,
+            row.herd_uring_1w_median_iops,
             row.iscsi_perf_median_iops,
             row.iscsi_perf_mib_s,
             row.uring_vs_epoll,
-            row.ratio
+            row.uring_1w_vs_epoll_1w,
+            row.ratio,
+            row.uring_1w_ratio
         ));
     }
     md.push_str(
