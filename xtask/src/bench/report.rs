@@ -60,7 +60,7 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "`cargo xtask bench dataplane`: fio (nbd engine) on loopback, {} MiB image, \
-         {} repetition(s) interleaved, medians (min–max). {} cores. Hit path: {} s per job after 1 s warm-up. \
+         {} repetition(s) interleaved in an order that turns each round, medians (min–max). {} cores. Hit path: {} s per job after 1 s warm-up. \
          Relays: every job starts a fresh, cold child and makes one pass (each block read once, in fio's random \
          or sequential order) for at most {} s, so every first read of a chunk is a miss. Ceilings measured in \
          the same run: loopback TCP (iperf3) {:.0} MiB/s, memory copy {:.0} MiB/s.\n",
