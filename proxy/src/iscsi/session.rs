@@ -109,14 +109,7 @@ impl Rx {
         match self {
             Self::Epoll(r, spin, direct) => {
                 if let Some(s) = spin {
-                    // Queue depth 1: the one command in flight completed.
-                    // With others still in flight their answers are on the
-                    // way, and a spin would take CPU from the target when
-                    // it shares the machine.
-                    let idle = session
-                        .upgrade()
-                        .is_some_and(|s| s.lock().pending.is_empty());
-                    s.wait(if idle { completed } else { 0 }).await;
+                    s.wait(spun_for(session, completed)).await;
                 }
                 if let Some((itt, at, left)) = parser.payload_wanted() {
                     *direct = left >= DIRECT_MIN;
@@ -149,10 +142,7 @@ impl Rx {
             }
             Self::Ring(r, spin) => {
                 if let Some(s) = spin {
-                    let idle = session
-                        .upgrade()
-                        .is_some_and(|s| s.lock().pending.is_empty());
-                    s.wait_until(if idle { completed } else { 0 }, || r.arrived())
+                    s.wait_until(spun_for(session, completed), || r.arrived())
                         .await;
                 }
                 match r.recv().await {
@@ -161,6 +151,21 @@ impl Rx {
                 }
             }
         }
+    }
+}
+
+/// What a spin is told was handled since its last wait: the commands
+/// completed, if they left none in flight (queue depth 1, the case it is
+/// for), else none. With others in flight their answers are on the way,
+/// and a spin would take CPU from the target when it shares the machine.
+fn spun_for(session: &std::sync::Weak<Session>, completed: u32) -> u32 {
+    let idle = session
+        .upgrade()
+        .is_some_and(|s| s.lock().pending.is_empty());
+    if idle {
+        completed
+    } else {
+        0
     }
 }
 
