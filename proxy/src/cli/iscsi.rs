@@ -211,18 +211,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     else {
         bail!("`{}` is not iscsi://host[:port]/<target-iqn>/<lun>", a.url);
     };
-    let rt = match a.workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.clamp(1, 256))
-            .enable_all()
-            .build()?,
-        None => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?,
+    let mut rt = if a.workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
     };
+    if let Some(n) = a.workers {
+        rt.worker_threads(n.clamp(1, 256));
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let t = IscsiTarget {
             portal: Portal { host, port },

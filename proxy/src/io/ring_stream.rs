@@ -641,16 +641,14 @@ impl RingRx {
     /// for a spin at queue depth 1. It reads shared memory and enters the
     /// kernel only when completions wait as task work (`IORING_SQ_TASKRUN`).
     pub fn arrived(&mut self) -> bool {
-        if !self.ready.is_empty() || self.error.is_some() || self.eof {
+        if self.has_news() {
             return true;
         }
         let taskrun = {
-            let q = self.shared.lock();
+            let _q = self.shared.lock();
             // SAFETY: the queue lock is held (as for every push), so this
             // is the only submission-queue handle alive; only its flags are read.
-            let pending = unsafe { self.shared.ring.submission_shared() }.taskrun();
-            drop(q);
-            pending
+            unsafe { self.shared.ring.submission_shared() }.taskrun()
         };
         if taskrun {
             // Runs this thread's task work, which posts the completions.
@@ -664,6 +662,11 @@ impl RingRx {
         if posted {
             self.reap();
         }
+        self.has_news()
+    }
+
+    /// Bytes, an error or the end of the stream for `recv` to return.
+    fn has_news(&self) -> bool {
         !self.ready.is_empty() || self.error.is_some() || self.eof
     }
 

@@ -26,7 +26,7 @@
 //! next 1, 3, 7 … 63 waits sleep at once, so a peer with think time longer
 //! than the window costs at most one window every 64 messages.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -166,9 +166,9 @@ impl Spin {
     /// would take CPU from the client (64K QD8 measured 0.75–0.96×). A
     /// `probed` spin has no socket to peek at: it waits with `wait_until`.
     pub async fn wait(&mut self, requests: u32) -> Outcome {
-        let fd = self.fd.clone();
-        self.wait_until(requests, || fd.as_deref().is_some_and(readable))
-            .await
+        // The fd stays open: `self` holds its Arc throughout.
+        let fd = self.fd.as_deref().map(AsRawFd::as_raw_fd);
+        self.wait_until(requests, || fd.is_some_and(readable)).await
     }
 
     /// As `wait`, with `arrived` saying whether the message is there
@@ -223,14 +223,10 @@ impl Spin {
 }
 
 /// Bytes (or end of stream, or an error the reader should see) waiting.
-fn readable(fd: &OwnedFd) -> bool {
+fn readable(fd: RawFd) -> bool {
     let mut b = [0u8; 1];
     !matches!(
-        recv(
-            fd.as_raw_fd(),
-            &mut b,
-            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-        ),
+        recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT),
         Err(Errno::EAGAIN | Errno::EINTR)
     )
 }

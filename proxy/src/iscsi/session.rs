@@ -357,13 +357,12 @@ impl Session {
             lun,
             reader: Mutex::new(None),
         });
-        let reader = reader_loop(
+        let h = tokio::spawn(reader_loop(
             Arc::downgrade(&s),
             rx,
             params.header_digest,
             params.data_digest,
-        );
-        let h = tokio::spawn(reader);
+        ));
         if let Ok(mut g) = s.reader.lock() {
             *g = Some(h);
         }

@@ -284,6 +284,15 @@ fn herd_run(
     v["iops"].as_f64().context("no iops")
 }
 
+/// `a ÷ b`, 0 when nothing was measured for `b`.
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
 fn perf_run(url: &str, p: &Pattern, secs: u64) -> Result<f64> {
     let mut cmd = Command::new("timeout");
     cmd.args(["-s", "INT", &secs.to_string(), "iscsi-perf"])
@@ -363,26 +372,25 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .map(|(i, p)| {
             let q = median(&perf_s[i]);
             let [h, u, h1, u1] = [0, 1, 2, 3].map(|v| median(&herd_v[v][i]));
-            let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
             let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
             Row {
                 pattern: p.name.into(),
                 herd_iops: herd_v[0][i].clone(),
                 herd_uring_iops: herd_v[1][i].clone(),
                 herd_uring_median_iops: u,
-                uring_vs_epoll: div(u, h),
+                uring_vs_epoll: per(u, h),
                 herd_1w_iops: herd_v[2][i].clone(),
                 herd_1w_median_iops: h1,
                 herd_uring_1w_iops: herd_v[3][i].clone(),
                 herd_uring_1w_median_iops: u1,
-                uring_1w_vs_epoll_1w: div(u1, h1),
-                uring_1w_ratio: div(u1, q),
+                uring_1w_vs_epoll_1w: per(u1, h1),
+                uring_1w_ratio: per(u1, q),
                 iscsi_perf_iops: perf_s[i].clone(),
                 herd_median_iops: h,
                 iscsi_perf_median_iops: q,
                 herd_mib_s: to_mib(h),
                 iscsi_perf_mib_s: to_mib(q),
-                ratio: div(h, q),
+                ratio: per(h, q),
             }
         })
         .collect();
@@ -401,7 +409,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
                 tgtd_median_iops: q,
                 herd_target_mib_s: to_mib(h),
                 tgtd_mib_s: to_mib(q),
-                ratio: if q > 0.0 { h / q } else { 0.0 },
+                ratio: per(h, q),
             }
         })
         .collect();
