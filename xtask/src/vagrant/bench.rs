@@ -590,19 +590,22 @@ fn baseline(
         std::thread::sleep(Duration::from_secs(2));
         let mut booted = 0;
         for (k, g) in hs.iter().enumerate() {
+            // Whether the script ran is asked before the file is read: a
+            // replay that writes its summary and exits between the two
+            // reads must not look like one that died without it.
             let s = g.sh(&format!(
-                "grep -c end_ms {DIR}/replay.json; grep -c summary {DIR}/replay.json; \
-                 pgrep -f '[s]h {DIR}/storm.sh' >/dev/null && echo running || echo exited"
+                "pgrep -f '[s]h {DIR}/storm.sh' >/dev/null && echo running || echo exited; \
+                 grep -c end_ms {DIR}/replay.json; grep -c summary {DIR}/replay.json; true"
             ))?;
             let l: Vec<&str> = s.lines().collect();
             booted += l
-                .first()
+                .get(1)
                 .and_then(|x| x.trim().parse::<u64>().ok())
                 .unwrap_or(0);
-            let summary = l.get(1).is_some_and(|x| x.trim() != "0");
+            let summary = l.get(2).is_some_and(|x| x.trim() != "0");
             if summary {
                 done[k] = true;
-            } else if l.get(2) == Some(&"exited") {
+            } else if l.first() == Some(&"exited") {
                 let log = g.sh(&format!(
                     "tail -20 {DIR}/replay.log; tail -5 {DIR}/herd.log 2>/dev/null; true"
                 ))?;
