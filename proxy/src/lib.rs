@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod cores;
 pub mod export;
 pub mod fleet;
 pub mod io;

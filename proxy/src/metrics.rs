@@ -298,6 +298,10 @@ fn describe() {
     );
     describe_gauge!("herd_nbd_connections_open", "NBD connections open now");
     describe_gauge!(
+        "herd_core_connections",
+        "client connections (NBD and iSCSI) live on each connection thread"
+    );
+    describe_gauge!(
         "herd_cache_unpersisted_bytes",
         Unit::Bytes,
         "fetched bytes held in memory until the cache disk has them (bounded by --fetch-buffer)"

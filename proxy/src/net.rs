@@ -126,7 +126,7 @@ impl Listener {
                 s.set_nodelay(true)?;
                 let dup = s.as_fd().try_clone_to_owned().ok();
                 Ok(Accepted {
-                    stream: Box::new(s),
+                    socket: Socket::Tcp(s.into_std()?),
                     peer: peer.to_string(),
                     ip: Some(peer.ip().to_canonical()),
                     dup,
@@ -136,7 +136,7 @@ impl Listener {
                 let (s, _) = l.accept().await?;
                 let dup = s.as_fd().try_clone_to_owned().ok();
                 Ok(Accepted {
-                    stream: Box::new(s),
+                    socket: Socket::Unix(s.into_std()?),
                     peer: format!("unix:{}", p.display()),
                     ip: None,
                     dup,
@@ -146,9 +146,29 @@ impl Listener {
     }
 }
 
+/// An accepted socket, not yet in any runtime's reactor: it is registered
+/// by `into_stream` on the thread that will serve it (`cores`).
+pub enum Socket {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Socket {
+    /// The socket as a stream of the current runtime.
+    ///
+    /// # Errors
+    /// When the reactor cannot take it.
+    pub fn into_stream(self) -> std::io::Result<BoxStream> {
+        Ok(match self {
+            Self::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+            Self::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+        })
+    }
+}
+
 /// An accepted connection.
 pub struct Accepted {
-    pub stream: BoxStream,
+    pub socket: Socket,
     /// For logs: `ip:port` or `unix:PATH`.
     pub peer: String,
     /// The client's address (IPv4-mapped IPv6 as IPv4); `None` on a Unix

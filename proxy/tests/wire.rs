@@ -102,6 +102,42 @@ fn pipelined_reads_are_all_answered_correctly() {
     );
 }
 
+#[test]
+fn each_connection_is_served_on_the_connection_thread_with_fewest() {
+    let dir = scratch("cores");
+    let img = dir.join("golden.img");
+    let data = random_image(&img, 4 * MIB);
+    let h = Herd::start(
+        &dir,
+        "root",
+        img.to_str().expect("utf8"),
+        &["--workers", "2"],
+    );
+    let core = |i: usize| format!("herd_core_connections{{core=\"{i}\"}}");
+    assert_eq!((h.metric(&core(0)), h.metric(&core(1))), (0.0, 0.0));
+    // Placed at accept: three connections go 0, 1, 0.
+    let mut clients: Vec<RawClient> = (0..3).map(|_| RawClient::connect(h.port, "")).collect();
+    assert_eq!(
+        h.metric(&core(0)),
+        2.0,
+        "core 0 should hold connections 1 and 3"
+    );
+    assert_eq!(h.metric(&core(1)), 1.0, "core 1 should hold connection 2");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let off = i * MIB + 4096;
+        c.send(proto::CMD_READ, i as u64, off as u64, 4096, &[]);
+        let (hd, err, got) = c.reply(|_| 4096);
+        assert_eq!((hd, err), (i as u64, 0));
+        assert_eq!(got, data[off..off + 4096], "connection {i}");
+    }
+    // A connection that ends is counted out of its core, and the next one
+    // takes the place it left (turn by turn it would go to core 1).
+    drop(clients.remove(0));
+    h.metric_eventually(&core(0), 1.0);
+    clients.push(RawClient::connect(h.port, ""));
+    assert_eq!((h.metric(&core(0)), h.metric(&core(1))), (2.0, 1.0));
+}
+
 /// QD1 reads, every byte checked, then the spin counters (request, idle,
 /// microseconds).
 fn qd1_reads(spin_us: &str) -> (f64, f64, f64) {

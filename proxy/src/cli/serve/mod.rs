@@ -83,7 +83,8 @@ pub struct ServeArgs {
     /// default 256KiB).
     #[arg(long)]
     read_ahead: Option<String>,
-    /// Async worker threads (default: one per core).
+    /// Threads that serve client connections, each connection on one
+    /// (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
     /// File holding the CHAP secret for iscsi://USER@… (else HERD_ISCSI_SECRET).
@@ -283,20 +284,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let cfg = args.into_config()?;
     herd::io::ring_stream::configure(cfg.net_io);
     raise_open_file_limit(cfg.limits.max_connections);
-    // One worker per core by default, plus the io_uring thread for file
-    // I/O (DESIGN.md has the measurements behind this).
+    // Client connections on a thread per core by default, everything else
+    // on one control worker, plus the io_uring thread for file I/O
+    // (DESIGN.md, "Runtime model", has the measurements behind this).
     let workers = workers
         .unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
         })
         .clamp(1, 256);
+    let cores =
+        herd::cores::Cores::start(workers).context("cannot start the connection threads")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(1)
         .enable_all()
-        .thread_name("herd-worker")
+        .thread_name("herd-control")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve_async(cfg))
+    rt.block_on(serve_async(cfg, Arc::new(cores)))
 }
 
 /// Raises the open-file soft limit to the hard one: a client connection
@@ -325,9 +329,10 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-async fn serve_async(cfg: ServeConfig) -> Result<()> {
+async fn serve_async(cfg: ServeConfig, cores: Arc<herd::cores::Cores>) -> Result<()> {
     if let Some(addr) = &cfg.metrics {
         herd::metrics::install(addr)?;
+        cores.register_metrics();
     }
     // Certificates are checked before anything connects or listens.
     let tls_server = herd::tls::Server::new(&cfg.tls).context("TLS for the export")?;
@@ -395,6 +400,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         allow: cfg.allow.clone(),
         gate: nbd_export::limits::Gate::new(cfg.limits),
         spin: cfg.spin,
+        cores,
     });
     for addr in &cfg.listen {
         let l = Listener::bind(addr).await?;

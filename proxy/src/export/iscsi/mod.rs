@@ -158,9 +158,25 @@ pub async fn serve(
         let spin = Spin::for_socket(&stream, access.spin, Side::Target)
             .ok()
             .flatten();
+        // Out of this reactor, into the one of the core that serves it.
+        let socket = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot move the iSCSI connection to a core");
+                continue;
+            }
+        };
         let (target, access) = (Arc::clone(&target), Arc::clone(&access));
-        tokio::spawn(async move {
+        let cores = Arc::clone(&access.cores);
+        cores.place(async move {
             let _slot = slot;
+            let stream = match tokio::net::TcpStream::from_std(socket) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "cannot register the iSCSI connection");
+                    return;
+                }
+            };
             let _client = target.export.client();
             let budget = Arc::new(access.gate.budget());
             let stall = access.gate.write_stall();

@@ -290,6 +290,8 @@ pub struct Access {
     /// `--spin-us`: how long a connection that sends back to back is
     /// polled for its next request before its task sleeps (zero: never).
     pub spin: std::time::Duration,
+    /// The threads client connections run on (`cores`).
+    pub cores: Arc<crate::cores::Cores>,
 }
 
 impl Access {
@@ -307,7 +309,7 @@ pub async fn serve(listener: Listener, exports: Arc<Exports>, access: Arc<Access
     loop {
         match listener.accept().await {
             Ok(crate::net::Accepted {
-                stream,
+                socket,
                 peer,
                 ip,
                 dup,
@@ -322,15 +324,25 @@ pub async fn serve(listener: Listener, exports: Arc<Exports>, access: Arc<Access
                     Err(why) => {
                         tracing::info!(%peer, reason = %why, "connection refused");
                         crate::metrics::connection_refused("limit");
-                        tokio::spawn(async move { handshake::refuse(stream, &why).await });
+                        if let Ok(stream) = socket.into_stream() {
+                            tokio::spawn(async move { handshake::refuse(stream, &why).await });
+                        }
                         continue;
                     }
                 };
                 crate::metrics::connection();
                 let exports = Arc::clone(&exports);
+                let cores = Arc::clone(&access.cores);
                 let access = Arc::clone(&access);
-                tokio::spawn(async move {
+                cores.place(async move {
                     let _slot = slot;
+                    let stream = match socket.into_stream() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot register the connection");
+                            return;
+                        }
+                    };
                     tracing::debug!(%peer, "client connected");
                     match transmission::run(stream, dup, &exports, &access)
                         .await

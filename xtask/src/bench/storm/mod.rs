@@ -750,7 +750,7 @@ fn herd_args(env: &Env, opts: &Options, i: usize, upstream: &str, extra: &[Strin
         opts.read_ahead.clone(),
         "--metrics".into(),
         format!("{addr}:{METRICS_PORT}"),
-        // 100 daemons share 2 cores: one worker each is plenty.
+        // 100 daemons share 2 cores: one connection thread each is plenty.
         "--workers".into(),
         "1".into(),
     ];
