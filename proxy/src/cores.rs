@@ -70,18 +70,6 @@ impl Cores {
         Ok(Self { cores })
     }
 
-    /// How many connection threads there are.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.cores.len()
-    }
-
-    /// Never: `start` makes at least one.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.cores.is_empty()
-    }
-
     /// Runs `conn` on the core with the fewest live connections. A socket
     /// belongs to the reactor of the runtime it is registered in, so `conn`
     /// should take its socket as a std one and register it itself.
@@ -161,7 +149,7 @@ mod tests {
     #[tokio::test]
     async fn connections_spread_over_the_cores_and_are_counted_out_when_they_end() {
         let cores = Cores::start(2).unwrap();
-        assert_eq!(cores.len(), 2);
+        assert_eq!(cores.live(), [0, 0]);
         let mut names = where_placed(&cores, 4).await;
         names.sort();
         assert_eq!(

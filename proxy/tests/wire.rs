@@ -14,15 +14,15 @@ use herd::nbd::proto;
 const MIB: usize = 1 << 20;
 
 fn root(name: &str, size: usize) -> (std::path::PathBuf, Vec<u8>, Herd) {
+    root_with(name, size, &["--export-name", "golden"])
+}
+
+/// A root over a fresh random image of `size` bytes, started with `extra`.
+fn root_with(name: &str, size: usize, extra: &[&str]) -> (std::path::PathBuf, Vec<u8>, Herd) {
     let dir = scratch(name);
     let img = dir.join("golden.img");
     let data = random_image(&img, size);
-    let h = Herd::start(
-        &dir,
-        "root",
-        img.to_str().expect("utf8"),
-        &["--export-name", "golden"],
-    );
+    let h = Herd::start(&dir, "root", img.to_str().expect("utf8"), extra);
     (dir, data, h)
 }
 
@@ -104,15 +104,7 @@ fn pipelined_reads_are_all_answered_correctly() {
 
 #[test]
 fn each_connection_is_served_on_the_connection_thread_with_fewest() {
-    let dir = scratch("cores");
-    let img = dir.join("golden.img");
-    let data = random_image(&img, 4 * MIB);
-    let h = Herd::start(
-        &dir,
-        "root",
-        img.to_str().expect("utf8"),
-        &["--workers", "2"],
-    );
+    let (_dir, data, h) = root_with("cores", 4 * MIB, &["--workers", "2"]);
     let core = |i: usize| format!("herd_core_connections{{core=\"{i}\"}}");
     assert_eq!((h.metric(&core(0)), h.metric(&core(1))), (0.0, 0.0));
     // Placed at accept: three connections go 0, 1, 0.
@@ -141,15 +133,7 @@ fn each_connection_is_served_on_the_connection_thread_with_fewest() {
 /// QD1 reads, every byte checked, then the spin counters (request, idle,
 /// microseconds).
 fn qd1_reads(spin_us: &str) -> (f64, f64, f64) {
-    let dir = scratch(&format!("spin-{spin_us}"));
-    let img = dir.join("golden.img");
-    let data = random_image(&img, 4 * MIB);
-    let h = Herd::start(
-        &dir,
-        "root",
-        img.to_str().expect("utf8"),
-        &["--spin-us", spin_us],
-    );
+    let (_dir, data, h) = root_with(&format!("spin-{spin_us}"), 4 * MIB, &["--spin-us", spin_us]);
     let mut c = RawClient::connect(h.port, "");
     for i in 0..2000u64 {
         let off = (i * 4096 * 37) % (4 * MIB as u64 - 4096);
