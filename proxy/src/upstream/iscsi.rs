@@ -400,7 +400,10 @@ impl IscsiUpstream {
                 return piece;
             }
         }
-        let mut out = IoBuf::zeroed(len);
+        // Not zeroed: the pieces tile [skip, skip + len), each checked to
+        // be whole, so every byte is copied in or the read fails (zeroing
+        // was a tenth of the CPU of a 1 MiB read split into 256 KiB ones).
+        let mut out = IoBuf::scratch(len);
         for (at, piece) in results {
             let piece = piece?;
             // Copy the overlap of [at, at+piece) with [skip, skip+len).
