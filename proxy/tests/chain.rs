@@ -48,6 +48,8 @@ fn three_level_chain_is_byte_identical() {
         1024.0
     );
     assert_links_ran_on(&mid, "nbd", "uring", 1.0);
+    // mid fetches runs of 64 KiB chunks: large enough to land in place.
+    common::assert_received_in_place(&mid, "nbd");
     assert_links_ran_on(&leaf, "nbd", &common::net_io(), 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,7 +16,10 @@
 //! are posted and reaps them from shared memory, so a request costs one
 //! `io_uring_enter` to send and none to receive. Sends are ordered by
 //! keeping one in flight; whatever callers queue meanwhile is sent as one
-//! `sendmsg` when it completes. DESIGN.md ("Runtime model") has the
+//! `sendmsg` when it completes. A large payload whose length the owner
+//! knows is received in place instead (`recv_into`): the multishot receive
+//! is stopped and `recv(2)` fills the caller's buffer, so its bytes are
+//! copied once, as on epoll, not twice. DESIGN.md ("Runtime model") has the
 //! measurements that chose this over tokio's epoll path and over the file
 //! engine's thread.
 
@@ -37,6 +40,11 @@ const RECV: u64 = 1;
 const SEND: u64 = 2;
 /// user_data of the cancellation issued when the stream is dropped.
 const CANCEL: u64 = 3;
+/// user_data of the cancellation that stops the multishot receive before
+/// a payload is received in place (`RingRx::recv_into`).
+const STOP: u64 = 4;
+/// user_data of the readiness poll `recv_into` waits on.
+const POLL: u64 = 5;
 /// The provided-buffer group (one per ring).
 const BGID: u16 = 0;
 /// Provided buffers: enough for a 1 MiB reply and more in flight.
@@ -158,11 +166,12 @@ fn setup(sock: &std::net::TcpStream) -> io::Result<Parts> {
     ring.submitter().register_probe(&mut probe)?;
     if !(probe.is_supported(opcode::RecvMulti::CODE)
         && probe.is_supported(opcode::SendMsg::CODE)
-        && probe.is_supported(opcode::AsyncCancel2::CODE))
+        && probe.is_supported(opcode::AsyncCancel2::CODE)
+        && probe.is_supported(opcode::PollAdd::CODE))
     {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "io_uring lacks recv/sendmsg/cancel",
+            "io_uring lacks recv/sendmsg/cancel/poll",
         ));
     }
     ring.submitter().register_files(&[sock.as_raw_fd()])?;
@@ -200,8 +209,12 @@ fn assemble(
         afd,
         shared: Arc::clone(&shared),
         ready: VecDeque::new(),
+        front_used: 0,
         tail: 0,
         armed: false,
+        stopping: false,
+        polling: false,
+        placed: 0,
         eof: false,
         error: None,
     };
@@ -482,9 +495,17 @@ pub struct RingRx {
     shared: Arc<Shared>,
     /// Received buffers not yet handed out: (buffer id, length).
     ready: VecDeque<(u16, usize)>,
+    /// Bytes of the front ready buffer `recv_into` already copied out.
+    front_used: usize,
     /// Our copy of the provided-buffer ring's tail.
     tail: u16,
     armed: bool,
+    /// A `STOP` for the armed receive is in flight.
+    stopping: bool,
+    /// A readiness `POLL` is in flight.
+    polling: bool,
+    /// Bytes `recv_into` had `recv(2)` place (not copied from a buffer).
+    placed: u64,
     eof: bool,
     error: Option<io::Error>,
 }
@@ -494,6 +515,8 @@ pub struct RingRx {
 pub struct Chunk<'a> {
     rx: &'a mut RingRx,
     bid: u16,
+    /// The bytes `[start, len)` of the buffer are this chunk's.
+    start: usize,
     len: usize,
 }
 
@@ -502,7 +525,7 @@ impl std::ops::Deref for Chunk<'_> {
     fn deref(&self) -> &[u8] {
         // SAFETY: the kernel wrote `len` bytes into buffer `bid` and handed
         // it over in a CQE; it is not given back until this chunk drops.
-        unsafe { std::slice::from_raw_parts(self.rx.shared.bufs.buf(self.bid), self.len) }
+        unsafe { self.rx.received(self.bid, self.start, self.len) }
     }
 }
 
@@ -513,6 +536,16 @@ impl Drop for Chunk<'_> {
 }
 
 impl RingRx {
+    /// Bytes `[start, len)` of provided buffer `bid`.
+    ///
+    /// # Safety
+    /// The kernel handed `bid` over with `len` bytes in a CQE, and it is
+    /// not given back while the slice lives.
+    unsafe fn received(&self, bid: u16, start: usize, len: usize) -> &[u8] {
+        // SAFETY: per the contract; start <= len <= BUF_SIZE.
+        unsafe { std::slice::from_raw_parts(self.shared.bufs.buf(bid).add(start), len - start) }
+    }
+
     /// Returns buffer `bid` to the kernel.
     fn give_back(&mut self, bid: u16) {
         let ring = self.shared.bufs.ring;
@@ -560,6 +593,7 @@ impl RingRx {
                     let more = cqueue::more(cqe.flags());
                     if !more {
                         self.armed = false;
+                        self.stopping = false;
                         self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
                     }
                     let res = cqe.result();
@@ -569,9 +603,10 @@ impl RingRx {
                         }
                     } else if res == 0 {
                         self.eof = true;
-                    } else if res != -libc::ENOBUFS {
+                    } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
                         // Out of buffers just needs re-arming once some
-                        // are back; anything else ends the stream.
+                        // are back, a stopped receive re-arming when bytes
+                        // are wanted again; anything else ends the stream.
                         self.error = Some(io::Error::from_raw_os_error(-res));
                     }
                 }
@@ -579,6 +614,10 @@ impl RingRx {
                     sends += 1;
                     self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
                     self.sent(cqe.result());
+                }
+                POLL => {
+                    self.polling = false;
+                    self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
                 }
                 _ => {
                     self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
@@ -644,6 +683,13 @@ impl RingRx {
         if self.has_news() {
             return true;
         }
+        if !self.armed {
+            // Stopped by `recv_into`: what arrives next must be caught.
+            if let Err(e) = self.arm() {
+                self.error = Some(e);
+                return true;
+            }
+        }
         let taskrun = {
             let _q = self.shared.lock();
             // SAFETY: the queue lock is held (as for every push), so this
@@ -677,7 +723,13 @@ impl RingRx {
     pub async fn recv(&mut self) -> io::Result<Option<Chunk<'_>>> {
         loop {
             if let Some((bid, len)) = self.ready.pop_front() {
-                return Ok(Some(Chunk { rx: self, bid, len }));
+                let start = std::mem::take(&mut self.front_used);
+                return Ok(Some(Chunk {
+                    rx: self,
+                    bid,
+                    start,
+                    len,
+                }));
             }
             if let Some(e) = self.error.take() {
                 self.eof = true;
@@ -689,6 +741,19 @@ impl RingRx {
             if !self.armed {
                 self.arm()?;
             }
+            self.completions().await?;
+        }
+    }
+
+    /// Bytes received in place so far (`recv_into`), not copied.
+    #[must_use]
+    pub fn placed(&self) -> u64 {
+        self.placed
+    }
+
+    /// Waits for completions to be posted and reaps them.
+    async fn completions(&mut self) -> io::Result<()> {
+        loop {
             let mut guard = self.afd.readable().await?;
             // SAFETY: only this value reads completions.
             let empty = unsafe { self.shared.ring.completion_shared() }.is_empty();
@@ -698,6 +763,100 @@ impl RingRx {
             }
             drop(guard);
             self.reap();
+            return Ok(());
+        }
+    }
+
+    /// Pushes one op of this side's own and submits it.
+    fn issue(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        {
+            let q = self.shared.lock();
+            self.shared.push(&q, sqe)?;
+        }
+        self.shared.submit()?;
+        // A cancellation is often done by the time the call returns.
+        // SAFETY: only this value reads completions.
+        if !unsafe { self.shared.ring.completion_shared() }.is_empty() {
+            self.reap();
+        }
+        Ok(())
+    }
+
+    /// Receives the next bytes of the stream into `dst`; 0 at end of
+    /// stream. For a large payload whose length the owner knows: bytes
+    /// already received into provided buffers are copied out first, then
+    /// the multishot receive is stopped and `recv(2)` fills `dst` directly
+    /// (waiting on a readiness poll when nothing is there yet), so the
+    /// kernel's copy is the only one. The next `recv` or `arrived` re-arms.
+    ///
+    /// The receive is stopped, not raced: only a stopped receive leaves
+    /// the socket's bytes to `recv(2)` in order, since a multishot receive
+    /// takes whatever arrives whenever this thread enters the kernel.
+    ///
+    /// # Errors
+    /// When the connection failed (receive or send).
+    pub async fn recv_into(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if dst.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some(&(bid, len)) = self.ready.front() {
+                let n = (len - self.front_used).min(dst.len());
+                // SAFETY: `bid` came in a CQE with `len` bytes and goes
+                // back only below, once every byte is copied out.
+                let src = unsafe { self.received(bid, self.front_used, self.front_used + n) };
+                dst[..n].copy_from_slice(src);
+                self.front_used += n;
+                if self.front_used == len {
+                    self.ready.pop_front();
+                    self.front_used = 0;
+                    self.give_back(bid);
+                }
+                return Ok(n);
+            }
+            if let Some(e) = self.error.take() {
+                self.eof = true;
+                return Err(e);
+            }
+            if self.eof {
+                return Ok(0);
+            }
+            if self.armed {
+                if !self.stopping {
+                    self.stopping = true;
+                    let stop = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(RECV))
+                        .build()
+                        .user_data(STOP);
+                    self.issue(&stop)?;
+                    continue;
+                }
+            } else {
+                use nix::sys::socket::{recv, MsgFlags};
+                match recv(self.shared.fd.as_raw_fd(), dst, MsgFlags::MSG_DONTWAIT) {
+                    Ok(0) => {
+                        self.eof = true;
+                        return Ok(0);
+                    }
+                    Ok(n) => {
+                        count(self.shared.link, "recv_in_place", 1);
+                        self.placed += n as u64;
+                        return Ok(n);
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        if !self.polling {
+                            self.polling = true;
+                            let poll = opcode::PollAdd::new(types::Fixed(0), libc::POLLIN as u32)
+                                .build()
+                                .user_data(POLL);
+                            self.issue(&poll)?;
+                            continue;
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            self.completions().await?;
         }
     }
 }
@@ -788,6 +947,70 @@ mod tests {
         );
         drop((tx, rx));
         assert_eq!(echo.join().unwrap(), 2 * 2000 * 8 + big.len());
+    }
+
+    /// The byte at `i` of record `r`'s payload.
+    fn pattern(r: usize, i: usize) -> u8 {
+        ((i * 7 + r * 13) % 251) as u8
+    }
+
+    /// Mixing `recv` (provided buffers) and `recv_into` (in place) keeps
+    /// the stream's order: each record is a 4-byte length and a payload;
+    /// large payloads go in place, small ones through buffers, and the
+    /// peer pauses mid-payload so in-place receives also wait.
+    #[tokio::test]
+    async fn payloads_received_in_place_and_through_buffers_keep_the_stream_order() {
+        const SIZES: [usize; 8] = [16, 1 << 20, 100, 300 << 10, 4096, 2 << 20, 0, 70_000];
+        let (c, mut peer) = pair();
+        let (_tx, mut rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        let writer = std::thread::spawn(move || {
+            for (r, &len) in SIZES.iter().enumerate() {
+                let mut rec = (len as u32).to_le_bytes().to_vec();
+                rec.extend((0..len).map(|i| pattern(r, i)));
+                let (a, b) = rec.split_at(rec.len() / 2);
+                peer.write_all(a).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                peer.write_all(b).unwrap();
+            }
+        });
+        // Bytes a chunk brought beyond what was asked of it.
+        let mut spare: Vec<u8> = Vec::new();
+        for (r, &len) in SIZES.iter().enumerate() {
+            while spare.len() < 4 {
+                let c = rx.recv().await.unwrap().expect("stream ended early");
+                spare.extend_from_slice(&c);
+            }
+            let got_len = u32::from_le_bytes(spare[..4].try_into().unwrap()) as usize;
+            assert_eq!(got_len, len, "record {r}'s length");
+            spare.drain(..4);
+            let mut payload = vec![0u8; len];
+            let mut got = spare.len().min(len);
+            payload[..got].copy_from_slice(&spare[..got]);
+            spare.drain(..got);
+            while got < len {
+                if len - got >= 64 << 10 {
+                    let n = rx.recv_into(&mut payload[got..]).await.unwrap();
+                    assert!(n > 0, "stream ended inside record {r}");
+                    got += n;
+                } else {
+                    let c = rx.recv().await.unwrap().expect("stream ended early");
+                    let n = c.len().min(len - got);
+                    payload[got..got + n].copy_from_slice(&c[..n]);
+                    spare.extend_from_slice(&c[n..]);
+                    got += n;
+                }
+            }
+            let bad = (0..len).find(|&i| payload[i] != pattern(r, i));
+            assert_eq!(bad, None, "record {r} ({len} bytes) differs at this byte");
+        }
+        assert!(spare.is_empty(), "bytes after the last record");
+        assert!(
+            rx.placed() >= 1 << 20,
+            "only {} bytes were received in place",
+            rx.placed()
+        );
+        writer.join().unwrap();
+        assert!(rx.recv().await.unwrap().is_none(), "no end of stream");
     }
 
     #[tokio::test]

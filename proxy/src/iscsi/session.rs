@@ -89,8 +89,26 @@ enum Rx {
     /// With the spin, if on (it peeks at the socket), and whether large
     /// payloads are arriving (read straight into place).
     Epoll(OwnedReadHalf, Option<Spin>, bool),
-    /// With the spin, if on (it looks for completions: `RingRx::arrived`).
-    Ring(RingRx, Option<Spin>),
+    /// With the spin, if on (it looks for completions: `RingRx::arrived`),
+    /// and whether large payloads are arriving (received in place).
+    Ring(RingRx, Option<Spin>, bool),
+}
+
+/// Where `read_direct` reads from.
+enum Source<'a> {
+    Epoll(&'a mut OwnedReadHalf),
+    Ring(&'a mut RingRx),
+}
+
+impl Source<'_> {
+    /// Reads what has arrived into `dst`, waiting for some; 0 when the
+    /// connection is over.
+    async fn read(&mut self, dst: &mut [u8]) -> usize {
+        match self {
+            Self::Epoll(r) => r.read(dst).await.unwrap_or(0),
+            Self::Ring(r) => r.recv_into(dst).await.unwrap_or(0),
+        }
+    }
 }
 
 impl Rx {
@@ -99,6 +117,10 @@ impl Rx {
     /// many commands completed. `completed` is how many the previous pump
     /// completed: one, leaving none in flight, means queue depth 1, the
     /// case the spin is for.
+    ///
+    /// While large payloads arrive, both paths read exactly up to the next
+    /// payload and the payload straight into its command's buffer; a ring
+    /// then leaves its multishot receive stopped (`RingRx::recv_into`).
     async fn pump(
         &mut self,
         scratch: &mut Vec<u8>,
@@ -106,50 +128,54 @@ impl Rx {
         session: &std::sync::Weak<Session>,
         completed: u32,
     ) -> Option<u32> {
-        match self {
+        let (mut source, direct) = match self {
             Self::Epoll(r, spin, direct) => {
                 if let Some(s) = spin {
                     s.wait(spun_for(session, completed)).await;
                 }
-                if let Some((itt, at, left)) = parser.payload_wanted() {
-                    *direct = left >= DIRECT_MIN;
-                    if *direct {
-                        if let Some(placed) = read_direct(r, parser, session, itt, at, left).await {
-                            return placed;
-                        }
-                    }
-                }
-                scratch.clear();
-                match parser.until_payload() {
-                    // Large payloads are coming: read up to the next one.
-                    Some(want) if *direct && want > 0 => {
-                        scratch.resize(want, 0);
-                        let n = r.read(scratch).await.unwrap_or(0);
-                        if n == 0 {
-                            return None;
-                        }
-                        scratch.truncate(n);
-                    }
-                    _ => {
-                        // read_buf appends into spare capacity: no zero-filling.
-                        scratch.reserve(RECV_SIZE);
-                        if r.read_buf(scratch).await.unwrap_or(0) == 0 {
-                            return None;
-                        }
-                    }
-                }
-                consume(parser, scratch, session).await
+                (Source::Epoll(r), direct)
             }
-            Self::Ring(r, spin) => {
+            Self::Ring(r, spin, direct) => {
                 if let Some(s) = spin {
                     s.wait_until(spun_for(session, completed), || r.arrived())
                         .await;
                 }
-                match r.recv().await {
-                    Ok(Some(chunk)) => consume(parser, &chunk, session).await,
-                    _ => None,
+                (Source::Ring(r), direct)
+            }
+        };
+        if let Some((itt, at, left)) = parser.payload_wanted() {
+            *direct = left >= DIRECT_MIN;
+            if *direct {
+                let placed = read_direct(&mut source, parser, session, itt, at, left).await;
+                if let Some(placed) = placed {
+                    return placed;
                 }
             }
+        }
+        scratch.clear();
+        match (parser.until_payload(), source) {
+            // Large payloads are coming: read up to the next one.
+            (Some(want), mut source) if *direct && want > 0 => {
+                scratch.resize(want, 0);
+                let n = source.read(scratch).await;
+                if n == 0 {
+                    return None;
+                }
+                scratch.truncate(n);
+                consume(parser, scratch, session).await
+            }
+            (_, Source::Epoll(r)) => {
+                // read_buf appends into spare capacity: no zero-filling.
+                scratch.reserve(RECV_SIZE);
+                if r.read_buf(scratch).await.unwrap_or(0) == 0 {
+                    return None;
+                }
+                consume(parser, scratch, session).await
+            }
+            (_, Source::Ring(r)) => match r.recv().await {
+                Ok(Some(chunk)) => consume(parser, &chunk, session).await,
+                _ => None,
+            },
         }
     }
 }
@@ -175,7 +201,7 @@ fn spun_for(session: &std::sync::Weak<Session>, completed: u32) -> u32 {
 /// order): the caller reads into scratch and `consume` decides. Otherwise
 /// what `pump` returns.
 async fn read_direct(
-    r: &mut OwnedReadHalf,
+    r: &mut Source<'_>,
     parser: &mut PduStream,
     session: &std::sync::Weak<Session>,
     itt: u32,
@@ -197,7 +223,7 @@ async fn read_direct(
         std::mem::replace(&mut p.buf, IoBuf::scratch(0))
     };
     drop(s);
-    let n = r.read(&mut buf[at..at + left]).await.unwrap_or(0);
+    let n = r.read(&mut buf[at..at + left]).await;
     if n == 0 {
         return Some(None);
     }
@@ -339,7 +365,10 @@ impl Session {
                 let (r, w) = stream.into_split();
                 (Tx::Epoll(w), Rx::Epoll(r, spin, false))
             }
-            Driven::Ring(w, r) => (Tx::Ring(w), Rx::Ring(r, Spin::probed(spin, Side::Iscsi))),
+            Driven::Ring(w, r) => (
+                Tx::Ring(w),
+                Rx::Ring(r, Spin::probed(spin, Side::Iscsi), false),
+            ),
         };
         let s = Arc::new(Self {
             fd,

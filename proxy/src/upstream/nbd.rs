@@ -194,58 +194,116 @@ async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
     }
 }
 
+/// Payloads at least this large are received in place (`RingRx::recv_into`),
+/// and the headers between them too, while they keep coming; smaller ones
+/// arrive through the multishot receive and are copied, which costs less
+/// than stopping it (the same threshold as the iSCSI session's).
+const DIRECT_MIN: usize = 32 * 1024;
+
+/// What the ring reader does after taking bytes.
+enum Flow {
+    /// Go on.
+    On,
+    /// Nobody waits any more: stop without killing the connection.
+    Gone,
+    /// The connection is unusable.
+    Broken,
+}
+
+/// The ring reader's place in the stream of replies.
+#[derive(Default)]
+struct Replies {
+    hdr: [u8; proto::SIMPLE_REPLY_LEN],
+    /// Header bytes in.
+    have: usize,
+    /// The reply whose payload is arriving: who waits, the buffer, bytes in.
+    body: Option<(Pending, IoBuf, usize)>,
+    /// That payload is large: it (and what follows) is received in place.
+    direct: bool,
+}
+
+impl Replies {
+    /// Where the next bytes of the stream go.
+    fn dest(&mut self) -> &mut [u8] {
+        match self.body.as_mut() {
+            Some((_, buf, got)) => &mut buf[*got..],
+            None => &mut self.hdr[self.have..],
+        }
+    }
+
+    /// Accounts for `n` bytes written into `dest`: a whole payload goes to
+    /// its caller; a whole header answers an error or empty reply, or
+    /// starts the payload.
+    fn took(&mut self, conn: &std::sync::Weak<Conn>, n: usize) -> Flow {
+        if let Some((_, buf, got)) = self.body.as_mut() {
+            *got += n;
+            if *got == buf.len() {
+                if let Some((p, buf, _)) = self.body.take() {
+                    let _ = p.tx.send(Ok(buf));
+                }
+            }
+            return Flow::On;
+        }
+        self.have += n;
+        if self.have < self.hdr.len() {
+            return Flow::On;
+        }
+        self.have = 0;
+        match answer(conn, &self.hdr) {
+            Answer::To(p, error) if error != 0 => {
+                let _ = p.tx.send(Err(Fault::Errno(error)));
+            }
+            Answer::To(p, _) if p.len == 0 => {
+                let _ = p.tx.send(Ok(IoBuf::scratch(0)));
+            }
+            // Every byte is written through `dest` before it is handed out.
+            Answer::To(p, _) => {
+                self.direct = p.len >= DIRECT_MIN;
+                let buf = IoBuf::scratch(p.len);
+                self.body = Some((p, buf, 0));
+            }
+            Answer::Gone => return Flow::Gone,
+            Answer::Broken => return Flow::Broken,
+        }
+        Flow::On
+    }
+}
+
 /// `reader_loop` for a connection on its own ring: replies are parsed as
-/// they stream in, each payload copied once, from the provided buffer it
-/// arrived in to the buffer the caller gets.
+/// they stream in, small payloads copied once from the provided buffer they
+/// arrived in to the buffer the caller gets; while large ones arrive, each
+/// header and payload is received straight into place instead.
 async fn ring_reader_loop(conn: std::sync::Weak<Conn>, mut rx: RingRx) {
-    let mut hdr = [0u8; proto::SIMPLE_REPLY_LEN];
-    let mut have = 0usize;
-    // The reply whose payload is arriving: who waits, the buffer, bytes in.
-    let mut body: Option<(Pending, IoBuf, usize)> = None;
+    let mut st = Replies::default();
     'outer: loop {
+        if st.direct {
+            let n = match rx.recv_into(st.dest()).await {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            match st.took(&conn, n) {
+                Flow::On => continue,
+                Flow::Gone => return,
+                Flow::Broken => break,
+            }
+        }
         let Ok(Some(chunk)) = rx.recv().await else {
             break;
         };
         let mut data: &[u8] = &chunk;
         while !data.is_empty() {
-            if let Some((_, buf, got)) = body.as_mut() {
-                let n = (buf.len() - *got).min(data.len());
-                buf[*got..*got + n].copy_from_slice(&data[..n]);
-                *got += n;
-                data = &data[n..];
-                if *got == buf.len() {
-                    if let Some((p, buf, _)) = body.take() {
-                        let _ = p.tx.send(Ok(buf));
-                    }
-                }
-                continue;
-            }
-            let n = (hdr.len() - have).min(data.len());
-            hdr[have..have + n].copy_from_slice(&data[..n]);
-            have += n;
+            let dest = st.dest();
+            let n = dest.len().min(data.len());
+            dest[..n].copy_from_slice(&data[..n]);
             data = &data[n..];
-            if have < hdr.len() {
-                continue;
-            }
-            have = 0;
-            let (p, error) = match answer(&conn, &hdr) {
-                Answer::To(p, error) => (p, error),
-                Answer::Gone => return,
-                Answer::Broken => break 'outer,
-            };
-            if error != 0 {
-                let _ = p.tx.send(Err(Fault::Errno(error)));
-            } else if p.len == 0 {
-                let _ = p.tx.send(Ok(IoBuf::scratch(0)));
-            } else {
-                // Every byte is written by the copies above before it is
-                // handed out.
-                let buf = IoBuf::scratch(p.len);
-                body = Some((p, buf, 0));
+            match st.took(&conn, n) {
+                Flow::On => {}
+                Flow::Gone => return,
+                Flow::Broken => break 'outer,
             }
         }
     }
-    if let Some((p, _, _)) = body {
+    if let Some((p, _, _)) = st.body {
         let _ = p.tx.send(Err(Fault::Lost));
     }
     if let Some(c) = conn.upgrade() {

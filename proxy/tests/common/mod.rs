@@ -177,6 +177,19 @@ pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
     }
 }
 
+/// Asserts that `h`'s ring on `link` received some payload in place
+/// (`RingRx::recv_into`) rather than copying all of it out of its buffers.
+pub fn assert_received_in_place(h: &Herd, link: &str) {
+    let placed = scrape_opt(
+        h.metrics,
+        &format!("herd_ring_completions_total{{link=\"{link}\",op=\"recv_in_place\"}}"),
+    );
+    assert!(
+        placed.unwrap_or(0.0) > 0.0,
+        "{link}: no payload received in place: {placed:?}"
+    );
+}
+
 impl Herd {
     /// Starts `herd serve` with `upstream` and waits until it listens; a
     /// daemon that lost its ports to another test is started again on
