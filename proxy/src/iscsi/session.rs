@@ -85,22 +85,22 @@ enum Tx {
     Ring(RingTx),
 }
 
-enum Rx {
-    /// With the spin, if on (it peeks at the socket), and whether large
-    /// payloads are arriving (read straight into place).
-    Epoll(OwnedReadHalf, Option<Spin>, bool),
-    /// With the spin, if on (it looks for completions: `RingRx::arrived`),
-    /// and whether large payloads are arriving (received in place).
-    Ring(RingRx, Option<Spin>, bool),
+/// The receive side: the socket's reader, its QD1 spin (if on) and
+/// whether large payloads are arriving (read straight into place).
+struct Rx {
+    io: RxIo,
+    spin: Option<Spin>,
+    direct: bool,
 }
 
-/// Where `read_direct` reads from.
-enum Source<'a> {
-    Epoll(&'a mut OwnedReadHalf),
-    Ring(&'a mut RingRx),
+enum RxIo {
+    /// The spin peeks at the socket.
+    Epoll(OwnedReadHalf),
+    /// The spin looks for completions (`RingRx::arrived`).
+    Ring(RingRx),
 }
 
-impl Source<'_> {
+impl RxIo {
     /// Reads what has arrived into `dst`, waiting for some; 0 when the
     /// connection is over.
     async fn read(&mut self, dst: &mut [u8]) -> usize {
@@ -128,43 +128,35 @@ impl Rx {
         session: &std::sync::Weak<Session>,
         completed: u32,
     ) -> Option<u32> {
-        let (mut source, direct) = match self {
-            Self::Epoll(r, spin, direct) => {
-                if let Some(s) = spin {
-                    s.wait(spun_for(session, completed)).await;
-                }
-                (Source::Epoll(r), direct)
-            }
-            Self::Ring(r, spin, direct) => {
-                if let Some(s) = spin {
-                    s.wait_until(spun_for(session, completed), || r.arrived())
-                        .await;
-                }
-                (Source::Ring(r), direct)
-            }
-        };
+        if let Some(s) = self.spin.as_mut() {
+            let idle = spun_for(session, completed);
+            match &mut self.io {
+                RxIo::Epoll(_) => s.wait(idle).await,
+                RxIo::Ring(r) => s.wait_until(idle, || r.arrived()).await,
+            };
+        }
         if let Some((itt, at, left)) = parser.payload_wanted() {
-            *direct = left >= DIRECT_MIN;
-            if *direct {
-                let placed = read_direct(&mut source, parser, session, itt, at, left).await;
+            self.direct = left >= DIRECT_MIN;
+            if self.direct {
+                let placed = read_direct(&mut self.io, parser, session, itt, at, left).await;
                 if let Some(placed) = placed {
                     return placed;
                 }
             }
         }
         scratch.clear();
-        match (parser.until_payload(), source) {
+        match (parser.until_payload(), &mut self.io) {
             // Large payloads are coming: read up to the next one.
-            (Some(want), mut source) if *direct && want > 0 => {
+            (Some(want), io) if self.direct && want > 0 => {
                 scratch.resize(want, 0);
-                let n = source.read(scratch).await;
+                let n = io.read(scratch).await;
                 if n == 0 {
                     return None;
                 }
                 scratch.truncate(n);
                 consume(parser, scratch, session).await
             }
-            (_, Source::Epoll(r)) => {
+            (_, RxIo::Epoll(r)) => {
                 // read_buf appends into spare capacity: no zero-filling.
                 scratch.reserve(RECV_SIZE);
                 if r.read_buf(scratch).await.unwrap_or(0) == 0 {
@@ -172,7 +164,7 @@ impl Rx {
                 }
                 consume(parser, scratch, session).await
             }
-            (_, Source::Ring(r)) => match r.recv().await {
+            (_, RxIo::Ring(r)) => match r.recv().await {
                 Ok(Some(chunk)) => consume(parser, &chunk, session).await,
                 _ => None,
             },
@@ -201,7 +193,7 @@ fn spun_for(session: &std::sync::Weak<Session>, completed: u32) -> u32 {
 /// order): the caller reads into scratch and `consume` decides. Otherwise
 /// what `pump` returns.
 async fn read_direct(
-    r: &mut Source<'_>,
+    r: &mut RxIo,
     parser: &mut PduStream,
     session: &std::sync::Weak<Session>,
     itt: u32,
@@ -358,17 +350,19 @@ impl Session {
         spin: std::time::Duration,
     ) -> std::io::Result<Arc<Self>> {
         let fd = stream.as_raw_fd();
-        let (tx, rx) = match ring_stream::drive(stream.into_std()?, io, "iscsi")? {
+        let (tx, rx, spin) = match ring_stream::drive(stream.into_std()?, io, "iscsi")? {
             Driven::Tokio(stream) => {
                 // The spin only peeks, through a dup of its own.
                 let spin = Spin::for_socket(&stream, spin, Side::Iscsi)?;
                 let (r, w) = stream.into_split();
-                (Tx::Epoll(w), Rx::Epoll(r, spin, false))
+                (Tx::Epoll(w), RxIo::Epoll(r), spin)
             }
-            Driven::Ring(w, r) => (
-                Tx::Ring(w),
-                Rx::Ring(r, Spin::probed(spin, Side::Iscsi), false),
-            ),
+            Driven::Ring(w, r) => (Tx::Ring(w), RxIo::Ring(r), Spin::probed(spin, Side::Iscsi)),
+        };
+        let rx = Rx {
+            io: rx,
+            spin,
+            direct: false,
         };
         let s = Arc::new(Self {
             fd,
