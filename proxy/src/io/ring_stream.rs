@@ -212,6 +212,7 @@ fn assemble(
         front_used: 0,
         tail: 0,
         armed: false,
+        armed_on: None,
         stopping: false,
         polling: false,
         placed: 0,
@@ -405,7 +406,13 @@ impl Shared {
         Ok(())
     }
 
-    fn submit(&self) -> io::Result<()> {
+    /// Submits what was pushed. The caller holds the queue lock too, so
+    /// an op is issued by the thread that pushed it: the completion of a
+    /// receive runs as the issuing thread's task work, and the owner's
+    /// receive issued by a sender's `io_uring_enter` would post only when
+    /// that thread runs again (a stall of a scheduler slice when it waits
+    /// for a CPU).
+    fn submit(&self, _q: &SendQueue) -> io::Result<()> {
         self.ring.submitter().submit().map(drop)
     }
 
@@ -477,8 +484,7 @@ impl RingTx {
         let sqe = f.sqe();
         q.flight = Some(f);
         self.shared.push(&q, &sqe)?;
-        drop(q);
-        self.shared.submit()
+        self.shared.submit(&q)
     }
 
     /// Ends the connection both ways: the receive side sees end of stream.
@@ -500,6 +506,9 @@ pub struct RingRx {
     /// Our copy of the provided-buffer ring's tail.
     tail: u16,
     armed: bool,
+    /// The thread that armed the receive: its completions run as that
+    /// thread's task work, so the receive follows the thread reading it.
+    armed_on: Option<std::thread::ThreadId>,
     /// A `STOP` for the armed receive is in flight.
     stopping: bool,
     /// A readiness `POLL` is in flight.
@@ -570,12 +579,29 @@ impl RingRx {
         let sqe = opcode::RecvMulti::new(types::Fixed(0), BGID)
             .build()
             .user_data(RECV);
-        {
-            let q = self.shared.lock();
-            self.shared.push(&q, &sqe)?;
-        }
+        let q = self.shared.lock();
+        self.shared.push(&q, &sqe)?;
         self.armed = true;
-        self.shared.submit()
+        self.armed_on = Some(std::thread::current().id());
+        self.shared.submit(&q)
+    }
+
+    /// Moves the armed receive to this thread when another armed it (the
+    /// login ran elsewhere, or the owner task moved): its completions
+    /// would otherwise post only when that thread next enters the kernel
+    /// or is woken for them, a second wakeup per arrival, and this
+    /// thread's spin could not run them. Stops it here; `recv` or
+    /// `arrived` re-arms once it has ended.
+    fn follow(&mut self) -> io::Result<()> {
+        if self.armed && !self.stopping && self.armed_on != Some(std::thread::current().id()) {
+            self.stopping = true;
+            count(self.shared.link, "rearm", 1);
+            let stop = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(RECV))
+                .build()
+                .user_data(STOP);
+            self.issue(&stop)?;
+        }
+        Ok(())
     }
 
     /// Reaps every posted completion.
@@ -669,8 +695,9 @@ impl RingRx {
         };
         if let Some(sqe) = next {
             let pushed = self.shared.push(&q, &sqe);
+            let submitted = pushed.and_then(|()| self.shared.submit(&q));
             drop(q);
-            if let Err(e) = pushed.and_then(|()| self.shared.submit()) {
+            if let Err(e) = submitted {
                 self.error = Some(e);
             }
         }
@@ -683,6 +710,10 @@ impl RingRx {
         if self.has_news() {
             return true;
         }
+        if let Err(e) = self.follow() {
+            self.error = Some(e);
+            return true;
+        }
         if !self.armed {
             // Stopped by `recv_into`: what arrives next must be caught.
             if let Err(e) = self.arm() {
@@ -690,17 +721,17 @@ impl RingRx {
                 return true;
             }
         }
-        let taskrun = {
-            let _q = self.shared.lock();
+        {
+            let q = self.shared.lock();
             // SAFETY: the queue lock is held (as for every push), so this
             // is the only submission-queue handle alive; only its flags are read.
-            unsafe { self.shared.ring.submission_shared() }.taskrun()
-        };
-        if taskrun {
+            let taskrun = unsafe { self.shared.ring.submission_shared() }.taskrun();
             // Runs this thread's task work, which posts the completions.
-            if let Err(e) = self.shared.submit() {
-                self.error = Some(e);
-                return true;
+            if taskrun {
+                if let Err(e) = self.shared.submit(&q) {
+                    self.error = Some(e);
+                    return true;
+                }
             }
         }
         // SAFETY: only this value reads completions.
@@ -738,6 +769,7 @@ impl RingRx {
             if self.eof {
                 return Ok(None);
             }
+            self.follow()?;
             if !self.armed {
                 self.arm()?;
             }
@@ -772,8 +804,8 @@ impl RingRx {
         {
             let q = self.shared.lock();
             self.shared.push(&q, sqe)?;
+            self.shared.submit(&q)?;
         }
-        self.shared.submit()?;
         // A cancellation is often done by the time the call returns.
         // SAFETY: only this value reads completions.
         if !unsafe { self.shared.ring.completion_shared() }.is_empty() {
@@ -1011,6 +1043,47 @@ mod tests {
         );
         writer.join().unwrap();
         assert!(rx.recv().await.unwrap().is_none(), "no end of stream");
+    }
+
+    /// A receive armed on one thread (as a login on another runtime does)
+    /// moves to the thread that reads on, without losing or reordering a
+    /// byte: its completions would otherwise be the first thread's task work.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_receive_armed_on_another_thread_follows_its_reader() {
+        let (c, mut peer) = pair();
+        let (_tx, rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        peer.write_all(b"first").unwrap();
+        let h = tokio::runtime::Handle::current();
+        // The arming thread stays alive (a thread's exit cancels what it
+        // issued, which would re-arm here anyway).
+        let (back, handed) = std::sync::mpsc::channel();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let armer = std::thread::spawn(move || {
+            let mut rx = rx;
+            assert_eq!(h.block_on(read_n(&mut rx, 5)), b"first");
+            back.send((rx, std::thread::current().id())).unwrap();
+            let _ = held.recv();
+        });
+        let (mut rx, armed_by) = handed.recv().unwrap();
+        assert_eq!(rx.armed_on, Some(armed_by));
+        let writer = std::thread::spawn(move || {
+            for i in 0u32..1000 {
+                peer.write_all(&i.to_le_bytes()).unwrap();
+            }
+            peer
+        });
+        let got = read_n(&mut rx, 4000).await;
+        for (i, b) in got.chunks(4).enumerate() {
+            assert_eq!(u32::from_le_bytes(b.try_into().unwrap()), i as u32);
+        }
+        assert_eq!(
+            rx.armed_on,
+            Some(std::thread::current().id()),
+            "the receive stayed on the thread that armed it"
+        );
+        drop(writer.join().unwrap());
+        release.send(()).unwrap();
+        armer.join().unwrap();
     }
 
     #[tokio::test]
