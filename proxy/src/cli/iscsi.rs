@@ -186,12 +186,23 @@ pub struct BenchArgs {
     /// in flight before sleeping (0: never), as `herd serve --spin-us`.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
-    /// Runtime threads the callers and the session share (default: one
-    /// per core, as `herd serve`). With 1 everything runs on one thread,
-    /// as in a thread-per-core daemon: a ring is then reaped by the
-    /// thread that armed it.
-    #[arg(long)]
-    workers: Option<usize>,
+    /// Where the session and the callers run (default: as `herd serve`).
+    #[arg(long, value_enum, default_value_t = Placement::Serve)]
+    placement: Placement,
+}
+
+/// Threads for `herd iscsi bench`'s session and callers.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Placement {
+    /// As `herd serve` with one client connection: the session on the
+    /// control worker, the callers on one connection thread.
+    Serve,
+    /// Everything on one thread, as in a thread-per-core daemon: a ring is
+    /// then reaped by the thread that armed it.
+    OneThread,
+    /// tokio's work-stealing runtime, a worker per core: any task on any
+    /// thread.
+    Pool,
 }
 
 pub fn bench(a: &BenchArgs) -> Result<()> {
@@ -211,28 +222,48 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     else {
         bail!("`{}` is not iscsi://host[:port]/<target-iqn>/<lun>", a.url);
     };
-    let mut rt = if a.workers == Some(1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
+    let t = IscsiTarget {
+        portal: Portal { host, port },
+        target,
+        lun,
+        initiator: herd::config::DEFAULT_INITIATOR.to_owned(),
+        chap: None,
+        recovery: std::time::Duration::from_secs(10),
+        net_io: a.net_io,
+        digests: a.digests,
+        spin: std::time::Duration::from_micros(a.spin_us),
     };
-    if let Some(n) = a.workers {
-        rt.worker_threads(n.clamp(1, 256));
-    }
-    let rt = rt.enable_all().build()?;
+    let one = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    // The runtime the session is connected (and its reader spawned) in,
+    // and the one the callers run in; the session's outlives the callers'.
+    let (control, rt) = match a.placement {
+        Placement::Serve => (
+            Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("herd-control")
+                    .enable_all()
+                    .build()?,
+            ),
+            one()?,
+        ),
+        Placement::OneThread => (None, one()?),
+        Placement::Pool => (
+            None,
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?,
+        ),
+    };
+    let up = Arc::new(match &control {
+        Some(c) => c.block_on(IscsiUpstream::connect(t))?,
+        None => rt.block_on(IscsiUpstream::connect(t))?,
+    });
     rt.block_on(async move {
-        let t = IscsiTarget {
-            portal: Portal { host, port },
-            target,
-            lun,
-            initiator: herd::config::DEFAULT_INITIATOR.to_owned(),
-            chap: None,
-            recovery: std::time::Duration::from_secs(10),
-            net_io: a.net_io,
-            digests: a.digests,
-            spin: std::time::Duration::from_micros(a.spin_us),
-        };
-        let up = Arc::new(IscsiUpstream::connect(t).await?);
         let bs = a.block_size as u64;
         let slots = up.size() / bs;
         anyhow::ensure!(slots > 0, "LUN smaller than one block of {bs}");

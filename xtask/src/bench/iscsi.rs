@@ -4,7 +4,9 @@
 //!   `iscsi-perf`, on the same tgtd LUN (herd measured with `herd iscsi
 //!   bench`: the initiator alone, no cache, no NBD), herd on its default
 //!   path (epoll) and with the session on its own io_uring ring, each
-//!   also with the callers and the session on one thread (`--workers 1`,
+//!   placed as `herd serve` places them (the session on the control
+//!   worker, the callers on one connection thread) and also with the
+//!   callers and the session on one thread (`--placement one-thread`,
 //!   as a thread-per-core daemon would run them);
 //! * target rows: `iscsi-perf` against herd's target (`--listen-iscsi`,
 //!   cache warm) and against tgtd serving the same file.
@@ -80,7 +82,8 @@ pub struct Row {
     /// herd on the ring ÷ herd on epoll.
     #[serde(default)]
     pub uring_vs_epoll: f64,
-    /// herd on epoll, callers and session on one thread (`--workers 1`).
+    /// herd on epoll, callers and session on one thread
+    /// (`--placement one-thread`).
     #[serde(default)]
     pub herd_1w_iops: Vec<f64>,
     #[serde(default)]
@@ -243,16 +246,17 @@ fn start_tgtd(backing: &Path) -> Result<Tgtd> {
     Ok(t)
 }
 
-/// How `herd iscsi bench` runs: what drives the socket, and on how many
-/// runtime threads (`None`: one per core, the default).
-type Variant = (&'static str, Option<usize>);
+/// How `herd iscsi bench` runs: what drives the socket, and where the
+/// session and the callers run (`--placement`).
+type Variant = (&'static str, &'static str);
 
-/// epoll, uring, then each on one thread; the order `run_bench` keeps.
+/// epoll, uring (placed as `herd serve` places them), then each on one
+/// thread; the order `run_bench` keeps.
 const VARIANTS: [Variant; 4] = [
-    ("epoll", None),
-    ("uring", None),
-    ("epoll", Some(1)),
-    ("uring", Some(1)),
+    ("epoll", "serve"),
+    ("uring", "serve"),
+    ("epoll", "one-thread"),
+    ("uring", "one-thread"),
 ];
 
 fn herd_run(
@@ -260,10 +264,11 @@ fn herd_run(
     url: &str,
     p: &Pattern,
     secs: u64,
-    (net_io, workers): Variant,
+    (net_io, placement): Variant,
 ) -> Result<f64> {
     let mut cmd = Command::new(herd);
     cmd.args(["iscsi", "bench", url, "--net-io", net_io])
+        .args(["--placement", placement])
         .args([
             "--block-size",
             &p.bs.to_string(),
@@ -275,9 +280,6 @@ fn herd_run(
         .env("RUST_LOG", "warn");
     if p.random {
         cmd.arg("--random");
-    }
-    if let Some(n) = workers {
-        cmd.args(["--workers", &n.to_string()]);
     }
     let out = output(&mut cmd)?;
     let v: serde_json::Value = serde_json::from_str(out.trim()).context("herd iscsi bench JSON")?;
@@ -428,7 +430,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s) in an order that turns each round, medians. \
          herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`), both with the QD1 spin of `--spin-us` (default 50 µs), \
-         on the default runtime (a worker per core) and with the callers and the session on one thread (`--workers 1`, \"1 thread\" below).\n\n\
+         placed as `herd serve` places them (the session on the control worker, the callers on one connection thread: `--placement serve`) and with the callers and the session on one thread (`--placement one-thread`, \"1 thread\" below).\n\n\
          | pattern | herd IOPS | herd MiB/s | uring IOPS | 1 thread: epoll IOPS | 1 thread: uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | 1 thread: uring ÷ epoll | herd ÷ iscsi-perf | 1 thread: uring ÷ iscsi-perf |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
