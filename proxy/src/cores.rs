@@ -18,6 +18,19 @@ use std::sync::Arc;
 
 use tokio::runtime::{Builder, Handle};
 
+/// The control runtime: one worker (`herd-control`) for the accept loops,
+/// the fleet, versions, prefetch and the parent links.
+///
+/// # Errors
+/// When the runtime cannot be created.
+pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("herd-control")
+        .build()
+}
+
 /// The connection threads: one current-thread runtime each.
 pub struct Cores {
     cores: Vec<Core>,

@@ -241,16 +241,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     // The runtime the session is connected (and its reader spawned) in,
     // and the one the callers run in; the session's outlives the callers'.
     let (control, rt) = match a.placement {
-        Placement::Serve => (
-            Some(
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("herd-control")
-                    .enable_all()
-                    .build()?,
-            ),
-            one()?,
-        ),
+        Placement::Serve => (Some(herd::cores::control_runtime()?), one()?),
         Placement::OneThread => (None, one()?),
         Placement::Pool => (
             None,

@@ -594,14 +594,20 @@ impl RingRx {
     /// `arrived` re-arms once it has ended.
     fn follow(&mut self) -> io::Result<()> {
         if self.armed && !self.stopping && self.armed_on != Some(std::thread::current().id()) {
-            self.stopping = true;
             count(self.shared.link, "rearm", 1);
-            let stop = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(RECV))
-                .build()
-                .user_data(STOP);
-            self.issue(&stop)?;
+            self.stop()?;
         }
         Ok(())
+    }
+
+    /// Cancels the armed multishot receive; it has ended once its last
+    /// completion (without `MORE`) is reaped.
+    fn stop(&mut self) -> io::Result<()> {
+        self.stopping = true;
+        let stop = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(RECV))
+            .build()
+            .user_data(STOP);
+        self.issue(&stop)
     }
 
     /// Reaps every posted completion.
@@ -855,11 +861,7 @@ impl RingRx {
             }
             if self.armed {
                 if !self.stopping {
-                    self.stopping = true;
-                    let stop = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(RECV))
-                        .build()
-                        .user_data(STOP);
-                    self.issue(&stop)?;
+                    self.stop()?;
                     continue;
                 }
             } else {

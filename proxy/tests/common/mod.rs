@@ -166,10 +166,7 @@ pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
         streams(io)
     );
     assert_eq!(streams(other), None, "a {link} connection ran on {other}");
-    let recvs = scrape_opt(
-        h.metrics,
-        &format!("herd_ring_completions_total{{link=\"{link}\",op=\"recv\"}}"),
-    );
+    let recvs = ring_completions(h, link, "recv");
     if io == "uring" {
         assert!(recvs.unwrap_or(0.0) > 0.0, "{recvs:?}");
     } else {
@@ -177,13 +174,18 @@ pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
     }
 }
 
+/// `herd_ring_completions_total{link,op}` of `h`, if exported.
+fn ring_completions(h: &Herd, link: &str, op: &str) -> Option<f64> {
+    scrape_opt(
+        h.metrics,
+        &format!("herd_ring_completions_total{{link=\"{link}\",op=\"{op}\"}}"),
+    )
+}
+
 /// Asserts that `h`'s ring on `link` received some payload in place
 /// (`RingRx::recv_into`) rather than copying all of it out of its buffers.
 pub fn assert_received_in_place(h: &Herd, link: &str) {
-    let placed = scrape_opt(
-        h.metrics,
-        &format!("herd_ring_completions_total{{link=\"{link}\",op=\"recv_in_place\"}}"),
-    );
+    let placed = ring_completions(h, link, "recv_in_place");
     assert!(
         placed.unwrap_or(0.0) > 0.0,
         "{link}: no payload received in place: {placed:?}"

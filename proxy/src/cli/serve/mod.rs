@@ -294,12 +294,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .clamp(1, 256);
     let cores =
         herd::cores::Cores::start(workers).context("cannot start the connection threads")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("herd-control")
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = herd::cores::control_runtime().context("cannot start the async runtime")?;
     rt.block_on(serve_async(cfg, Arc::new(cores)))
 }
 
