@@ -43,8 +43,6 @@ const CANCEL: u64 = 3;
 /// user_data of the cancellation that stops the multishot receive before
 /// a payload is received in place (`RingRx::recv_into`).
 const STOP: u64 = 4;
-/// user_data of the readiness poll `recv_into` waits on.
-const POLL: u64 = 5;
 /// The provided-buffer group (one per ring).
 const BGID: u16 = 0;
 /// Provided buffers: enough for a 1 MiB reply and more in flight.
@@ -166,12 +164,11 @@ fn setup(sock: &std::net::TcpStream) -> io::Result<Parts> {
     ring.submitter().register_probe(&mut probe)?;
     if !(probe.is_supported(opcode::RecvMulti::CODE)
         && probe.is_supported(opcode::SendMsg::CODE)
-        && probe.is_supported(opcode::AsyncCancel2::CODE)
-        && probe.is_supported(opcode::PollAdd::CODE))
+        && probe.is_supported(opcode::AsyncCancel2::CODE))
     {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "io_uring lacks recv/sendmsg/cancel/poll",
+            "io_uring lacks recv/sendmsg/cancel",
         ));
     }
     ring.submitter().register_files(&[sock.as_raw_fd()])?;
@@ -206,6 +203,7 @@ fn assemble(
         link,
     });
     let mut rx = RingRx {
+        sock: None,
         afd,
         shared: Arc::clone(&shared),
         ready: VecDeque::new(),
@@ -214,7 +212,6 @@ fn assemble(
         armed: false,
         armed_on: None,
         stopping: false,
-        polling: false,
         placed: 0,
         eof: false,
         error: None,
@@ -230,6 +227,16 @@ fn assemble(
 struct RingFd(RawFd);
 
 impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The socket as tokio's reactor sees it while payloads are received in
+/// place; `Shared` owns (and closes) it.
+struct SockFd(RawFd);
+
+impl AsRawFd for SockFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
     }
@@ -496,7 +503,11 @@ impl RingTx {
 
 /// The receive side, owned by one task: it also reaps the send completions.
 pub struct RingRx {
-    /// Dropped first: deregistered while the ring's fd is still open.
+    /// The socket in tokio's reactor while the multishot receive is stopped
+    /// for in-place receives (`recv_into`); dropped (deregistered) when it
+    /// is armed again. Dropped before `shared`, which owns the socket.
+    sock: Option<AsyncFd<SockFd>>,
+    /// Dropped before `shared`: deregistered while the ring's fd is still open.
     afd: AsyncFd<RingFd>,
     shared: Arc<Shared>,
     /// Received buffers not yet handed out: (buffer id, length).
@@ -511,8 +522,6 @@ pub struct RingRx {
     armed_on: Option<std::thread::ThreadId>,
     /// A `STOP` for the armed receive is in flight.
     stopping: bool,
-    /// A readiness `POLL` is in flight.
-    polling: bool,
     /// Bytes `recv_into` had `recv(2)` place (not copied from a buffer).
     placed: u64,
     eof: bool,
@@ -576,6 +585,9 @@ impl RingRx {
 
     /// Arms the multishot receive.
     fn arm(&mut self) -> io::Result<()> {
+        // Its bytes come as completions now: socket readiness would only
+        // wake the reactor for nothing.
+        self.sock = None;
         let sqe = opcode::RecvMulti::new(types::Fixed(0), BGID)
             .build()
             .user_data(RECV);
@@ -646,10 +658,6 @@ impl RingRx {
                     sends += 1;
                     self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
                     self.sent(cqe.result());
-                }
-                POLL => {
-                    self.polling = false;
-                    self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
                 }
                 _ => {
                     self.shared.inflight.fetch_sub(1, Ordering::AcqRel);
@@ -823,13 +831,19 @@ impl RingRx {
     /// Receives the next bytes of the stream into `dst`; 0 at end of
     /// stream. For a large payload whose length the owner knows: bytes
     /// already received into provided buffers are copied out first, then
-    /// the multishot receive is stopped and `recv(2)` fills `dst` directly
-    /// (waiting on a readiness poll when nothing is there yet), so the
-    /// kernel's copy is the only one. The next `recv` or `arrived` re-arms.
+    /// the multishot receive is stopped and `recv(2)` fills `dst` directly,
+    /// so the kernel's copy is the only one. The next `recv` or `arrived`
+    /// re-arms.
     ///
     /// The receive is stopped, not raced: only a stopped receive leaves
     /// the socket's bytes to `recv(2)` in order, since a multishot receive
     /// takes whatever arrives whenever this thread enters the kernel.
+    ///
+    /// When nothing is there it waits on the socket's readiness in tokio's
+    /// reactor, as the epoll path does, or on completions (a send's, which
+    /// starts the next batch). A readiness poll on the ring instead measured
+    /// 0.89–0.91 of epoll at iSCSI 1M QD8: its completion is task work
+    /// that then wakes the ring's fd, two wakeups for one.
     ///
     /// # Errors
     /// When the connection failed (receive or send).
@@ -864,35 +878,77 @@ impl RingRx {
                     self.stop()?;
                     continue;
                 }
-            } else {
-                use nix::sys::socket::{recv, MsgFlags};
-                match recv(self.shared.fd.as_raw_fd(), dst, MsgFlags::MSG_DONTWAIT) {
-                    Ok(0) => {
-                        self.eof = true;
-                        return Ok(0);
-                    }
-                    Ok(n) => {
-                        count(self.shared.link, "recv_in_place", 1);
-                        self.placed += n as u64;
-                        return Ok(n);
-                    }
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        if !self.polling {
-                            self.polling = true;
-                            let poll = opcode::PollAdd::new(types::Fixed(0), libc::POLLIN as u32)
-                                .build()
-                                .user_data(POLL);
-                            self.issue(&poll)?;
-                            continue;
+                self.completions().await?;
+                continue;
+            }
+            match recv_now(self.shared.fd.as_raw_fd(), dst) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(0);
+                }
+                Ok(n) => return Ok(self.placed_in(n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // Reaped here too: a send's completion starts the next batch.
+            // SAFETY: only this value reads completions.
+            if !unsafe { self.shared.ring.completion_shared() }.is_empty() {
+                self.reap();
+                continue;
+            }
+            if self.sock.is_none() {
+                // SAFETY: `shared` owns the socket and outlives `sock`,
+                // which is declared (so dropped) before it.
+                self.sock = Some(unsafe {
+                    AsyncFd::register_with_interest(
+                        SockFd(self.shared.fd.as_raw_fd()),
+                        tokio::io::Interest::READABLE,
+                    )
+                }?);
+            }
+            let Some(sock) = self.sock.as_ref() else {
+                continue;
+            };
+            tokio::select! {
+                biased;
+                ready = sock.readable() => {
+                    let mut guard = ready?;
+                    match guard.try_io(|s| recv_now(s.get_ref().0, dst)) {
+                        Ok(Ok(0)) => {
+                            self.eof = true;
+                            return Ok(0);
                         }
+                        Ok(Ok(n)) => return Ok(self.placed_in(n)),
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => return Err(e),
+                        // Readiness was stale and is cleared.
+                        Err(_would_block) => {}
                     }
-                    Err(e) => return Err(e.into()),
+                }
+                ring = self.afd.readable() => {
+                    let mut guard = ring?;
+                    // SAFETY: only this value reads completions.
+                    if unsafe { self.shared.ring.completion_shared() }.is_empty() {
+                        guard.clear_ready();
+                    }
                 }
             }
-            self.completions().await?;
         }
     }
+
+    /// Accounts `n` bytes `recv(2)` placed.
+    fn placed_in(&mut self, n: usize) -> usize {
+        count(self.shared.link, "recv_in_place", 1);
+        self.placed += n as u64;
+        n
+    }
+}
+
+/// One non-blocking `recv(2)` into `dst`.
+fn recv_now(fd: RawFd, dst: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{recv, MsgFlags};
+    recv(fd, dst, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
 }
 
 impl Drop for RingRx {
@@ -1086,6 +1142,54 @@ mod tests {
         drop(writer.join().unwrap());
         release.send(()).unwrap();
         armer.join().unwrap();
+    }
+
+    /// A receive in place that waits on the socket still reaps the send
+    /// completions: the peer answers only once it has every byte sent, and
+    /// all but the first send wait in the queue for the one in flight. The
+    /// peer starts reading late, so the sends go short and each rest goes
+    /// only once a completion is reaped.
+    #[tokio::test]
+    async fn sends_queued_while_a_payload_is_received_in_place_still_go_out() {
+        const SENDS: usize = 256;
+        const MSG: usize = 64 << 10;
+        const ANSWER: usize = 1 << 20;
+        let (c, mut peer) = pair();
+        let (tx, mut rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        let answerer = std::thread::spawn(move || {
+            let mut got = vec![0u8; SENDS * MSG];
+            std::thread::sleep(Duration::from_millis(100));
+            peer.read_exact(&mut got).unwrap();
+            peer.write_all(&vec![7u8; ANSWER]).unwrap();
+            got
+        });
+        // Stop the multishot receive first, so the wait below is on the
+        // socket, not on a receive's completion.
+        let mut first = [0u8; 1];
+        let waiting = tokio::time::timeout(Duration::from_millis(50), rx.recv_into(&mut first));
+        assert!(
+            waiting.await.is_err(),
+            "bytes arrived before any were asked for"
+        );
+        for i in 0..SENDS {
+            tx.send(vec![i as u8; MSG]).unwrap();
+        }
+        let mut answer = vec![0u8; ANSWER];
+        let mut at = 0;
+        while at < ANSWER {
+            let n = tokio::time::timeout(Duration::from_secs(10), rx.recv_into(&mut answer[at..]))
+                .await
+                .expect("queued sends never went out")
+                .unwrap();
+            assert!(n > 0, "stream ended early");
+            at += n;
+        }
+        assert!(answer.iter().all(|&b| b == 7));
+        let got = answerer.join().unwrap();
+        for (i, m) in got.chunks(MSG).enumerate() {
+            assert!(m.iter().all(|&b| b == i as u8), "send {i} arrived changed");
+        }
+        assert!(rx.placed() > 0, "nothing was received in place");
     }
 
     #[tokio::test]
