@@ -136,7 +136,10 @@ impl Rx {
             };
         }
         if let Some((itt, at, left)) = parser.payload_wanted() {
-            self.direct = left >= DIRECT_MIN;
+            // Judged by the whole payload: the tail a short read left of a
+            // large one still goes in place, not into scratch with the
+            // PDUs after it (a tenth of the CPU at 1M QD8, on both paths).
+            self.direct = parser.payload_len().unwrap_or(left) >= DIRECT_MIN;
             if self.direct {
                 let placed = read_direct(&mut self.io, parser, session, itt, at, left).await;
                 if let Some(placed) = placed {

@@ -230,6 +230,22 @@ impl PduStream {
         }
     }
 
+    /// The whole data length of the Data-In whose payload is arriving
+    /// (what [`PduStream::payload_wanted`] counts down from); `None` where
+    /// that gives `None`.
+    #[must_use]
+    pub fn payload_len(&self) -> Option<usize> {
+        match &self.state {
+            State::Payload {
+                data_in: Some(_),
+                len,
+                done,
+                ..
+            } if done < len => Some(*len),
+            _ => None,
+        }
+    }
+
     /// Accounts for payload bytes the caller placed itself (at most the
     /// count [`PduStream::payload_wanted`] gave): digests them and moves
     /// on. The PDU itself comes from the next call of `next`.
@@ -426,6 +442,32 @@ mod tests {
                 ));
             }
         }
+    }
+
+    /// A reader that received part of a Data-In's data in place still sees
+    /// the whole payload's length: the session judges "large, read in
+    /// place" by it, not by the tail a short read left.
+    #[test]
+    fn the_payload_length_stays_whole_while_its_data_arrives() {
+        let data = vec![5u8; 64 << 10];
+        let wire = data_in(3, 4096, &data, true, false);
+        let (hdr, _) = wire.split_at(pdu::BHS_LEN);
+        let mut p = PduStream::new(false, false);
+        assert_eq!(p.payload_len(), None, "no payload before a header");
+        let mut input = hdr;
+        assert!(p.next(&mut input).unwrap().is_none());
+        assert_eq!(p.payload_wanted(), Some((3, 4096, 64 << 10)));
+        assert_eq!(p.payload_len(), Some(64 << 10));
+        p.data_received(&data[..60 << 10]);
+        assert_eq!(p.payload_wanted(), Some((3, 4096 + (60 << 10), 4 << 10)));
+        assert_eq!(
+            p.payload_len(),
+            Some(64 << 10),
+            "the tail's length, not the payload's"
+        );
+        p.data_received(&data[60 << 10..]);
+        assert_eq!(p.payload_wanted(), None);
+        assert_eq!(p.payload_len(), None, "a length after the payload is in");
     }
 
     /// Reads `wire` as the session's direct path does: headers exactly,
