@@ -494,6 +494,48 @@ impl RingTx {
         self.shared.submit(&q)
     }
 
+    /// Sends `bytes`, with `send(2)` at once when nothing is in flight: for
+    /// a request alone on the link (queue depth 1). A send through the ring
+    /// posts a completion, and posting one wakes the owner's thread, which
+    /// at queue depth 1 sleeps until the answer: a second wakeup per
+    /// request for nothing. What `send(2)` leaves goes through the ring.
+    ///
+    /// # Errors
+    /// As `send`, or when the socket refuses the bytes.
+    pub fn send_now(&self, bytes: Vec<u8>) -> io::Result<()> {
+        let mut q = self.shared.lock();
+        if q.closed {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        if q.flight.is_some() {
+            q.queued.push(bytes);
+            return Ok(());
+        }
+        let flags =
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        let sent = loop {
+            match nix::sys::socket::send(self.shared.fd.as_raw_fd(), &bytes, flags) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => break 0,
+                Err(e) => {
+                    q.closed = true;
+                    return Err(e.into());
+                }
+            }
+        };
+        count(self.shared.link, "send_now", 1);
+        if sent == bytes.len() {
+            return Ok(());
+        }
+        let mut f = Flight::new(vec![bytes]);
+        f.advance(sent);
+        let sqe = f.sqe();
+        q.flight = Some(f);
+        self.shared.push(&q, &sqe)?;
+        self.shared.submit(&q)
+    }
+
     /// Ends the connection both ways: the receive side sees end of stream.
     pub fn shutdown(&self) {
         self.shared.lock().closed = true;
@@ -1190,6 +1232,52 @@ mod tests {
             assert!(m.iter().all(|&b| b == i as u8), "send {i} arrived changed");
         }
         assert!(rx.placed() > 0, "nothing was received in place");
+    }
+
+    /// A request alone goes out with `send(2)`, leaving the ring nothing
+    /// to complete; what the socket does not take at once follows through
+    /// the ring, before anything sent after it.
+    #[tokio::test]
+    async fn a_send_alone_goes_at_once_and_its_rest_through_the_ring_in_order() {
+        const BIG: usize = 32 << 20;
+        let (c, mut peer) = pair();
+        let (tx, mut rx) = split(c, "test").map_err(|e| e.0).unwrap();
+        tx.send_now(vec![1u8; 100]).unwrap();
+        assert_eq!(
+            tx.shared.inflight.load(Ordering::Acquire),
+            0,
+            "a send alone went through the ring"
+        );
+        let mut small = [0u8; 100];
+        peer.read_exact(&mut small).unwrap();
+        assert!(small.iter().all(|&b| b == 1));
+        // More than a loopback socket takes at once.
+        tx.send_now(vec![2u8; BIG]).unwrap();
+        assert_eq!(
+            tx.shared.inflight.load(Ordering::Acquire),
+            1,
+            "the rest of a large send is not on the ring"
+        );
+        tx.send_now(vec![3u8; 10]).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; BIG + 10];
+            peer.read_exact(&mut got).unwrap();
+            peer.write_all(&[9]).unwrap();
+            got
+        });
+        // The receive side reaps the send completions while it waits.
+        let answer = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the rest never went out")
+            .unwrap()
+            .map(|c| c.to_vec());
+        assert_eq!(answer, Some(vec![9]));
+        let got = reader.join().unwrap();
+        assert!(
+            got[..BIG].iter().all(|&b| b == 2),
+            "the large send arrived changed"
+        );
+        assert_eq!(&got[BIG..], &[3u8; 10], "a later send overtook the rest");
     }
 
     #[tokio::test]

@@ -407,6 +407,9 @@ impl Session {
         pdu::add_digests(&mut pdu, self.params.header_digest, self.params.data_digest);
         match w {
             Tx::Epoll(w) => w.write_all(&pdu).await.is_ok(),
+            // Alone in flight: sent at once, not through the ring
+            // (`RingTx::send_now`).
+            Tx::Ring(w) if self.lock().pending.len() <= 1 => w.send_now(pdu).is_ok(),
             Tx::Ring(w) => w.send(pdu).is_ok(),
         }
     }

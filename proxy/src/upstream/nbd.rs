@@ -87,13 +87,15 @@ impl Conn {
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, Fault> {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
+        // Alone on the connection: sent at once, not through the ring.
+        let alone = {
             let Ok(mut p) = self.pending.lock() else {
                 return Err(Fault::Lost);
             };
             if self.dead.load(Ordering::SeqCst) {
                 return Err(Fault::Lost);
             }
+            let alone = p.is_empty();
             p.insert(
                 handle,
                 Pending {
@@ -101,7 +103,8 @@ impl Conn {
                     tx,
                 },
             );
-        }
+            alone
+        };
         let mut req = Vec::with_capacity(proto::REQUEST_LEN);
         proto::encode_request(
             &Request {
@@ -122,7 +125,8 @@ impl Conn {
                 }
             }
             Writer::Ring(w) => {
-                if w.send(req).is_err() {
+                let sent = if alone { w.send_now(req) } else { w.send(req) };
+                if sent.is_err() {
                     self.kill();
                 }
             }

@@ -167,10 +167,17 @@ pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
     );
     assert_eq!(streams(other), None, "a {link} connection ran on {other}");
     let recvs = ring_completions(h, link, "recv");
+    // A link's first request is alone on it: sent at once (`send_now`).
+    let alone = ring_completions(h, link, "send_now");
     if io == "uring" {
         assert!(recvs.unwrap_or(0.0) > 0.0, "{recvs:?}");
+        assert!(
+            alone.unwrap_or(0.0) > 0.0,
+            "no request sent at once: {alone:?}"
+        );
     } else {
         assert_eq!(recvs, None);
+        assert_eq!(alone, None);
     }
 }
 
