@@ -479,19 +479,7 @@ impl RingTx {
     /// # Errors
     /// When the connection has already failed or been shut down.
     pub fn send(&self, bytes: Vec<u8>) -> io::Result<()> {
-        let mut q = self.shared.lock();
-        if q.closed {
-            return Err(io::ErrorKind::BrokenPipe.into());
-        }
-        if q.flight.is_some() {
-            q.queued.push(bytes);
-            return Ok(());
-        }
-        let f = Flight::new(vec![bytes]);
-        let sqe = f.sqe();
-        q.flight = Some(f);
-        self.shared.push(&q, &sqe)?;
-        self.shared.submit(&q)
+        self.enqueue(bytes, false)
     }
 
     /// Sends `bytes`, with `send(2)` at once when nothing is in flight: for
@@ -503,6 +491,12 @@ impl RingTx {
     /// # Errors
     /// As `send`, or when the socket refuses the bytes.
     pub fn send_now(&self, bytes: Vec<u8>) -> io::Result<()> {
+        self.enqueue(bytes, true)
+    }
+
+    /// Queues `bytes` behind the send in flight, or starts one: with
+    /// `send(2)` first when `now`, the ring taking what it leaves.
+    fn enqueue(&self, bytes: Vec<u8>, now: bool) -> io::Result<()> {
         let mut q = self.shared.lock();
         if q.closed {
             return Err(io::ErrorKind::BrokenPipe.into());
@@ -511,22 +505,25 @@ impl RingTx {
             q.queued.push(bytes);
             return Ok(());
         }
-        let flags =
-            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        let sent = loop {
-            match nix::sys::socket::send(self.shared.fd.as_raw_fd(), &bytes, flags) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::EAGAIN) => break 0,
-                Err(e) => {
-                    q.closed = true;
-                    return Err(e.into());
+        let mut sent = 0;
+        if now {
+            use nix::sys::socket::{send, MsgFlags};
+            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+            sent = loop {
+                match send(self.shared.fd.as_raw_fd(), &bytes, flags) {
+                    Ok(n) => break n,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(nix::errno::Errno::EAGAIN) => break 0,
+                    Err(e) => {
+                        q.closed = true;
+                        return Err(e.into());
+                    }
                 }
+            };
+            count(self.shared.link, "send_now", 1);
+            if sent == bytes.len() {
+                return Ok(());
             }
-        };
-        count(self.shared.link, "send_now", 1);
-        if sent == bytes.len() {
-            return Ok(());
         }
         let mut f = Flight::new(vec![bytes]);
         f.advance(sent);
