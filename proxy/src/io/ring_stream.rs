@@ -880,9 +880,8 @@ impl RingRx {
     ///
     /// When nothing is there it waits on the socket's readiness in tokio's
     /// reactor, as the epoll path does, or on completions (a send's, which
-    /// starts the next batch). A readiness poll on the ring instead measured
-    /// 0.89–0.91 of epoll at iSCSI 1M QD8: its completion is task work
-    /// that then wakes the ring's fd, two wakeups for one.
+    /// starts the next batch). A readiness poll on the ring would complete
+    /// as task work that then wakes the ring's fd: two steps for one.
     ///
     /// # Errors
     /// When the connection failed (receive or send).
