@@ -919,15 +919,8 @@ impl RingRx {
                 self.completions().await?;
                 continue;
             }
-            match recv_now(self.shared.fd.as_raw_fd(), dst) {
-                Ok(0) => {
-                    self.eof = true;
-                    return Ok(0);
-                }
-                Ok(n) => return Ok(self.placed_in(n)),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            if let Some(done) = self.took_in_place(recv_now(self.shared.fd.as_raw_fd(), dst)) {
+                return done;
             }
             // Reaped here too: a send's completion starts the next batch.
             // SAFETY: only this value reads completions.
@@ -951,17 +944,11 @@ impl RingRx {
             tokio::select! {
                 biased;
                 ready = sock.readable() => {
-                    let mut guard = ready?;
-                    match guard.try_io(|s| recv_now(s.get_ref().0, dst)) {
-                        Ok(Ok(0)) => {
-                            self.eof = true;
-                            return Ok(0);
+                    // Stale readiness (nothing there) is cleared.
+                    if let Ok(got) = ready?.try_io(|s| recv_now(s.get_ref().0, dst)) {
+                        if let Some(done) = self.took_in_place(got) {
+                            return done;
                         }
-                        Ok(Ok(n)) => return Ok(self.placed_in(n)),
-                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Ok(Err(e)) => return Err(e),
-                        // Readiness was stale and is cleared.
-                        Err(_would_block) => {}
                     }
                 }
                 ring = self.afd.readable() => {
@@ -975,11 +962,29 @@ impl RingRx {
         }
     }
 
-    /// Accounts `n` bytes `recv(2)` placed.
-    fn placed_in(&mut self, n: usize) -> usize {
-        count(self.shared.link, "recv_in_place", 1);
-        self.placed += n as u64;
-        n
+    /// What a `recv(2)` into place gave, accounted: `None` when nothing
+    /// was there (or it was interrupted) and the receive goes on.
+    fn took_in_place(&mut self, got: io::Result<usize>) -> Option<io::Result<usize>> {
+        match got {
+            Ok(0) => {
+                self.eof = true;
+                Some(Ok(0))
+            }
+            Ok(n) => {
+                count(self.shared.link, "recv_in_place", 1);
+                self.placed += n as u64;
+                Some(Ok(n))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
