@@ -131,11 +131,13 @@ pub struct Herd {
     pub log: PathBuf,
 }
 
-/// The `--net-io` the tests' daemons run with unless a test picks one:
+/// The path the tests' daemons take unless a test picks one:
 /// `HERD_TEST_NET_IO` (`cargo xtask test` runs the end-to-end tests of the
-/// parent links again with `uring`), else herd's default, epoll.
+/// parent links again with `epoll`, the fallback), else herd's default,
+/// uring: `assert_links_ran_on` then checks that the default really ran
+/// on rings.
 pub fn net_io() -> String {
-    std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "epoll".into())
+    std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "uring".into())
 }
 
 /// The path a daemon started with `extra` takes: its `--net-io`, else the
@@ -204,8 +206,34 @@ impl Herd {
     /// daemon that lost its ports to another test is started again on
     /// others.
     pub fn start(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> Self {
+        Self::start_filtered(dir, name, upstream, extra, None)
+    }
+
+    /// As `start`, with `io_uring_setup` failing (`EPERM`) in the daemon,
+    /// as a container runtime's default seccomp profile makes it.
+    pub fn start_without_io_uring(dir: &Path, name: &str, upstream: &str, extra: &[&str]) -> Self {
+        let deny = [(libc::SYS_io_uring_setup, vec![])].into_iter().collect();
+        let filter = seccompiler::SeccompFilter::new(
+            deny,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+            seccompiler::TargetArch::x86_64,
+        )
+        .expect("seccomp filter");
+        let prog: seccompiler::BpfProgram = filter.try_into().expect("seccomp program");
+        Self::start_filtered(dir, name, upstream, extra, Some(&prog))
+    }
+
+    fn start_filtered(
+        dir: &Path,
+        name: &str,
+        upstream: &str,
+        extra: &[&str],
+        seccomp: Option<&seccompiler::BpfProgram>,
+    ) -> Self {
         for _ in 0..4 {
-            match Self::try_start(dir, name, upstream, free_port(), free_port(), extra) {
+            let (port, metrics) = (free_port(), free_port());
+            match Self::try_start(dir, name, upstream, port, metrics, extra, seccomp) {
                 Ok(h) => return h,
                 Err(log) if log.contains("Address already in use") => {}
                 Err(log) => panic!("herd {name} exited before it listened:\n{log}"),
@@ -215,7 +243,7 @@ impl Herd {
     }
 
     pub fn start_on(dir: &Path, name: &str, upstream: &str, port: u16, extra: &[&str]) -> Self {
-        Self::try_start(dir, name, upstream, port, free_port(), extra)
+        Self::try_start(dir, name, upstream, port, free_port(), extra, None)
             .unwrap_or_else(|log| panic!("herd {name} exited before it listened:\n{log}"))
     }
 
@@ -227,6 +255,7 @@ impl Herd {
         port: u16,
         metrics: u16,
         extra: &[&str],
+        seccomp: Option<&seccompiler::BpfProgram>,
     ) -> Result<Self, String> {
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::OpenOptions::new()
@@ -240,10 +269,10 @@ impl Herd {
         } else {
             &["--chunk-size", "1MiB"]
         };
-        let io = if extra.contains(&"--net-io") {
-            Vec::new()
-        } else {
-            vec!["--net-io".to_owned(), net_io()]
+        // Unset, the daemon runs on its default: no flag.
+        let io = match std::env::var("HERD_TEST_NET_IO") {
+            Ok(io) if !extra.contains(&"--net-io") => vec!["--net-io".to_owned(), io],
+            _ => Vec::new(),
         };
         // No upstream: the images come from `--config` ([[image]] tables).
         let up: &[&str] = if upstream.is_empty() {
@@ -251,7 +280,19 @@ impl Herd {
         } else {
             &["--upstream", upstream]
         };
-        let mut child = Command::new(HERD)
+        let mut cmd = Command::new(HERD);
+        if let Some(prog) = seccomp.cloned() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only makes the two
+            // syscalls that install the filter, allocating nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    seccompiler::apply_filter(&prog)
+                        .map_err(|_| std::io::ErrorKind::PermissionDenied.into())
+                });
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .args(up)
             .args(chunk)
