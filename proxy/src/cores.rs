@@ -12,6 +12,7 @@
 //! depth 1 often crosses threads (and wakes an idle vCPU) once more than it
 //! must; DESIGN.md ("Runtime model") has what that costs here.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -29,6 +30,24 @@ pub fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("herd-control")
         .build()
+}
+
+thread_local! {
+    /// The core this thread is, if it is one (`enter`).
+    static CORE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as core `i`: what runs on it can keep
+/// per-core state (the iSCSI upstream's session per core).
+pub fn enter(i: usize) {
+    CORE.with(|c| c.set(Some(i)));
+}
+
+/// The core the calling thread is, `None` off the cores (the control
+/// runtime, tools).
+#[must_use]
+pub fn current() -> Option<usize> {
+    CORE.with(Cell::get)
 }
 
 /// The connection threads: one current-thread runtime each.
@@ -74,7 +93,10 @@ impl Cores {
             let handle = rt.handle().clone();
             std::thread::Builder::new()
                 .name(format!("herd-core-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+                .spawn(move || {
+                    enter(i);
+                    rt.block_on(std::future::pending::<()>());
+                })?;
             cores.push(Core {
                 handle,
                 live: Arc::default(),
@@ -157,6 +179,37 @@ mod tests {
         }
         release.send_replace(true);
         names
+    }
+
+    #[tokio::test]
+    async fn a_task_on_a_core_knows_which_and_one_off_the_cores_does_not() {
+        assert_eq!(current(), None);
+        let cores = Cores::start(2).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Held live until both reported, so they go to different cores.
+        let (release, held) = tokio::sync::watch::channel(false);
+        for _ in 0..2 {
+            let (tx, mut held) = (tx.clone(), held.clone());
+            cores.place(async move {
+                let name = std::thread::current().name().unwrap_or("?").to_owned();
+                tx.send((name, current())).unwrap();
+                let _ = held.wait_for(|r| *r).await;
+            });
+        }
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            seen.push(got.unwrap().unwrap());
+        }
+        release.send_replace(true);
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("herd-core-0".to_owned(), Some(0)),
+                ("herd-core-1".to_owned(), Some(1))
+            ]
+        );
     }
 
     #[tokio::test]

@@ -194,8 +194,9 @@ pub struct BenchArgs {
 /// Threads for `herd iscsi bench`'s session and callers.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Placement {
-    /// As `herd serve` with one client connection: the session on the
-    /// control worker, the callers on one connection thread.
+    /// As `herd serve` with one client connection: logged in on the
+    /// control worker, the callers on one connection thread, which reads
+    /// over a session of its own (a session per core).
     Serve,
     /// Everything on one thread, as in a thread-per-core daemon: a ring is
     /// then reaped by the thread that armed it.
@@ -254,6 +255,10 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         Some(c) => c.block_on(IscsiUpstream::connect(t))?,
         None => rt.block_on(IscsiUpstream::connect(t))?,
     });
+    if control.is_some() {
+        // This thread runs the callers as a connection's core does.
+        herd::cores::enter(0);
+    }
     rt.block_on(async move {
         let bs = a.block_size as u64;
         let slots = up.size() / bs;

@@ -5,6 +5,13 @@
 //! fresh session if the connection drops, for up to `recovery` before the
 //! reader sees an error. UNIT ATTENTION is retried at once; NOT READY after
 //! a second.
+//!
+//! Each core (`crate::cores`) reads over a session of its own, logged in
+//! from that core on its first read, so a miss and its answer stay on the
+//! connection's thread: with one session on the control worker every
+//! answer crossed to the caller's core and back (DESIGN.md, Runtime
+//! model). Reads off the cores (prefetch, start-up) share the session
+//! logged in first.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,9 +83,35 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes asked of GET LBA STATUS at a time: 4095 descriptors.
 const LBA_STATUS_ALLOC: u32 = 64 << 10;
 
+/// One session's place: `None` until logged in, a dead session until a
+/// read logs in again.
+type Slot = Arc<Mutex<Option<Arc<Session>>>>;
+
+/// The sessions, one slot per core plus slot 0 for reads off the cores.
+#[derive(Default)]
+struct Sessions(std::sync::Mutex<Vec<Slot>>);
+
+impl Sessions {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The calling thread's slot.
+    fn here(&self) -> Slot {
+        let i = crate::cores::current().map_or(0, |c| c + 1);
+        let mut v = self.list();
+        if v.len() <= i {
+            v.resize_with(i + 1, Slot::default);
+        }
+        Arc::clone(&v[i])
+    }
+}
+
 pub struct IscsiUpstream {
     t: IscsiTarget,
-    session: Arc<Mutex<Option<Arc<Session>>>>,
+    sessions: Arc<Sessions>,
     cap: Capacity,
     max_xfer: usize,
 }
@@ -100,9 +133,11 @@ impl IscsiUpstream {
         let session = is::connect(&t.portal, &t.spec(), t.lun, t.net_io, t.spin)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
+        let sessions = Sessions::default();
+        *sessions.here().lock().await = Some(Arc::clone(&session));
         let mut up = Self {
             t,
-            session: Arc::new(Mutex::new(Some(Arc::clone(&session)))),
+            sessions: Arc::new(sessions),
             cap: Capacity {
                 blocks: 0,
                 block_size: 512,
@@ -174,35 +209,53 @@ impl IscsiUpstream {
         }
     }
 
-    /// Starts the NOP-Out pinger; it stops when the upstream is dropped.
+    /// Starts the NOP-Out pinger, which pings every live session at once;
+    /// it stops when the upstream is dropped.
     fn start_pinger(&self) {
-        let slot = Arc::downgrade(&self.session);
+        let sessions = Arc::downgrade(&self.sessions);
         let target = self.t.target.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PING_INTERVAL).await;
-                let Some(slot) = slot.upgrade() else { return };
-                // The live session, if any: the pinger never logs in itself.
-                let s = slot.lock().await.as_ref().filter(|s| !s.is_dead()).cloned();
-                drop(slot);
-                let Some(s) = s else { continue };
-                // A lost session (Err inside) is the readers' to re-login.
-                if tokio::time::timeout(PING_TIMEOUT, s.ping()).await.is_err() {
-                    crate::metrics::iscsi_ping_failure();
-                    tracing::warn!(%target, timeout = ?PING_TIMEOUT, "iSCSI target did not answer a NOP-Out ping; dropping the session and logging in again");
-                    s.kill();
+                let Some(sessions) = sessions.upgrade() else {
+                    return;
+                };
+                let slots = sessions.list().clone();
+                drop(sessions);
+                // The live sessions: the pinger never logs in itself.
+                let mut live = Vec::new();
+                for slot in slots {
+                    if let Some(s) = slot.lock().await.as_ref().filter(|s| !s.is_dead()) {
+                        live.push(Arc::clone(s));
+                    }
+                }
+                let pings = live.iter().enumerate().map(|(i, s)| {
+                    (i, async move {
+                        tokio::time::timeout(PING_TIMEOUT, s.ping()).await.is_err()
+                    })
+                });
+                for (i, unanswered) in futures_join(pings.collect()).await {
+                    // A lost session (Err inside) is the readers' to re-login.
+                    if unanswered {
+                        crate::metrics::iscsi_ping_failure();
+                        tracing::warn!(%target, timeout = ?PING_TIMEOUT, "iSCSI target did not answer a NOP-Out ping; dropping the session and logging in again");
+                        live[i].kill();
+                    }
                 }
             }
         });
     }
 
+    /// The calling core's session, logged in (again) if it has none.
     async fn session(&self) -> UpstreamResult<Arc<Session>> {
-        let mut g = self.session.lock().await;
+        let slot = self.sessions.here();
+        let mut g = slot.lock().await;
         if let Some(s) = g.as_ref() {
             if !s.is_dead() {
                 return Ok(Arc::clone(s));
             }
         }
+        let again = g.is_some();
         let s = is::connect(
             &self.t.portal,
             &self.t.spec(),
@@ -212,7 +265,11 @@ impl IscsiUpstream {
         )
         .await
         .map_err(|e| iscsi_err(&self.t, e))?;
-        tracing::info!(target = %self.t.target, "iSCSI session (re)established");
+        if again {
+            tracing::info!(target = %self.t.target, core = ?crate::cores::current(), "iSCSI session re-established");
+        } else {
+            tracing::info!(target = %self.t.target, core = ?crate::cores::current(), "iSCSI session established");
+        }
         *g = Some(Arc::clone(&s));
         Ok(s)
     }
