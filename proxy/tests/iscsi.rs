@@ -231,7 +231,11 @@ fn qd1_fetches(spin_us: &str, net_io: &str) -> (f64, f64, f64) {
     // Two sessions: the one logged in at start-up and the connection's
     // core's own, which its misses went over.
     common::assert_links_ran_on(&h, "iscsi", net_io, 2.0);
-    assert_eq!(h.log_lines("iSCSI session established"), 1, "one core's login");
+    assert_eq!(
+        h.log_lines("iSCSI session established"),
+        1,
+        "one core's login"
+    );
     let counters = h.spins("herd_iscsi");
     drop(h);
     drop(t);
