@@ -436,7 +436,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s) in an order that turns each round, medians. \
          herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`), both with the QD1 spin of `--spin-us` (default 50 µs), \
-         placed as `herd serve` places them (the session on the control worker, the callers on one connection thread: `--placement serve`) and with the callers and the session on one thread (`--placement one-thread`, \"1 thread\" below). \
+         placed as `herd serve` places them (logged in on the control worker, the callers on one connection thread reading over that core's own session: `--placement serve`) and with the callers and the session on one thread (`--placement one-thread`, \"1 thread\" below). \
          Before the rounds one `iscsi-perf` job warms tgtd: here its first 1 MiB sessions ran at half the rate of every later one.\n\n\
          | pattern | herd IOPS | herd MiB/s | uring IOPS | 1 thread: epoll IOPS | 1 thread: uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | 1 thread: uring ÷ epoll | herd ÷ iscsi-perf | 1 thread: uring ÷ iscsi-perf |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n"
