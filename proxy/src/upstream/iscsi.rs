@@ -222,13 +222,15 @@ impl IscsiUpstream {
                 };
                 let slots = sessions.list().clone();
                 drop(sessions);
-                // The live sessions: the pinger never logs in itself.
-                let mut live = Vec::new();
-                for slot in slots {
-                    if let Some(s) = slot.lock().await.as_ref().filter(|s| !s.is_dead()) {
-                        live.push(Arc::clone(s));
-                    }
-                }
+                // The live sessions: the pinger never logs in itself, nor
+                // waits for a slot that a login holds (nothing to ping yet).
+                let live: Vec<Arc<Session>> = slots
+                    .iter()
+                    .filter_map(|slot| {
+                        let g = slot.try_lock().ok()?;
+                        g.as_ref().filter(|s| !s.is_dead()).cloned()
+                    })
+                    .collect();
                 let pings = live.iter().enumerate().map(|(i, s)| {
                     (i, async move {
                         tokio::time::timeout(PING_TIMEOUT, s.ping()).await.is_err()

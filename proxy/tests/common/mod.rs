@@ -278,6 +278,7 @@ impl Herd {
         } else {
             &["--upstream", upstream]
         };
+        let logged = usize::try_from(logf.metadata().map_or(0, |m| m.len())).unwrap_or(0);
         let mut cmd = Command::new(HERD);
         if let Some(prog) = seccomp.cloned() {
             use std::os::unix::process::CommandExt;
@@ -306,15 +307,33 @@ impl Herd {
             .spawn()
             .expect("spawn herd");
         let deadline = Instant::now() + Duration::from_secs(20);
-        let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
-        while !(up(port) && up(metrics)) {
+        // Its own word that it serves on `port` (its log) and has bound
+        // every listener (`herd_serving`), not just ports that answer:
+        // another test's daemon can hold a port this one has yet to bind
+        // (it was free when picked; a root builds its manifest before it
+        // listens), and the test would read from that one.
+        let listening = format!("serving NBD listen=127.0.0.1:{port} ");
+        let serving = || {
+            // This daemon's lines only: a restarted one appends to the log.
+            let said = std::fs::read(&log)
+                .ok()
+                .and_then(|l| {
+                    l.get(logged..)
+                        .map(|l| String::from_utf8_lossy(l).into_owned())
+                })
+                .is_some_and(|l| l.contains(&listening));
+            said && TcpStream::connect(("127.0.0.1", metrics)).is_ok()
+                && scrape_opt(metrics, "herd_serving") == Some(1.0)
+        };
+        while !serving() {
             if child.try_wait().ok().flatten().is_some() {
                 return Err(std::fs::read_to_string(&log).unwrap_or_default());
             }
-            assert!(
-                Instant::now() < deadline,
-                "herd {name} does not listen on {port} and {metrics} after 20 s"
-            );
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("herd {name} does not serve on {port} and {metrics} after 20 s");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Self {
