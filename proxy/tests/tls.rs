@@ -351,10 +351,7 @@ fn addresses_outside_allow_are_refused() {
         "refused connections get no greeting"
     );
     let (lines, before) = (shut.log_lines("not in --allow"), shut.metric(refused));
-    assert!(
-        before >= 1.0,
-        "ours came from 127.0.0.1"
-    );
+    assert!(before >= 1.0, "ours came from 127.0.0.1");
     let e = nbdinfo(&shut.url()).expect_err("outside --allow");
     assert!(!e.is_empty());
     assert_eq!(shut.log_lines("not in --allow"), lines + 1);
