@@ -19,7 +19,7 @@
 //! export_name = "golden"
 //! chunk_size = "64KiB"
 //! metrics = "127.0.0.1:9100"
-//! connections = 4
+//! connections = 4        # to the parent: NBD connections, or iSCSI sessions (one per core up to this)
 //! direct_io = true
 //! parent_timeout = 30   # seconds to wait for the parent at startup
 //! read_ahead = "256KiB" # fetched ahead of a sequential reader that misses

@@ -277,7 +277,14 @@ fn thirty_two_concurrent_readers_get_correct_data() {
     let img = dir.join("lun.img");
     let data = random_image(&img, 32 * MIB);
     let t = Tgtd::start(&img, None);
-    let h = Herd::start(&dir, "root", &t.url(None), &[]);
+    // Four cores sharing one session: the readers spread over the cores
+    // (fewest live connections first), and their misses all go over it.
+    let h = Herd::start(
+        &dir,
+        "root",
+        &t.url(None),
+        &["--workers", "4", "--connections", "1"],
+    );
     let readers: Vec<_> = (0..32)
         .map(|i| {
             let out = dir.join(format!("r{i}.raw"));
@@ -303,6 +310,11 @@ fn thirty_two_concurrent_readers_get_correct_data() {
     assert!(
         h.metric("herd_iscsi_in_flight_max") > 1.0,
         "commands were not pipelined"
+    );
+    assert_eq!(
+        h.log_lines("iSCSI session established"),
+        1,
+        "--connections 1: the cores logged in more than one session"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -233,6 +233,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         net_io: a.net_io,
         digests: a.digests,
         spin: std::time::Duration::from_micros(a.spin_us),
+        // One per core the bench places, as serve with cores to spare.
+        sessions: usize::MAX,
     };
     let one = || {
         tokio::runtime::Builder::new_current_thread()

@@ -41,6 +41,9 @@ pub struct IscsiTarget {
     /// How long the session polls for the answer to its one command in
     /// flight before sleeping (`io::spin`; zero: never).
     pub spin: Duration,
+    /// Most sessions the cores log in (one each up to this many; core `c`
+    /// uses session `c % sessions`), besides the one logged in at start-up.
+    pub sessions: usize,
 }
 
 impl IscsiTarget {
@@ -87,20 +90,31 @@ const LBA_STATUS_ALLOC: u32 = 64 << 10;
 /// read logs in again.
 type Slot = Arc<Mutex<Option<Arc<Session>>>>;
 
-/// The sessions, one slot per core plus slot 0 for reads off the cores.
-#[derive(Default)]
-struct Sessions(std::sync::Mutex<Vec<Slot>>);
+/// The sessions: slot 0 for reads off the cores, then one slot per core
+/// up to a most.
+struct Sessions {
+    slots: std::sync::Mutex<Vec<Slot>>,
+    /// Slots for the cores (at least one).
+    most: usize,
+}
 
 impl Sessions {
+    fn new(most: usize) -> Self {
+        Self {
+            slots: std::sync::Mutex::default(),
+            most: most.max(1),
+        }
+    }
+
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
-        self.0
+        self.slots
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The calling thread's slot.
+    /// The calling thread's slot: cores beyond the most share.
     fn here(&self) -> Slot {
-        let i = crate::cores::current().map_or(0, |c| c + 1);
+        let i = crate::cores::current().map_or(0, |c| c % self.most + 1);
         let mut v = self.list();
         if v.len() <= i {
             v.resize_with(i + 1, Slot::default);
@@ -133,7 +147,7 @@ impl IscsiUpstream {
         let session = is::connect(&t.portal, &t.spec(), t.lun, t.net_io, t.spin)
             .await
             .map_err(|e| iscsi_err(&t, e))?;
-        let sessions = Sessions::default();
+        let sessions = Sessions::new(t.sessions);
         *sessions.here().lock().await = Some(Arc::clone(&session));
         let mut up = Self {
             t,

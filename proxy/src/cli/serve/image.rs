@@ -64,6 +64,7 @@ pub(super) async fn open_anchor(
                 net_io: cfg.net_io,
                 digests: cfg.iscsi.digests,
                 spin: cfg.spin,
+                sessions: cfg.connections,
             };
             let up = IscsiUpstream::connect(t).await.with_context(|| {
                 format!("cannot read LUN {lun} of iSCSI target {target} at {host}:{port}")

@@ -73,7 +73,8 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<String>,
-    /// NBD connections to the parent (default 4).
+    /// Connections to the parent (default 4): NBD connections, or iSCSI
+    /// sessions (one per core up to this many, cores beyond sharing).
     #[arg(long)]
     connections: Option<usize>,
     /// Seconds to keep retrying an unreachable parent at startup (default 30).
