@@ -322,8 +322,10 @@ impl Herd {
                         .map(|l| String::from_utf8_lossy(l).into_owned())
                 })
                 .is_some_and(|l| l.contains(&listening));
-            said && TcpStream::connect(("127.0.0.1", metrics)).is_ok()
-                && scrape_opt(metrics, "herd_serving") == Some(1.0)
+            // A daemon that exits meanwhile fails the scrape, not the test:
+            // the loop then reports its log.
+            said && metrics_page(metrics)
+                .is_ok_and(|b| herd::metrics::sample(&b, "herd_serving") == Some(1.0))
         };
         while !serving() {
             if child.try_wait().ok().flatten().is_some() {
@@ -501,17 +503,21 @@ pub fn scrape(port: u16, name: &str) -> f64 {
 }
 
 pub fn scrape_opt(port: u16, name: &str) -> Option<f64> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    let body = metrics_page(port).expect("read metrics");
+    herd::metrics::sample(&body, name)
+}
+
+/// The daemon's whole `/metrics` page.
+fn metrics_page(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
+    )?;
     let mut body = String::new();
-    s.read_to_string(&mut body).expect("read metrics");
-    herd::metrics::sample(&body, name)
+    s.read_to_string(&mut body)?;
+    Ok(body)
 }
 
 /// A child process (peer server) killed on drop.
