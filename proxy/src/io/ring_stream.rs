@@ -486,10 +486,12 @@ impl RingTx {
     }
 
     /// Sends `bytes`, with `send(2)` at once when nothing is in flight: for
-    /// a request alone on the link (queue depth 1). A send through the ring
-    /// posts a completion, and posting one wakes the owner's thread, which
-    /// at queue depth 1 sleeps until the answer: a second wakeup per
-    /// request for nothing. What `send(2)` leaves goes through the ring.
+    /// a request alone on the link (queue depth 1), or one whose answer is
+    /// large. A send through the ring posts a completion, and posting one
+    /// wakes the owner's thread, which at queue depth 1 sleeps until the
+    /// answer, and while large answers stream waits on the socket: a second
+    /// wakeup per request for nothing, and large answers come too far
+    /// apart for sends to batch. What `send(2)` leaves goes through the ring.
     ///
     /// # Errors
     /// As `send`, or when the socket refuses the bytes.

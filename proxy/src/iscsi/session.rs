@@ -401,15 +401,18 @@ impl Session {
         let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
     }
 
-    /// Sends one PDU (digests added) on the locked send side.
-    async fn send(&self, w: &mut Tx, out: &[u8]) -> bool {
+    /// Sends one PDU (digests added) on the locked send side; `large`:
+    /// its answer is a payload read in place (`DIRECT_MIN` or more).
+    async fn send(&self, w: &mut Tx, out: &[u8], large: bool) -> bool {
         let mut pdu = out.to_vec();
         pdu::add_digests(&mut pdu, self.params.header_digest, self.params.data_digest);
         match w {
             Tx::Epoll(w) => w.write_all(&pdu).await.is_ok(),
-            // Alone in flight: sent at once, not through the ring
-            // (`RingTx::send_now`).
-            Tx::Ring(w) if self.lock().pending.len() <= 1 => w.send_now(pdu).is_ok(),
+            // Sent at once, not through the ring (`RingTx::send_now`),
+            // when alone in flight, or when its answer is large: a ring
+            // send's completion wakes the reader for nothing, and large
+            // answers arrive too far apart for sends to batch behind it.
+            Tx::Ring(w) if large || self.lock().pending.len() <= 1 => w.send_now(pdu).is_ok(),
             Tx::Ring(w) => w.send(pdu).is_ok(),
         }
     }
@@ -450,7 +453,7 @@ impl Session {
             let mut w = self.writer.lock().await;
             let issued = self.try_issue(&cdb, read_len, &mut out, &mut tx)?;
             if issued {
-                if !self.send(&mut w, &out).await {
+                if !self.send(&mut w, &out, read_len >= DIRECT_MIN).await {
                     drop(w);
                     self.kill();
                 }
@@ -534,7 +537,7 @@ impl Session {
             );
         }
         let mut w = self.writer.lock().await;
-        if !self.send(&mut w, &out).await {
+        if !self.send(&mut w, &out, false).await {
             drop(w);
             self.kill();
         }
@@ -549,7 +552,7 @@ impl Session {
             pdu::encode_nop_out(pdu::RESERVED_TAG, ttt, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
         let mut w = self.writer.lock().await;
-        if !self.send(&mut w, &out).await {
+        if !self.send(&mut w, &out, false).await {
             drop(w);
             self.kill();
         }
@@ -565,7 +568,7 @@ impl Session {
             pdu::encode_logout(itt, 0, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
         let mut w = self.writer.lock().await;
-        let _ = self.send(&mut w, &out).await;
+        let _ = self.send(&mut w, &out, false).await;
     }
 
     fn update_sn(&self, sn: Sn, has_stat: bool) {

@@ -125,7 +125,11 @@ impl Conn {
                 }
             }
             Writer::Ring(w) => {
-                let sent = if alone { w.send_now(req) } else { w.send(req) };
+                // At once when alone, or when the answer is read in place:
+                // a ring send's completion would wake the reader for
+                // nothing, and large answers come too far apart to batch.
+                let now = alone || len as usize >= DIRECT_MIN;
+                let sent = if now { w.send_now(req) } else { w.send(req) };
                 if sent.is_err() {
                     self.kill();
                 }

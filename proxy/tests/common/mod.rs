@@ -190,12 +190,23 @@ fn ring_completions(h: &Herd, link: &str, op: &str) -> Option<f64> {
 }
 
 /// Asserts that `h`'s ring on `link` received some payload in place
-/// (`RingRx::recv_into`) rather than copying all of it out of its buffers.
+/// (`RingRx::recv_into`) rather than copying all of it out of its buffers,
+/// and that the requests for such payloads went out at once (`send_now`):
+/// the ring sends only the odd small message, a ping (none at all in
+/// these tests; a tenth to four fifths of the sends when they batched).
 pub fn assert_received_in_place(h: &Herd, link: &str) {
     let placed = ring_completions(h, link, "recv_in_place");
     assert!(
         placed.unwrap_or(0.0) > 0.0,
         "{link}: no payload received in place: {placed:?}"
+    );
+    let (now, ring) = (
+        ring_completions(h, link, "send_now").unwrap_or(0.0),
+        ring_completions(h, link, "send").unwrap_or(0.0),
+    );
+    assert!(
+        now > 0.0 && ring * 20.0 <= now,
+        "{link}: requests for large payloads went through the ring: {ring} sent there, {now} at once"
     );
 }
 
