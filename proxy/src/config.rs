@@ -27,7 +27,7 @@
 //! iscsi_initiator = "iqn.2026-11.dev.herd:host1"
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! iscsi_digests = false  # offer CRC32C header/data digests
-//! net_io = "epoll"       # or "uring": what drives the sockets to the parent
+//! net_io = "uring"       # or "epoll": what drives the sockets to the parent
 //! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
 //! manifest = "/srv/golden.img.herd-manifest"  # root only: made by `herd manifest build`
 //! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
@@ -997,12 +997,13 @@ mod tests {
     }
 
     #[test]
-    fn net_io_defaults_to_epoll_and_a_typo_is_refused() {
+    fn net_io_defaults_to_uring_and_a_typo_is_refused() {
         let io = |extra: &str| minimal_with(extra).map(|c| c.net_io);
-        assert_eq!(io("").ok(), Some(NetIo::Epoll));
+        assert_eq!(io("").ok(), Some(NetIo::Uring));
+        assert_eq!(io("net_io = \"epoll\"\n").ok(), Some(NetIo::Epoll));
         assert_eq!(io("net_io = \"uring\"\n").ok(), Some(NetIo::Uring));
         // An older config's key still works.
-        assert_eq!(io("iscsi_socket = \"uring\"\n").ok(), Some(NetIo::Uring));
+        assert_eq!(io("iscsi_socket = \"epoll\"\n").ok(), Some(NetIo::Epoll));
         let e = io("net_io = \"iouring\"\n").expect_err("typo");
         assert!(e.to_string().contains("net_io"), "{e}");
     }

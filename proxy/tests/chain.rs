@@ -20,9 +20,10 @@ fn three_level_chain_is_byte_identical() {
     let img = dir.join("golden.img");
     let data = random_image(&img, 256 * MIB);
     let root = Herd::start(&dir, "root", img.to_str().expect("utf8"), &[]);
-    // mid reads over rings, leaf over the tests' default (epoll, or rings
-    // when the xtask reruns these tests with HERD_TEST_NET_IO=uring).
-    let mid = Herd::start(&dir, "mid", &root.url(), &["--net-io", "uring"]);
+    // mid reads over the epoll fallback, leaf over the tests' default
+    // (herd's, rings, or epoll when the xtask reruns these tests with
+    // HERD_TEST_NET_IO=epoll).
+    let mid = Herd::start(&dir, "mid", &root.url(), &["--net-io", "epoll"]);
     let leaf = Herd::start(&dir, "leaf", &mid.url(), &["--chunk-size", "256KiB"]);
 
     let out = dir.join("nbdcopy.raw");
@@ -47,10 +48,13 @@ fn three_level_chain_is_byte_identical() {
         leaf.metric_eventually("herd_cache_chunks_present", 1024.0),
         1024.0
     );
-    assert_links_ran_on(&mid, "nbd", "uring", 1.0);
-    // mid fetches runs of 64 KiB chunks: large enough to land in place.
-    common::assert_received_in_place(&mid, "nbd");
-    assert_links_ran_on(&leaf, "nbd", &common::net_io(), 1.0);
+    assert_links_ran_on(&mid, "nbd", "epoll", 1.0);
+    let io = common::net_io();
+    assert_links_ran_on(&leaf, "nbd", &io, 1.0);
+    if io == "uring" {
+        // leaf fetches 256 KiB chunks: large enough to land in place.
+        common::assert_received_in_place(&leaf, "nbd");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

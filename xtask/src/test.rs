@@ -68,14 +68,14 @@ fn cargo_checks() -> Result<()> {
         "--workspace",
     ]))?;
     // The parent links' end-to-end tests (tgtd restart, CHAP, digests,
-    // many readers, parent loss and recovery) again with every link on its
-    // own io_uring ring, so neither path rots.
-    step("cargo test: parent links again on io_uring (--net-io uring)");
+    // many readers, parent loss and recovery) again on the epoll fallback,
+    // forced by the setting, so neither path rots.
+    step("cargo test: parent links again on the epoll fallback (--net-io epoll)");
     run_visible(
         cargo()
             .current_dir(root())
             .env("HERD_STRICT", "1")
-            .env("HERD_TEST_NET_IO", "uring")
+            .env("HERD_TEST_NET_IO", "epoll")
             .args([
                 "test", "--locked", "-p", "herd", "--test", "iscsi", "--test", "chain", "--test",
                 "failover",
@@ -521,9 +521,9 @@ fn iscsi_smoke() -> Result<()> {
     for row in &back.rows {
         anyhow::ensure!(
             row.herd_median_iops > 0.0
-                && row.herd_uring_median_iops > 0.0
+                && row.epoll_median_iops > 0.0
                 && row.herd_1w_median_iops > 0.0
-                && row.herd_uring_1w_median_iops > 0.0
+                && row.epoll_1w_median_iops > 0.0
                 && row.iscsi_perf_median_iops > 0.0,
             "{}: no rate measured",
             row.pattern

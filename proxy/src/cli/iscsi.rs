@@ -179,8 +179,8 @@ pub struct BenchArgs {
     /// Offer CRC32C header and data digests.
     #[arg(long)]
     digests: bool,
-    /// What drives the session socket: epoll or uring (a ring it owns).
-    #[arg(long, default_value = "epoll")]
+    /// What drives the session socket: uring (a ring it owns) or epoll.
+    #[arg(long, default_value = "uring")]
     net_io: herd::io::ring_stream::NetIo,
     /// Microseconds the session polls for the answer to its one command
     /// in flight before sleeping (0: never), as `herd serve --spin-us`.

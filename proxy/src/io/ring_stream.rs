@@ -61,12 +61,11 @@ fn count(link: &'static str, op: &'static str, n: u64) {
 /// What drives a network stream: `net_io` in the configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NetIo {
-    /// A ring the stream owns (this module); falls back to epoll where
-    /// io_uring is unavailable.
-    Uring,
-    /// tokio's reactor: the default until a ring is as fast in every
-    /// pattern (DESIGN.md, Known limits).
+    /// A ring the stream owns (this module): the default; falls back to
+    /// epoll, logged, where io_uring is unavailable or restricted.
     #[default]
+    Uring,
+    /// tokio's reactor: the fallback, and a setting (DESIGN.md).
     Epoll,
 }
 
@@ -89,7 +88,7 @@ pub fn configure(io: NetIo) {
     let _ = CONFIGURED.set(io);
 }
 
-/// The process's `net_io`: epoll unless configured otherwise.
+/// The process's `net_io`: a ring unless configured otherwise.
 #[must_use]
 pub fn configured() -> NetIo {
     CONFIGURED.get().copied().unwrap_or_default()

@@ -8,8 +8,8 @@
 //!                                                              Async, Reject
 //! ```
 //!
-//! The socket is driven by tokio's epoll reactor (the default) or by a ring
-//! the session owns (`net_io = "uring"`, `io::ring_stream`); received bytes
+//! The socket is driven by a ring the session owns (`io::ring_stream`, the
+//! default) or by tokio's epoll reactor (`net_io = "epoll"`); received bytes
 //! go through the streaming PDU parser (`stream.rs`) either way. Many
 //! commands are in flight at once; each waits on a oneshot keyed by its
 //! Initiator Task Tag. When the connection drops, every pending command

@@ -131,11 +131,13 @@ pub struct Herd {
     pub log: PathBuf,
 }
 
-/// The `--net-io` the tests' daemons run with unless a test picks one:
+/// The path the tests' daemons take unless a test picks one:
 /// `HERD_TEST_NET_IO` (`cargo xtask test` runs the end-to-end tests of the
-/// parent links again with `uring`), else herd's default, epoll.
+/// parent links again with `epoll`, the fallback), else herd's default,
+/// uring: `assert_links_ran_on` then checks that the default really ran
+/// on rings.
 pub fn net_io() -> String {
-    std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "epoll".into())
+    std::env::var("HERD_TEST_NET_IO").unwrap_or_else(|_| "uring".into())
 }
 
 /// The path a daemon started with `extra` takes: its `--net-io`, else the
@@ -278,10 +280,10 @@ impl Herd {
         } else {
             &["--chunk-size", "1MiB"]
         };
-        let io = if extra.contains(&"--net-io") {
-            Vec::new()
-        } else {
-            vec!["--net-io".to_owned(), net_io()]
+        // Unset, the daemon runs on its default: no flag.
+        let io = match std::env::var("HERD_TEST_NET_IO") {
+            Ok(io) if !extra.contains(&"--net-io") => vec!["--net-io".to_owned(), io],
+            _ => Vec::new(),
         };
         // No upstream: the images come from `--config` ([[image]] tables).
         let up: &[&str] = if upstream.is_empty() {

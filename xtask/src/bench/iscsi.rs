@@ -3,7 +3,8 @@
 //! * initiator rows: herd's iSCSI initiator against libiscsi's
 //!   `iscsi-perf`, on the same tgtd LUN (herd measured with `herd iscsi
 //!   bench`: the initiator alone, no cache, no NBD), herd on its default
-//!   path (epoll) and with the session on its own io_uring ring, each
+//!   path (the session on its own io_uring ring) and on the epoll
+//!   fallback (`--net-io epoll`), each
 //!   placed as `herd serve` places them (the session on the control
 //!   worker, the callers on one connection thread) and also with the
 //!   callers and the session on one thread (`--placement one-thread`,
@@ -72,38 +73,30 @@ const PATTERNS: &[Pattern] = &[
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Row {
     pub pattern: String,
-    /// herd on its default path (epoll).
+    /// herd on its default path (its own ring), placed as `herd serve`.
     pub herd_iops: Vec<f64>,
-    /// herd with `--net-io uring`.
-    #[serde(default)]
-    pub herd_uring_iops: Vec<f64>,
-    #[serde(default)]
-    pub herd_uring_median_iops: f64,
-    /// herd on the ring ÷ herd on epoll.
-    #[serde(default)]
-    pub uring_vs_epoll: f64,
-    /// herd on epoll, callers and session on one thread
-    /// (`--placement one-thread`).
-    #[serde(default)]
-    pub herd_1w_iops: Vec<f64>,
-    #[serde(default)]
-    pub herd_1w_median_iops: f64,
-    /// herd on the ring, callers and session on one thread.
-    #[serde(default)]
-    pub herd_uring_1w_iops: Vec<f64>,
-    #[serde(default)]
-    pub herd_uring_1w_median_iops: f64,
-    /// On one thread: the ring ÷ epoll, and the ring ÷ iscsi-perf.
-    #[serde(default)]
-    pub uring_1w_vs_epoll_1w: f64,
-    #[serde(default)]
-    pub uring_1w_ratio: f64,
-    pub iscsi_perf_iops: Vec<f64>,
     pub herd_median_iops: f64,
-    pub iscsi_perf_median_iops: f64,
     pub herd_mib_s: f64,
+    /// herd on the epoll fallback (`--net-io epoll`), same placement.
+    pub epoll_iops: Vec<f64>,
+    pub epoll_median_iops: f64,
+    /// The default (ring) ÷ the fallback (epoll).
+    pub uring_vs_epoll: f64,
+    /// herd's default, callers and session on one thread
+    /// (`--placement one-thread`).
+    pub herd_1w_iops: Vec<f64>,
+    pub herd_1w_median_iops: f64,
+    /// epoll, callers and session on one thread.
+    pub epoll_1w_iops: Vec<f64>,
+    pub epoll_1w_median_iops: f64,
+    /// On one thread: the ring ÷ epoll.
+    pub uring_1w_vs_epoll_1w: f64,
+    pub iscsi_perf_iops: Vec<f64>,
+    pub iscsi_perf_median_iops: f64,
     pub iscsi_perf_mib_s: f64,
+    /// herd's default ÷ iscsi-perf, placed as serve and on one thread.
     pub ratio: f64,
+    pub ratio_1w: f64,
 }
 
 /// `iscsi-perf` against herd's target and against tgtd, same file.
@@ -250,13 +243,13 @@ fn start_tgtd(backing: &Path) -> Result<Tgtd> {
 /// session and the callers run (`--placement`).
 type Variant = (&'static str, &'static str);
 
-/// epoll, uring (placed as `herd serve` places them), then each on one
-/// thread; the order `run_bench` keeps.
+/// The default (uring) and the fallback (epoll), placed as `herd serve`
+/// places them, then each on one thread; the order `run_bench` keeps.
 const VARIANTS: [Variant; 4] = [
-    ("epoll", "serve"),
     ("uring", "serve"),
-    ("epoll", "one-thread"),
+    ("epoll", "serve"),
     ("uring", "one-thread"),
+    ("epoll", "one-thread"),
 ];
 
 fn herd_run(
@@ -379,26 +372,26 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .enumerate()
         .map(|(i, p)| {
             let q = median(&perf_s[i]);
-            let [h, u, h1, u1] = [0, 1, 2, 3].map(|v| median(&herd_v[v][i]));
+            let [h, e, h1, e1] = [0, 1, 2, 3].map(|v| median(&herd_v[v][i]));
             let to_mib = |iops: f64| iops * p.bs as f64 / f64::from(1 << 20);
             Row {
                 pattern: p.name.into(),
                 herd_iops: herd_v[0][i].clone(),
-                herd_uring_iops: herd_v[1][i].clone(),
-                herd_uring_median_iops: u,
-                uring_vs_epoll: per(u, h),
+                herd_median_iops: h,
+                herd_mib_s: to_mib(h),
+                epoll_iops: herd_v[1][i].clone(),
+                epoll_median_iops: e,
+                uring_vs_epoll: per(h, e),
                 herd_1w_iops: herd_v[2][i].clone(),
                 herd_1w_median_iops: h1,
-                herd_uring_1w_iops: herd_v[3][i].clone(),
-                herd_uring_1w_median_iops: u1,
-                uring_1w_vs_epoll_1w: per(u1, h1),
-                uring_1w_ratio: per(u1, q),
+                epoll_1w_iops: herd_v[3][i].clone(),
+                epoll_1w_median_iops: e1,
+                uring_1w_vs_epoll_1w: per(h1, e1),
                 iscsi_perf_iops: perf_s[i].clone(),
-                herd_median_iops: h,
                 iscsi_perf_median_iops: q,
-                herd_mib_s: to_mib(h),
                 iscsi_perf_mib_s: to_mib(q),
                 ratio: per(h, q),
+                ratio_1w: per(h1, q),
             }
         })
         .collect();
@@ -422,7 +415,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         })
         .collect();
     let r = Results {
-        version: 4,
+        version: 5,
         lun_mib: mib,
         seconds: secs,
         reps,
@@ -435,10 +428,10 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     let mut md = format!(
         "# iSCSI initiator benchmark\n\n`cargo xtask bench iscsi`: herd's initiator (`herd iscsi bench`, no cache or NBD) vs \
          libiscsi's `iscsi-perf`, same tgtd LUN on loopback ({mib} MiB), {secs} s per job, {reps} interleaved round(s) in an order that turns each round, medians. \
-         herd runs on its default path (tokio's epoll) and with the session on its own io_uring ring (`--net-io uring`), both with the QD1 spin of `--spin-us` (default 50 µs), \
+         herd runs on its default path (the session on its own io_uring ring) and on the epoll fallback (`--net-io epoll`), both with the QD1 spin of `--spin-us` (default 50 µs), \
          placed as `herd serve` places them (logged in on the control worker, the callers on one connection thread reading over that core's own session: `--placement serve`) and with the callers and the session on one thread (`--placement one-thread`, \"1 thread\" below). \
          Before the rounds one `iscsi-perf` job warms tgtd: here its first 1 MiB sessions ran at half the rate of every later one.\n\n\
-         | pattern | herd IOPS | herd MiB/s | uring IOPS | 1 thread: epoll IOPS | 1 thread: uring IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | uring ÷ epoll | 1 thread: uring ÷ epoll | herd ÷ iscsi-perf | 1 thread: uring ÷ iscsi-perf |\n\
+         | pattern | herd IOPS | herd MiB/s | epoll IOPS | 1 thread: herd IOPS | 1 thread: epoll IOPS | iscsi-perf IOPS | iscsi-perf MiB/s | herd ÷ epoll | 1 thread: herd ÷ epoll | herd ÷ iscsi-perf | 1 thread: herd ÷ iscsi-perf |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for row in &r.rows {
@@ -447,15 +440,15 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
             row.pattern,
             row.herd_median_iops,
             row.herd_mib_s,
-            row.herd_uring_median_iops,
+            row.epoll_median_iops,
             row.herd_1w_median_iops,
-            row.herd_uring_1w_median_iops,
+            row.epoll_1w_median_iops,
             row.iscsi_perf_median_iops,
             row.iscsi_perf_mib_s,
             row.uring_vs_epoll,
             row.uring_1w_vs_epoll_1w,
             row.ratio,
-            row.uring_1w_ratio
+            row.ratio_1w
         ));
     }
     md.push_str(

@@ -98,7 +98,7 @@ pub struct ServeArgs {
     #[arg(long)]
     iscsi_digests: bool,
     /// What drives the sockets to the parent (iSCSI session, NBD
-    /// connections): epoll (default) or uring (a ring each owns).
+    /// connections): uring (default: a ring each owns) or epoll.
     #[arg(long)]
     net_io: Option<String>,
     /// Read the local upstream through the page cache instead of O_DIRECT.
