@@ -34,6 +34,13 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 
+/// Payloads at least this large are received in place (`RingRx::recv_into`,
+/// or `recv(2)` on epoll) and the requests that ask for them go out at once
+/// (`RingTx::send_now`), on the iSCSI session and the NBD client alike:
+/// smaller ones arrive through the multishot receive and are copied, which
+/// costs less than stopping it, and batch with their neighbours' sends.
+pub const DIRECT_MIN: usize = 32 * 1024;
+
 /// user_data of the multishot receive.
 const RECV: u64 = 1;
 /// user_data of the send in flight.

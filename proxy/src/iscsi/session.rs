@@ -27,7 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
-use crate::io::ring_stream::{self, Driven, NetIo, RingRx, RingTx};
+use crate::io::ring_stream::{self, Driven, NetIo, RingRx, RingTx, DIRECT_MIN};
 use crate::io::spin::{Side, Spin};
 
 use super::login::Params;
@@ -58,12 +58,6 @@ pub enum Fault {
 
 /// Bytes asked of each receive.
 const RECV_SIZE: usize = 512 * 1024;
-
-/// Data-In payloads at least this large are read from the socket straight
-/// into their command's buffer (the header first, exactly); smaller ones
-/// come in large receives and are copied, which costs less than a second
-/// syscall per PDU.
-const DIRECT_MIN: usize = 32 * 1024;
 
 struct Pending {
     /// Filled in order (DataPDUInOrder): `..received` is the target's.

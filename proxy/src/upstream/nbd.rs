@@ -21,7 +21,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
 use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult, UpstreamUrl};
-use crate::io::ring_stream::{self, Driven, RingRx, RingTx};
+use crate::io::ring_stream::{self, Driven, RingRx, RingTx, DIRECT_MIN};
 use crate::io::IoBuf;
 use crate::nbd::proto::{self, Info, InfoRequest, Request};
 use crate::net::BoxStream;
@@ -201,12 +201,6 @@ async fn reader_loop(conn: std::sync::Weak<Conn>, mut r: ReadHalf<BoxStream>) {
         c.kill();
     }
 }
-
-/// Payloads at least this large are received in place (`RingRx::recv_into`),
-/// and the headers between them too, while they keep coming; smaller ones
-/// arrive through the multishot receive and are copied, which costs less
-/// than stopping it (the same threshold as the iSCSI session's).
-const DIRECT_MIN: usize = 32 * 1024;
 
 /// What the ring reader does after taking bytes.
 enum Flow {
