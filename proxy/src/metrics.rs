@@ -62,6 +62,7 @@ fn register_at_zero() {
         "herd_upstream_down_total",
         "herd_upstream_deadline_expiries_total",
         "herd_iscsi_ping_failures_total",
+        "herd_iscsi_shared_logins_total",
         "herd_iscsi_commands_total",
         "herd_iscsi_digest_errors_total",
         "herd_iscsi_target_commands_total",
@@ -279,6 +280,10 @@ fn describe() {
         "NOP-Out pings the iSCSI target left unanswered (the session is then dropped)"
     );
     describe_counter!(
+        "herd_iscsi_shared_logins_total",
+        "iSCSI logins refused while another session was live, whose core then read through that session"
+    );
+    describe_counter!(
         "herd_iscsi_digest_errors_total",
         "iSCSI PDUs whose CRC32C header or data digest did not match (the connection is dropped and its commands reissued)"
     );
@@ -331,6 +336,10 @@ pub fn serving() {
 
 pub fn iscsi_ping_failure() {
     counter!("herd_iscsi_ping_failures_total").increment(1);
+}
+/// A core's login was refused and it reads through another session.
+pub fn iscsi_shared_login() {
+    counter!("herd_iscsi_shared_logins_total").increment(1);
 }
 /// A PDU from the target failed its CRC32C header or data digest.
 pub fn iscsi_digest_error() {

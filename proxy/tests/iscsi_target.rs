@@ -161,6 +161,66 @@ fn libiscsi_tools_and_qemu_read_the_image_through_a_leaf() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_core_whose_login_is_refused_reads_through_another_session() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = scratch("iscsi-target-shared");
+    let img_path = dir.join("disk.img");
+    let img = random_image(&img_path, 32 * MIB);
+    // The root admits two connections from the leaf: its start-up session
+    // and one core's. The leaf's two cores each log in a session of their
+    // own (`--connections 4`), so one of them is refused.
+    let (root, port) = start(
+        &dir,
+        "root",
+        img_path.to_str().expect("utf8"),
+        &["--max-connections-per-client", "2"],
+    );
+    let leaf = Herd::start(
+        &dir,
+        "leaf",
+        &url(port),
+        &["--workers", "2", "--connections", "4"],
+    );
+    // Readers on both cores (fewest live connections first).
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let out = dir.join(format!("r{i}.raw"));
+            let child = Command::new("nbdcopy")
+                .args(["--connections", "1"])
+                .arg(leaf.url())
+                .arg(&out)
+                .spawn()
+                .expect("nbdcopy");
+            (child, out)
+        })
+        .collect();
+    for (mut r, out) in readers {
+        assert!(r.wait().expect("wait").success(), "a reader failed");
+        assert_same_file(&out, &img);
+    }
+    assert!(
+        root.metric("herd_nbd_connections_refused_total{reason=\"limit\"}") >= 1.0,
+        "the root refused no login: the test did not test refusal"
+    );
+    assert!(leaf.metric("herd_iscsi_shared_logins_total") >= 1.0);
+    assert_eq!(
+        leaf.log_lines("this core's reads share one of them"),
+        1,
+        "warned once for the refused core"
+    );
+    assert_eq!(
+        leaf.metric("herd_upstream_read_bytes_total"),
+        (32 * MIB) as f64,
+        "each chunk fetched from the root once"
+    );
+    drop(leaf);
+    drop(root);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// qemu copies the image one command at a time (`-m 1`), every byte
 /// checked; returns the target's spin counters (request, idle, µs).
 fn qd1_copy(spin_us: &str) -> (f64, f64, f64) {

@@ -86,9 +86,28 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes asked of GET LBA STATUS at a time: 4095 descriptors.
 const LBA_STATUS_ALLOC: u32 = 64 << 10;
 
-/// One session's place: `None` until logged in, a dead session until a
+/// One session's place: empty until logged in, a dead session until a
 /// read logs in again.
-type Slot = Arc<Mutex<Option<Arc<Session>>>>;
+type Slot = Arc<Mutex<Place>>;
+
+/// How long a core whose login was refused reads through another slot's
+/// session before it tries a login of its own again.
+const LOGIN_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Default)]
+struct Place {
+    session: Option<Arc<Session>>,
+    /// Until when this slot's reads go through another slot's session:
+    /// its last login was refused while others were live (a target that
+    /// caps the sessions of one initiator).
+    borrowing: Option<tokio::time::Instant>,
+}
+
+impl Place {
+    fn live(&self) -> Option<Arc<Session>> {
+        self.session.as_ref().filter(|s| !s.is_dead()).cloned()
+    }
+}
 
 /// The sessions: slot 0 for reads off the cores, then one slot per core
 /// up to a most.
@@ -121,6 +140,16 @@ impl Sessions {
         }
         Arc::clone(&v[i])
     }
+
+    /// A live session of another slot, for a slot that cannot log in.
+    /// Slots busy logging in are skipped, not waited for.
+    fn borrow(&self, from: &Slot) -> Option<Arc<Session>> {
+        let slots = self.list().clone();
+        slots
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, from))
+            .find_map(|s| s.try_lock().ok()?.live())
+    }
 }
 
 pub struct IscsiUpstream {
@@ -148,7 +177,7 @@ impl IscsiUpstream {
             .await
             .map_err(|e| iscsi_err(&t, e))?;
         let sessions = Sessions::new(t.sessions);
-        *sessions.here().lock().await = Some(Arc::clone(&session));
+        sessions.here().lock().await.session = Some(Arc::clone(&session));
         let mut up = Self {
             t,
             sessions: Arc::new(sessions),
@@ -240,10 +269,7 @@ impl IscsiUpstream {
                 // waits for a slot that a login holds (nothing to ping yet).
                 let live: Vec<Arc<Session>> = slots
                     .iter()
-                    .filter_map(|slot| {
-                        let g = slot.try_lock().ok()?;
-                        g.as_ref().filter(|s| !s.is_dead()).cloned()
-                    })
+                    .filter_map(|slot| slot.try_lock().ok()?.live())
                     .collect();
                 let pings = live.iter().enumerate().map(|(i, s)| {
                     (i, async move {
@@ -262,17 +288,24 @@ impl IscsiUpstream {
         });
     }
 
-    /// The calling core's session, logged in (again) if it has none.
+    /// The calling core's session, logged in (again) if it has none. A
+    /// core whose login is refused while another session is live reads
+    /// through that one for `LOGIN_RETRY`, then tries again: a target may
+    /// cap the sessions of one initiator below `connections`.
     async fn session(&self) -> UpstreamResult<Arc<Session>> {
         let slot = self.sessions.here();
         let mut g = slot.lock().await;
-        if let Some(s) = g.as_ref() {
-            if !s.is_dead() {
-                return Ok(Arc::clone(s));
+        if let Some(s) = g.live() {
+            return Ok(s);
+        }
+        let now = tokio::time::Instant::now();
+        if g.borrowing.is_some_and(|until| now < until) {
+            if let Some(s) = self.sessions.borrow(&slot) {
+                return Ok(s);
             }
         }
-        let again = g.is_some();
-        let s = is::connect(
+        let again = g.session.is_some();
+        let login = is::connect(
             &self.t.portal,
             &self.t.spec(),
             self.t.lun,
@@ -280,13 +313,34 @@ impl IscsiUpstream {
             self.t.spin,
         )
         .await
-        .map_err(|e| iscsi_err(&self.t, e))?;
+        .map_err(|e| iscsi_err(&self.t, e));
+        let s = match login {
+            Ok(s) => s,
+            Err(e) => {
+                let Some(other) = self.sessions.borrow(&slot) else {
+                    return Err(e);
+                };
+                crate::metrics::iscsi_shared_login();
+                if g.borrowing.is_none() {
+                    tracing::warn!(
+                        target = %self.t.target,
+                        core = ?crate::cores::current(),
+                        error = %crate::error_chain(&e),
+                        retry_s = LOGIN_RETRY.as_secs(),
+                        "iSCSI login refused while other sessions are live; this core's reads share one of them"
+                    );
+                }
+                g.borrowing = Some(tokio::time::Instant::now() + LOGIN_RETRY);
+                return Ok(other);
+            }
+        };
         if again {
             tracing::info!(target = %self.t.target, core = ?crate::cores::current(), "iSCSI session re-established");
         } else {
             tracing::info!(target = %self.t.target, core = ?crate::cores::current(), "iSCSI session established");
         }
-        *g = Some(Arc::clone(&s));
+        g.session = Some(Arc::clone(&s));
+        g.borrowing = None;
         Ok(s)
     }
 

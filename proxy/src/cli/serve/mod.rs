@@ -74,7 +74,8 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics: Option<String>,
     /// Connections to the parent (default 4): NBD connections, or iSCSI
-    /// sessions (one per core up to this many, cores beyond sharing).
+    /// sessions (one per core up to this many, cores beyond sharing; a
+    /// core whose login the target refuses shares another's).
     #[arg(long)]
     connections: Option<usize>,
     /// Seconds to keep retrying an unreachable parent at startup (default 30).
