@@ -28,6 +28,7 @@
 //! iscsi_recovery = 30    # seconds reads wait for a lost target
 //! iscsi_digests = false  # offer CRC32C header/data digests
 //! net_io = "uring"       # or "epoll": what drives the sockets to the parent
+//! cache_writes = "direct" # or "buffered": fetched runs written past the page cache or through it
 //! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
 //! manifest = "/srv/golden.img.herd-manifest"  # root only: made by `herd manifest build`
 //! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
@@ -160,6 +161,7 @@ pub struct FileConfig {
     pub reply_buffer: Option<String>,
     pub fetch_buffer: Option<String>,
     pub cache_size: Option<String>,
+    pub cache_writes: Option<String>,
     pub listen_iscsi: Option<Vec<String>>,
     pub iscsi_target_iqn: Option<String>,
     pub iscsi_target_chap: Option<PathBuf>,
@@ -253,6 +255,8 @@ pub struct ServeConfig {
     /// Fetched bytes that may wait in memory to be written to the cache
     /// disk; fetching waits beyond it.
     pub fetch_buffer: u64,
+    /// How fetched runs reach the cache's data file.
+    pub cache_writes: crate::cache::CacheWrites,
     /// `--spin-us`: how long an NBD connection that sends back to back is
     /// polled for its next request, and the iSCSI upstream session with
     /// one command in flight for its answer, before the task sleeps
@@ -429,6 +433,7 @@ impl FileConfig {
             reply_buffer: other.reply_buffer.or(self.reply_buffer),
             fetch_buffer: other.fetch_buffer.or(self.fetch_buffer),
             cache_size: other.cache_size.or(self.cache_size),
+            cache_writes: other.cache_writes.or(self.cache_writes),
             listen_iscsi: other
                 .listen_iscsi
                 .filter(|l| !l.is_empty())
@@ -798,8 +803,13 @@ impl FileConfig {
             None => NetIo::default(),
             Some(s) => s.parse().map_err(|e| inv("net_io", e))?,
         };
+        let cache_writes = match self.cache_writes.as_deref() {
+            None => crate::cache::CacheWrites::default(),
+            Some(s) => s.parse().map_err(|e| inv("cache_writes", e))?,
+        };
         Ok(ServeConfig {
             net_io,
+            cache_writes,
             tls,
             allow,
             limits,
@@ -1006,6 +1016,23 @@ mod tests {
         assert_eq!(io("iscsi_socket = \"epoll\"\n").ok(), Some(NetIo::Epoll));
         let e = io("net_io = \"iouring\"\n").expect_err("typo");
         assert!(e.to_string().contains("net_io"), "{e}");
+    }
+
+    #[test]
+    fn cache_writes_default_to_direct_and_a_typo_is_refused() {
+        use crate::cache::CacheWrites;
+        let w = |extra: &str| minimal_with(extra).map(|c| c.cache_writes);
+        assert_eq!(w("").ok(), Some(CacheWrites::Direct));
+        assert_eq!(
+            w("cache_writes = \"buffered\"\n").ok(),
+            Some(CacheWrites::Buffered)
+        );
+        assert_eq!(
+            w("cache_writes = \"direct\"\n").ok(),
+            Some(CacheWrites::Direct)
+        );
+        let e = w("cache_writes = \"o_direct\"\n").expect_err("typo");
+        assert!(e.to_string().contains("cache_writes"), "{e}");
     }
 
     #[test]

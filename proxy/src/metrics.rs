@@ -185,6 +185,10 @@ fn describe() {
         "herd_cache_uncached_bytes_total",
         "fetched bytes served but not cached (disk full, or no room under the cap)"
     );
+    describe_counter!(
+        "herd_cache_written_bytes_total",
+        "bytes written to the cache's data file, by mode: direct (O_DIRECT, past the page cache) or buffered"
+    );
     describe_gauge!("herd_cache_chunks_total", "chunks in the image");
     describe_gauge!(
         "herd_cache_chunks_zero",
@@ -448,6 +452,8 @@ pub struct ImageMetrics {
     capacity: Gauge,
     evicted: Counter,
     uncached: Counter,
+    /// Bytes written to the data file: [direct, buffered].
+    written: [Counter; 2],
     disk_full: Gauge,
     digest: [Counter; 3],
     prefetch_done: Gauge,
@@ -482,6 +488,11 @@ impl ImageMetrics {
             c.increment(0);
             c
         });
+        let written = ["direct", "buffered"].map(|mode| {
+            let c = counter!("herd_cache_written_bytes_total", "image" => image.to_owned(), "mode" => mode);
+            c.increment(0);
+            c
+        });
         Self {
             hits: c("herd_chunk_hits_total"),
             misses: c("herd_chunk_misses_total"),
@@ -495,6 +506,7 @@ impl ImageMetrics {
             capacity: g("herd_cache_capacity_chunks"),
             evicted: c("herd_cache_evicted_chunks_total"),
             uncached: c("herd_cache_uncached_bytes_total"),
+            written,
             disk_full: g("herd_cache_disk_full"),
             digest,
             prefetch_done: g("herd_prefetch_chunks_done"),
@@ -564,6 +576,9 @@ impl ImageMetrics {
     }
     pub fn uncached_bytes(&self, n: u64) {
         self.uncached.increment(n);
+    }
+    pub fn written_bytes(&self, direct: bool, n: u64) {
+        self.written[usize::from(!direct)].increment(n);
     }
     pub fn image_size(&self, n: u64) {
         self.size.set(n as f64);

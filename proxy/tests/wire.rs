@@ -172,6 +172,11 @@ fn large_cached_reads_leave_zero_copy_in_order_and_intact() {
     }
     // 8 MiB in 1 MiB chunks.
     assert_eq!(h.metric_eventually("herd_cache_chunks_present", 8.0), 8.0);
+    // Written past the page cache: the next reads come from disk, copied,
+    // and bring the chunks into the page cache.
+    for off in (0..data.len()).step_by(MIB).rev() {
+        assert_eq!(c.read(off as u64, MIB as u32), data[off..off + MIB]);
+    }
     assert_eq!(h.metric("herd_served_zero_copy_bytes_total"), 0.0);
     // Warm: large reads at odd offsets, across chunk boundaries, pipelined
     // with small ones whose replies are buffered: replies must still come
@@ -206,6 +211,66 @@ fn large_cached_reads_leave_zero_copy_in_order_and_intact() {
         large as f64,
         "every large warm read was sendfile'd"
     );
+}
+
+#[test]
+fn direct_cache_writes_leave_the_page_cache_alone_and_buffered_ones_fill_it() {
+    for (mode, other, resident) in [("direct", "buffered", false), ("buffered", "direct", true)] {
+        // 8 MiB read whole, a ninth chunk by a small read.
+        let (dir, data, h) = root_with(
+            &format!("writes-{mode}"),
+            9 * MIB,
+            &["--export-name", "golden", "--cache-writes", mode],
+        );
+        let whole = 8 * MIB;
+        let mut c = RawClient::connect(h.port, "golden");
+        for off in (0..whole).step_by(MIB).rev() {
+            assert_eq!(c.read(off as u64, MIB as u32), data[off..off + MIB]);
+        }
+        assert_eq!(h.metric_eventually("herd_cache_chunks_present", 8.0), 8.0);
+        let written =
+            |m: &str| h.metric(&format!("herd_cache_written_bytes_total{{mode=\"{m}\"}}"));
+        assert_eq!(written(mode), whole as f64, "{mode}");
+        assert_eq!(written(other), 0.0, "{mode}");
+        let file = std::fs::File::open(dir.join("root-cache").join(herd::cache::DATA_FILE))
+            .expect("cache data file");
+        let cached = |off: usize, len: usize| {
+            herd::io::pagecache::is_resident(&file, off as u64, len as u64)
+        };
+        assert_eq!(
+            cached(0, whole),
+            resident,
+            "{mode}: whole reads' chunks in the page cache"
+        );
+        // A small read's chunk goes through the page cache either way: its
+        // neighbours are likely read next.
+        let off = whole + 4096;
+        assert_eq!(c.read(off as u64, 4096), data[off..off + 4096]);
+        assert_eq!(h.metric_eventually("herd_cache_chunks_present", 9.0), 9.0);
+        assert_eq!(
+            written("buffered"),
+            (9 * MIB - if resident { 0 } else { whole }) as f64
+        );
+        assert!(cached(whole, MIB), "{mode}: the small read's chunk");
+        // Either way the cache serves the image, and a read brings it in.
+        for off in (0..whole).step_by(MIB) {
+            assert_eq!(c.read(off as u64, MIB as u32), data[off..off + MIB]);
+        }
+        assert!(cached(0, whole), "{mode}");
+    }
+}
+
+#[test]
+fn a_read_over_fetched_runs_and_a_cached_chunk_comes_back_whole() {
+    let (_dir, data, h) = root("pieces", 4 * MIB);
+    let mut c = RawClient::connect(h.port, "golden");
+    assert_eq!(c.read(MIB as u64, MIB as u32), data[MIB..2 * MIB]);
+    assert_eq!(h.metric_eventually("herd_cache_chunks_present", 1.0), 1.0);
+    // Chunk 0 (three quarters of its run: shared), chunk 1 (from disk),
+    // chunk 2 (a quarter of its run: copied), in one reply.
+    let (off, len) = (MIB / 4, 2 * MIB);
+    assert_eq!(c.read(off as u64, len as u32), data[off..off + len]);
+    assert_eq!(h.metric("herd_chunk_misses_total"), 3.0);
 }
 
 #[test]

@@ -132,6 +132,17 @@ enum Part {
     Shared(Arc<ChunkCache>, u64),
 }
 
+/// A stretch of a read's range with one source (`pieces_from`).
+enum Span {
+    /// Bytes of a fetched run.
+    Mem(Arc<IoBuf>, std::ops::Range<usize>),
+    /// On disk: offset, length.
+    Disk(u64, usize),
+    Zero(usize),
+    /// Another image's chunk: donor, its chunk, our offset, length.
+    Shared(Arc<ChunkCache>, u64, u64, usize),
+}
+
 /// A chunk as `begin_range` found it.
 enum Claim {
     Present,
@@ -227,6 +238,11 @@ pub struct ChunkCache {
     zero_count: u64,
     engine: Engine,
     data: Arc<File>,
+    /// The data file opened `O_DIRECT` (`set_direct_writes`): where
+    /// aligned demand runs are written, past the page cache.
+    direct: std::sync::OnceLock<Arc<File>>,
+    /// Set when a direct write was refused (EINVAL): buffered from then on.
+    direct_refused: std::sync::atomic::AtomicBool,
     data_path: PathBuf,
     bitmap: Bitmap,
     chunk_size: u64,
@@ -280,6 +296,34 @@ impl Ask {
         borrow: true,
     };
 }
+
+/// How fetched runs reach the data file: `cache_writes` in the
+/// configuration (DESIGN.md, "Cache writes").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheWrites {
+    /// `O_DIRECT` for large runs a reader takes as they arrive
+    /// (`ChunkCache::set_direct_writes`).
+    #[default]
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+impl std::str::FromStr for CacheWrites {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(Self::Direct),
+            "buffered" => Ok(Self::Buffered),
+            other => Err(format!("`{other}` is neither direct nor buffered")),
+        }
+    }
+}
+
+/// Smallest run written past the page cache: below it ext4's journalled
+/// allocation per direct write costs more than the copy it saves (the
+/// bench's cold 64K random row was a tenth slower written direct).
+const DIRECT_WRITE_MIN: u64 = 256 << 10;
 
 /// Who asked for a fetch: clients always go first.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -355,6 +399,8 @@ impl ChunkCache {
             zero_count,
             engine,
             data: Arc::new(data),
+            direct: std::sync::OnceLock::new(),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
             data_path: dir.join(DATA_FILE),
             bitmap,
             chunk_size: u64::from(chunk_size),
@@ -759,11 +805,44 @@ impl ChunkCache {
         self.read_from(offset, len, Ask::READ).await
     }
 
+    /// `read` for a reply that can go out in pieces: a range over several
+    /// fetched runs comes back as the runs' own bytes (each shared when
+    /// it is at least half of its run, else copied), not copied into one
+    /// buffer. Together the pieces are the range, in order.
+    ///
+    /// # Errors
+    /// As `read`.
+    pub async fn read_pieces(self: &Arc<Self>, offset: u64, len: usize) -> CacheResult<Vec<Data>> {
+        self.pieces_from(offset, len, Ask::READ).await
+    }
+
     /// `read`, counted and borrowing as `ask` says.
     async fn read_from(self: &Arc<Self>, offset: u64, len: usize, ask: Ask) -> CacheResult<Data> {
+        let mut pieces = self.pieces_from(offset, len, ask).await?;
+        if pieces.len() == 1 {
+            if let Some(one) = pieces.pop() {
+                return Ok(one);
+            }
+        }
+        let mut out = IoBuf::scratch(len);
+        let mut at = 0;
+        for p in &pieces {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(Data::Owned(out))
+    }
+
+    /// `read_from` as pieces that together are the range.
+    async fn pieces_from(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        ask: Ask,
+    ) -> CacheResult<Vec<Data>> {
         self.check_range(offset, len as u64)?;
         if len as u64 > 2 * MAX_RUN_BYTES && !self.all_present(offset, len as u64) {
-            return self.read_in_steps(offset, len, ask).await;
+            return Ok(vec![self.read_in_steps(offset, len, ask).await?]);
         }
         self.verify_range(offset, len as u64).await?;
         let (parts, _pin) = loop {
@@ -781,37 +860,60 @@ impl ChunkCache {
         };
         if parts.iter().all(|(_, p)| matches!(p, Part::Disk)) {
             // Hit path: every chunk is on disk, one pread.
-            return self.read_disk(offset, len).await.map(Data::Owned);
+            return Ok(vec![Data::Owned(self.read_disk(offset, len).await?)]);
         }
         if parts.iter().all(|(_, p)| matches!(p, Part::Zero)) {
-            return Ok(Data::Owned(IoBuf::zeroed(len)));
+            return Ok(vec![Data::Owned(IoBuf::zeroed(len))]);
         }
         if let Some(shared) = self.within_one_run(offset, len, &parts) {
             // Typical miss: the range lies in one fetched run; no copy.
-            return Ok(shared);
+            return Ok(vec![shared]);
         }
-        // Every byte belongs to one of the range's chunks and is copied in
-        // (zero chunks are left as they are).
-        let mut out = IoBuf::zeroed(len);
+        // Each chunk's bytes, neighbours from one run or from disk merged.
         let end = offset + len as u64;
+        let mut spans: Vec<Span> = Vec::new();
         for (chunk, part) in parts {
             let c0 = chunk * self.chunk_size;
             let (from, to) = (offset.max(c0), end.min(c0 + self.chunk_size));
-            let dst = usize::try_from(from - offset).unwrap_or(0)
-                ..usize::try_from(to - offset).unwrap_or(0);
-            match part {
+            let n = usize::try_from(to - from).unwrap_or(0);
+            let next = match part {
                 Part::Mem(piece) => {
-                    let src = piece.at + usize::try_from(from - c0).unwrap_or(0);
-                    out[dst.clone()].copy_from_slice(&piece.run[src..src + dst.len()]);
+                    let at = piece.at + usize::try_from(from - c0).unwrap_or(0);
+                    Span::Mem(piece.run, at..at + n)
                 }
-                Part::Disk => {
-                    let piece = self.read_disk(from, dst.len()).await?;
-                    out[dst].copy_from_slice(&piece);
+                Part::Disk => Span::Disk(from, n),
+                Part::Zero => Span::Zero(n),
+                Part::Shared(donor, dc) => Span::Shared(donor, dc, from, n),
+            };
+            match (spans.last_mut(), next) {
+                (Some(Span::Mem(run, r)), Span::Mem(next_run, nr))
+                    if Arc::ptr_eq(run, &next_run) && r.end == nr.start =>
+                {
+                    r.end = nr.end;
                 }
-                Part::Shared(donor, dc) => {
-                    let piece = match donor.lend(dc, from - c0, dst.len()).await {
+                (Some(Span::Disk(at, m)), Span::Disk(..)) => {
+                    debug_assert_eq!(*at + *m as u64, from);
+                    *m += n;
+                }
+                (Some(Span::Zero(m)), Span::Zero(k)) => *m += k,
+                (_, next) => spans.push(next),
+            }
+        }
+        let mut out = Vec::with_capacity(spans.len());
+        for span in spans {
+            out.push(match span {
+                // Shared only when the piece is most of its run: a reply
+                // keeps all of the run alive, the budget counts the piece.
+                Span::Mem(run, r) if r.len().saturating_mul(2) >= run.len() => {
+                    Data::Shared { run, range: r }
+                }
+                Span::Mem(run, r) => Data::Owned(IoBuf::from_slice(&run[r])),
+                Span::Disk(at, n) => Data::Owned(self.read_disk(at, n).await?),
+                Span::Zero(n) => Data::Owned(IoBuf::zeroed(n)),
+                Span::Shared(donor, dc, from, n) => {
+                    match donor.lend(dc, from % self.chunk_size, n).await {
                         Some(piece) => {
-                            self.metrics.shared_read(dst.len() as u64);
+                            self.metrics.shared_read(n as u64);
                             Data::Owned(piece)
                         }
                         // Gone from there meanwhile (evicted, retired):
@@ -821,15 +923,13 @@ impl ChunkCache {
                                 borrow: false,
                                 ..ask
                             };
-                            Box::pin(self.read_from(from, dst.len(), own)).await?
+                            Box::pin(self.read_from(from, n, own)).await?
                         }
-                    };
-                    out[dst].copy_from_slice(&piece);
+                    }
                 }
-                Part::Zero => {}
-            }
+            });
         }
-        Ok(Data::Owned(out))
+        Ok(out)
     }
 
     /// A large read that misses, gathered one run at a time with the
@@ -853,13 +953,14 @@ impl ChunkCache {
             ..ask
         };
         let step = usize::try_from(MAX_RUN_BYTES).unwrap_or(usize::MAX);
-        let mut out = IoBuf::zeroed(len);
+        // Every byte is copied in below, or the read fails.
+        let mut out = IoBuf::scratch(len);
         let mut at = 0;
         while at < len {
             let n = (len - at).min(step);
             let upto = ((offset + (at + n) as u64 - 1) / cs + ahead).min(last);
             if started <= upto {
-                drop(self.begin_range(started, upto, ask, Class::Demand));
+                drop(self.begin_range(started, upto, ask, Class::Demand, true));
                 started = upto + 1;
             }
             let piece = Box::pin(self.read_from(offset + at as u64, n, step_ask)).await?;
@@ -1011,7 +1112,8 @@ impl ChunkCache {
             return Ok(());
         };
         // Each fetched run is let go as it arrives: nothing is held.
-        for (chunk, claim) in self.begin_range(first, last, Ask::READ, Class::Demand) {
+        // Nobody takes these bytes now; a reader will, from the page cache.
+        for (chunk, claim) in self.begin_range(first, last, Ask::READ, Class::Demand, false) {
             if let Claim::Fetch(rx) = claim {
                 Self::wait_fetch(chunk, rx).await?;
             }
@@ -1029,7 +1131,7 @@ impl ChunkCache {
         let len = len.min(self.size - offset);
         let first = offset / self.chunk_size;
         let last = (offset + len - 1) / self.chunk_size;
-        drop(self.begin_range(first, last, Ask::AHEAD, Class::Demand));
+        drop(self.begin_range(first, last, Ask::AHEAD, Class::Demand, true));
     }
 
     /// Whether chunk `c` needs no fetch: on disk, all zeros, or held by
@@ -1115,7 +1217,7 @@ impl ChunkCache {
         if first > last {
             return Ok(true);
         }
-        let claims = self.begin_range(first, last, Ask::AHEAD, Class::Prefetch);
+        let claims = self.begin_range(first, last, Ask::AHEAD, Class::Prefetch, false);
         if claims.is_empty() {
             return Ok(false);
         }
@@ -1166,7 +1268,10 @@ impl ChunkCache {
         // Start every missing chunk's fetch before waiting on any, so a
         // chunk-spanning read fetches its chunks in parallel (adjacent ones
         // in one upstream read).
-        let started = self.begin_range(first, last, ask, Class::Demand);
+        // A read that wants at least half of its chunks' bytes; a small
+        // one's neighbours in its chunk are likely read next, from memory.
+        let most = len.saturating_mul(2) >= (last - first + 1) * self.chunk_size;
+        let started = self.begin_range(first, last, ask, Class::Demand, most);
         let mut parts = Vec::with_capacity(started.len());
         for (chunk, claim) in started {
             let part = match claim {
@@ -1184,12 +1289,17 @@ impl ChunkCache {
     /// its fetch. Missing chunks that nobody fetches yet are claimed under
     /// one lock and fetched in runs of adjacent chunks. Prefetch gets
     /// nothing (empty) when the range has no room under the cap.
+    /// `direct`: the runs may be written past the page cache, because a
+    /// reader takes most of their bytes from memory as they arrive (a
+    /// large read, or read-ahead for a sequential one), so a later read of
+    /// the same chunks is unlikely to follow at once.
     fn begin_range(
         self: &Arc<Self>,
         first: u64,
         last: u64,
         ask: Ask,
         class: Class,
+        direct: bool,
     ) -> Vec<(u64, Claim)> {
         let count = ask.count;
         let mut out = Vec::new();
@@ -1263,7 +1373,8 @@ impl ChunkCache {
             if class == Class::Demand {
                 self.demand_inflight.fetch_add(1, Ordering::AcqRel);
             }
-            tokio::spawn(async move { this.fetch_and_persist(start, txs, class).await });
+            let direct = direct && class == Class::Demand;
+            tokio::spawn(async move { this.fetch_and_persist(start, txs, class, direct).await });
         }
         out
     }
@@ -1297,6 +1408,7 @@ impl ChunkCache {
         start: u64,
         txs: Vec<watch::Sender<FetchState>>,
         class: Class,
+        direct: bool,
     ) {
         let n = txs.len() as u64;
         let offset = start * self.chunk_size;
@@ -1340,7 +1452,7 @@ impl ChunkCache {
                 at: i * cs,
             })));
         }
-        if let Err(e) = self.persist(start, n, offset, &run, class).await {
+        if let Err(e) = self.persist(start, n, offset, &run, class, direct).await {
             // Readers already have their bytes; the chunks are simply
             // fetched again next time.
             tracing::warn!(chunk = start, error = %crate::error_chain(&e), "caching chunks failed");
@@ -1390,7 +1502,10 @@ impl ChunkCache {
                         run: Arc::clone(&bytes),
                         at: 0,
                     })));
-                    if let Err(e) = self.persist(c, 1, c * self.chunk_size, &bytes, class).await {
+                    if let Err(e) = self
+                        .persist(c, 1, c * self.chunk_size, &bytes, class, false)
+                        .await
+                    {
                         tracing::warn!(chunk = c, error = %crate::error_chain(&e), "caching chunk failed");
                     }
                 }
@@ -1459,6 +1574,7 @@ impl ChunkCache {
         offset: u64,
         buf: &Arc<IoBuf>,
         class: Class,
+        direct: bool,
     ) -> CacheResult<()> {
         if self.full.is_full() {
             self.full.skip(buf.len() as u64);
@@ -1474,11 +1590,7 @@ impl ChunkCache {
             },
             None => None,
         };
-        if let Err(e) = self
-            .engine
-            .write_shared(&self.data, offset, Arc::clone(buf))
-            .await
-        {
+        if let Err(e) = self.write_run(offset, buf, direct).await {
             return self.no_space(start, offset, buf.len(), e, "write");
         }
         if let Err(e) = self.make_durable().await {
@@ -1487,6 +1599,78 @@ impl ChunkCache {
         self.bitmap.set_range(start..start + n)?;
         (start..start + n).for_each(|c| self.touch(c));
         self.metrics.chunks_present(self.bitmap.count());
+        Ok(())
+    }
+
+    /// Writes large runs that a reader takes from memory as they arrive
+    /// past the page cache (`O_DIRECT`) from now on; call once, before
+    /// serving. Caching them in memory as well costs a copy and page-cache
+    /// upkeep on the relay's hot path; a later hit reads them from disk
+    /// once (DESIGN.md, "Cache writes"). Returns false (and writes stay
+    /// buffered) if the file system refuses `O_DIRECT`.
+    pub fn set_direct_writes(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        match File::options()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.data_path)
+        {
+            Ok(f) => {
+                let _ = self.direct.set(Arc::new(f));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %self.data_path.display(),
+                    error = %e,
+                    "the cache's filesystem refuses O_DIRECT; cache writes stay buffered"
+                );
+                false
+            }
+        }
+    }
+
+    /// Writes one verified run to the data file: direct when its fetch
+    /// allowed it (`begin_range`), it is large and aligned for `O_DIRECT`
+    /// (all but the image's short last chunk) and direct writes are on;
+    /// buffered otherwise.
+    async fn write_run(&self, offset: u64, buf: &Arc<IoBuf>, direct: bool) -> std::io::Result<()> {
+        let align = crate::io::buf::ALIGN as u64;
+        let len = buf.len() as u64;
+        let direct = self.direct.get().filter(|_| {
+            direct
+                && len >= DIRECT_WRITE_MIN
+                && offset.is_multiple_of(align)
+                && len.is_multiple_of(align)
+                && !self.direct_refused.load(Ordering::Relaxed)
+        });
+        if let Some(file) = direct {
+            match self
+                .engine
+                .write_shared(file, offset, Arc::clone(buf))
+                .await
+            {
+                Ok(()) => {
+                    self.metrics.written_bytes(true, len);
+                    return Ok(());
+                }
+                // A filesystem may open O_DIRECT yet refuse the write.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if !self.direct_refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            path = %self.data_path.display(),
+                            error = %e,
+                            "a direct cache write was refused; cache writes are buffered from now on"
+                        );
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.engine
+            .write_shared(&self.data, offset, Arc::clone(buf))
+            .await?;
+        self.metrics.written_bytes(false, len);
         Ok(())
     }
 

@@ -279,6 +279,9 @@ pub(super) async fn open_version(
     )
     .with_context(|| format!("cannot use cache directory {}", dir.display()))?;
     cache.set_fetch_buffer(cfg.fetch_buffer);
+    if cfg.cache_writes == herd::cache::CacheWrites::Direct {
+        cache.set_direct_writes();
+    }
     if let Some(bytes) = image.cache_size {
         cache
             .set_cache_size(bytes)

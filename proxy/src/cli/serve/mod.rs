@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// are evicted, a boot profile's last.
     #[arg(long)]
     cache_size: Option<String>,
+    /// How fetched runs reach the cache's data file: direct (default:
+    /// O_DIRECT, past the page cache, for large runs a reader takes from
+    /// memory as they arrive; the rest buffered) or buffered.
+    #[arg(long)]
+    cache_writes: Option<String>,
     /// Also serve the image as a read-only iSCSI LUN (LUN 0) on HOST:PORT
     /// (repeatable; 3260 is iSCSI's port).
     #[arg(long)]
@@ -263,6 +268,7 @@ impl ServeArgs {
             reply_buffer: self.reply_buffer,
             fetch_buffer: self.fetch_buffer,
             cache_size: self.cache_size,
+            cache_writes: self.cache_writes,
             listen_iscsi: Some(self.listen_iscsi),
             iscsi_target_iqn: self.iscsi_target_iqn,
             iscsi_target_chap: self.iscsi_target_chap,

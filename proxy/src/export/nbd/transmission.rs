@@ -64,6 +64,9 @@ enum Reply {
 /// data file that the writer `sendfile`s.
 enum Payload {
     Buf(Data),
+    /// A range over several fetched runs, sent piece after piece
+    /// (`ChunkCache::read_pieces`): no copy into one buffer.
+    Parts(Vec<Data>),
     File {
         offset: u64,
         len: usize,
@@ -85,6 +88,7 @@ impl Payload {
     fn len(&self) -> usize {
         match self {
             Self::Buf(b) | Self::Side(b) => b.len(),
+            Self::Parts(p) => p.iter().map(|d| d.len()).sum(),
             Self::File { len, .. } => *len,
             Self::Sparse { spans, .. } => spans
                 .iter()
@@ -460,9 +464,12 @@ async fn execute(export: &Arc<Export>, req: &Request, structured: bool) -> Reply
             data.map(|data| Some(Payload::Sparse { data, spans }))
         } else {
             cache
-                .read(req.offset, req.length as usize)
+                .read_pieces(req.offset, req.length as usize)
                 .await
-                .map(|b| Some(Payload::Buf(b)))
+                .map(|mut p| match p.len() {
+                    1 => p.pop().map(Payload::Buf),
+                    _ => Some(Payload::Parts(p)),
+                })
         }
     } else {
         cache
@@ -693,6 +700,15 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                     w.send_with(&d).await?;
                 }
                 Some(Payload::Buf(d) | Payload::Side(d)) => w.push(&d).await?,
+                Some(Payload::Parts(parts)) => {
+                    for d in parts {
+                        if d.len() >= LARGE {
+                            w.send_with(&d).await?;
+                        } else {
+                            w.push(&d).await?;
+                        }
+                    }
+                }
                 Some(Payload::File { offset, len }) => {
                     w.send_file(offset, len).await?;
                     w.cache.metrics().served_zero_copy(len as u64);
