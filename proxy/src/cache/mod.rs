@@ -1373,7 +1373,6 @@ impl ChunkCache {
             if class == Class::Demand {
                 self.demand_inflight.fetch_add(1, Ordering::AcqRel);
             }
-            let direct = direct && class == Class::Demand;
             tokio::spawn(async move { this.fetch_and_persist(start, txs, class, direct).await });
         }
         out

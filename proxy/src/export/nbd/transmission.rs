@@ -524,6 +524,16 @@ impl ReplyWriter {
         Ok(())
     }
 
+    /// Queues `data`, or sends it at once with what is pending if large
+    /// (no copy into the pending buffer).
+    async fn send_bytes(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if data.len() >= LARGE {
+            self.send_with(data).await
+        } else {
+            self.push(data).await
+        }
+    }
+
     /// Sends `pending` and `data` together.
     async fn send_with(&mut self, data: &[u8]) -> std::io::Result<()> {
         let total = self.pending.len() + data.len();
@@ -651,11 +661,7 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                 );
                 hdr.extend_from_slice(&at.to_be_bytes());
                 w.push(&hdr).await?;
-                if bytes.len() >= LARGE {
-                    w.send_with(bytes).await?;
-                } else {
-                    w.push(bytes).await?;
-                }
+                w.send_bytes(bytes).await?;
                 sent += len;
             }
             if sent > 0 {
@@ -696,17 +702,10 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
             w.push(&hdr).await?;
             let side = matches!(data, Some(Payload::Side(_)));
             match data {
-                Some(Payload::Buf(d) | Payload::Side(d)) if d.len() >= LARGE => {
-                    w.send_with(&d).await?;
-                }
-                Some(Payload::Buf(d) | Payload::Side(d)) => w.push(&d).await?,
+                Some(Payload::Buf(d) | Payload::Side(d)) => w.send_bytes(&d).await?,
                 Some(Payload::Parts(parts)) => {
                     for d in parts {
-                        if d.len() >= LARGE {
-                            w.send_with(&d).await?;
-                        } else {
-                            w.push(&d).await?;
-                        }
+                        w.send_bytes(&d).await?;
                     }
                 }
                 Some(Payload::File { offset, len }) => {
