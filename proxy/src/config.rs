@@ -29,6 +29,7 @@
 //! iscsi_digests = false  # offer CRC32C header/data digests
 //! net_io = "uring"       # or "epoll": what drives the sockets to the parent
 //! cache_writes = "direct" # or "buffered": fetched runs written past the page cache or through it
+//! hit_send = "auto"      # or "sendfile"/"copy": how large reads from the page cache leave
 //! profile = "/etc/herd/boot.profile"  # root only: children learn it from the parent
 //! manifest = "/srv/golden.img.herd-manifest"  # root only: made by `herd manifest build`
 //! record_profile = "/var/lib/herd/seen.profile"  # record what clients read
@@ -169,6 +170,7 @@ pub struct FileConfig {
     pub idle_timeout: Option<u64>,
     pub write_timeout: Option<u64>,
     pub spin_us: Option<u64>,
+    pub hit_send: Option<String>,
     /// `[[image]]` tables: several images (file only).
     pub image: Option<Vec<ImageFile>>,
     pub retire_after: Option<f64>,
@@ -262,6 +264,8 @@ pub struct ServeConfig {
     /// one command in flight for its answer, before the task sleeps
     /// (zero: never).
     pub spin: std::time::Duration,
+    /// How large resident hits leave (`--hit-send`).
+    pub hit_send: crate::export::nbd::zerocopy::HitSend,
     /// What drives the sockets to the parent.
     pub net_io: NetIo,
     /// herd's own iSCSI target (`--listen-iscsi`).
@@ -446,6 +450,7 @@ impl FileConfig {
             idle_timeout: other.idle_timeout.or(self.idle_timeout),
             write_timeout: other.write_timeout.or(self.write_timeout),
             spin_us: other.spin_us.or(self.spin_us),
+            hit_send: other.hit_send.or(self.hit_send),
             image: other.image.or(self.image),
             retire_after: other.retire_after.or(self.retire_after),
         }
@@ -807,9 +812,14 @@ impl FileConfig {
             None => crate::cache::CacheWrites::default(),
             Some(s) => s.parse().map_err(|e| inv("cache_writes", e))?,
         };
+        let hit_send = match self.hit_send.as_deref() {
+            None => crate::export::nbd::zerocopy::HitSend::default(),
+            Some(s) => s.parse().map_err(|e| inv("hit_send", e))?,
+        };
         Ok(ServeConfig {
             net_io,
             cache_writes,
+            hit_send,
             tls,
             allow,
             limits,
@@ -1033,6 +1043,22 @@ mod tests {
         );
         let e = w("cache_writes = \"o_direct\"\n").expect_err("typo");
         assert!(e.to_string().contains("cache_writes"), "{e}");
+    }
+
+    #[test]
+    fn hit_send_defaults_to_auto_and_a_typo_is_refused() {
+        use crate::export::nbd::zerocopy::HitSend;
+        let w = |extra: &str| minimal_with(extra).map(|c| c.hit_send);
+        assert_eq!(w("").ok(), Some(HitSend::Auto));
+        for (text, want) in [
+            ("auto", HitSend::Auto),
+            ("sendfile", HitSend::Sendfile),
+            ("copy", HitSend::Copy),
+        ] {
+            assert_eq!(w(&format!("hit_send = \"{text}\"\n")).ok(), Some(want));
+        }
+        let e = w("hit_send = \"splice\"\n").expect_err("typo");
+        assert!(e.to_string().contains("hit_send"), "{e}");
     }
 
     #[test]

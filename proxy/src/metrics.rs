@@ -79,6 +79,7 @@ fn register_at_zero() {
         "herd_cache_unpersisted_bytes",
         "herd_cache_unpersisted_bytes_peak",
         "herd_nbd_connections_open",
+        "herd_nbd_local_streams",
     ] {
         gauge!(name).set(0.0);
     }
@@ -119,6 +120,11 @@ fn describe() {
         "herd_served_zero_copy_bytes_total",
         Unit::Bytes,
         "of those, bytes sendfile'd from the cache's page cache without a copy"
+    );
+    describe_counter!(
+        "herd_served_hit_copy_bytes_total",
+        Unit::Bytes,
+        "of those, large resident hits copied into the socket instead, while several clients on this host streamed (hit_send)"
     );
     describe_counter!(
         "herd_served_side_bytes_total",
@@ -307,6 +313,10 @@ fn describe() {
     );
     describe_gauge!("herd_nbd_connections_open", "NBD connections open now");
     describe_gauge!(
+        "herd_nbd_local_streams",
+        "NBD connections from this host with large page-cache hits queued now (two or more: hits are copied, hit_send = auto)"
+    );
+    describe_gauge!(
         "herd_core_connections",
         "client connections (NBD and iSCSI) live on each connection thread"
     );
@@ -385,6 +395,10 @@ pub fn connection() {
 pub fn connections_open(n: usize) {
     gauge!("herd_nbd_connections_open").set(n as f64);
 }
+#[allow(clippy::cast_precision_loss)]
+pub fn local_streams(n: usize) {
+    gauge!("herd_nbd_local_streams").set(n as f64);
+}
 /// A connection closed before negotiation: `reason` is one of
 /// `REFUSAL_REASONS`.
 pub fn connection_refused(reason: &'static str) {
@@ -446,6 +460,7 @@ pub struct ImageMetrics {
     upstream_read: Counter,
     served: Counter,
     served_zero_copy: Counter,
+    served_hit_copy: Counter,
     present: Gauge,
     total: Gauge,
     zero: Gauge,
@@ -500,6 +515,7 @@ impl ImageMetrics {
             upstream_read: c("herd_upstream_read_bytes_total"),
             served: c("herd_served_bytes_total"),
             served_zero_copy: c("herd_served_zero_copy_bytes_total"),
+            served_hit_copy: c("herd_served_hit_copy_bytes_total"),
             present: g("herd_cache_chunks_present"),
             total: g("herd_cache_chunks_total"),
             zero: g("herd_cache_chunks_zero"),
@@ -543,6 +559,9 @@ impl ImageMetrics {
     }
     pub fn served_zero_copy(&self, bytes: u64) {
         self.served_zero_copy.increment(bytes);
+    }
+    pub fn served_hit_copy(&self, bytes: u64) {
+        self.served_hit_copy.increment(bytes);
     }
     pub fn upstream_read(&self, bytes: u64) {
         self.upstream_read.increment(bytes);

@@ -214,6 +214,80 @@ fn large_cached_reads_leave_zero_copy_in_order_and_intact() {
 }
 
 #[test]
+fn large_hits_are_copied_while_two_local_clients_stream_and_sendfiled_otherwise() {
+    // (hit_send, a lone client's hits copied?, hits copied while another
+    // client's are queued?)
+    for (mode, alone, shared) in [
+        ("auto", false, true),
+        ("sendfile", false, false),
+        ("copy", true, true),
+    ] {
+        let (_dir, data, h) = root_with(
+            &format!("hit-send-{mode}"),
+            8 * MIB,
+            &["--export-name", "golden", "--hit-send", mode],
+        );
+        let mut a = RawClient::connect(h.port, "golden");
+        // Fetched (written past the page cache), then read into it.
+        for _ in 0..2 {
+            for off in (0..data.len()).step_by(MIB).rev() {
+                assert_eq!(a.read(off as u64, MIB as u32), data[off..off + MIB]);
+            }
+        }
+        let copied = || h.metric("herd_served_hit_copy_bytes_total");
+        let spliced = || h.metric("herd_served_zero_copy_bytes_total");
+        assert_eq!((copied(), spliced()), (0.0, 0.0), "{mode}: cold reads");
+        // One client alone.
+        for off in (0..4 * MIB).step_by(MIB) {
+            assert_eq!(a.read(off as u64, MIB as u32), data[off..off + MIB]);
+        }
+        // A hit's bytes are counted before it stops counting as queued.
+        let streams = |n: f64| h.metric_eventually("herd_nbd_local_streams", n);
+        assert_eq!(streams(0.0), 0.0, "{mode}");
+        let lone = (4 * MIB) as f64;
+        let (c0, s0) = if alone { (lone, 0.0) } else { (0.0, lone) };
+        assert_eq!((copied(), spliced()), (c0, s0), "{mode}: one client");
+        // A asks for far more than the sockets hold and reads none of it,
+        // so its hits stay queued while B reads.
+        let queued = 32;
+        for hd in 0..queued {
+            let off = (hd % 8) * MIB as u64;
+            a.send(proto::CMD_READ, hd, off, MIB as u32, &[]);
+        }
+        // Counted in every mode: the gauge says A is streaming.
+        assert_eq!(streams(1.0), 1.0, "{mode}");
+        let mut b = RawClient::connect(h.port, "golden");
+        for off in (0..4 * MIB).step_by(MIB).rev() {
+            assert_eq!(b.read(off as u64, MIB as u32), data[off..off + MIB]);
+        }
+        assert_eq!(streams(1.0), 1.0, "{mode}: B done, A still queued");
+        // A's writer may still have been filling its socket when B came:
+        // replies it began then were copied too.
+        let beside = copied() - c0;
+        if shared {
+            assert!(beside >= lone, "{mode}: B's hits beside A's: {beside}");
+        } else {
+            assert_eq!(beside, 0.0, "{mode}: B's hits beside A's");
+        }
+        drop(b);
+        // A's replies come whole and right, however each one left.
+        for _ in 0..queued {
+            let (hd, err, got) = a.reply(|_| MIB);
+            assert_eq!(err, 0);
+            let off = (hd as usize % 8) * MIB;
+            assert_eq!(got, data[off..off + MIB], "{mode}: handle {hd}");
+        }
+        assert_eq!(streams(0.0), 0.0, "{mode}");
+        let total = (8 + 32) as f64 * MIB as f64;
+        assert_eq!(
+            copied() + spliced(),
+            total,
+            "{mode}: every warm read counted once"
+        );
+    }
+}
+
+#[test]
 fn direct_cache_writes_leave_the_page_cache_alone_and_buffered_ones_fill_it() {
     for (mode, other, resident) in [("direct", "buffered", false), ("buffered", "direct", true)] {
         // 8 MiB read whole, a ninth chunk by a small read.

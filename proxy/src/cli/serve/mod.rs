@@ -204,6 +204,11 @@ pub struct ServeArgs {
     /// never). Wins QD1 latency on an idle machine for a little CPU.
     #[arg(long)]
     spin_us: Option<u64>,
+    /// How large reads served from the page cache leave: auto (default:
+    /// sendfile, but copied by herd while two or more clients on this
+    /// host stream at once), sendfile or copy.
+    #[arg(long)]
+    hit_send: Option<String>,
     /// Seconds an old version of an image that no client reads is kept
     /// after a newer one is published (default 60).
     #[arg(long)]
@@ -276,6 +281,7 @@ impl ServeArgs {
             idle_timeout: self.idle_timeout,
             write_timeout: self.write_timeout,
             spin_us: self.spin_us,
+            hit_send: self.hit_send,
             image: None,
             retire_after: self.retire_after,
         };
@@ -403,6 +409,7 @@ async fn serve_async(cfg: ServeConfig, cores: Arc<herd::cores::Cores>) -> Result
         allow: cfg.allow.clone(),
         gate: nbd_export::limits::Gate::new(cfg.limits),
         spin: cfg.spin,
+        hit_send: cfg.hit_send,
         cores,
     });
     for addr in &cfg.listen {

@@ -10,7 +10,7 @@ mod exports;
 mod handshake;
 pub mod limits;
 mod transmission;
-mod zerocopy;
+pub mod zerocopy;
 
 use std::sync::Arc;
 
@@ -290,6 +290,8 @@ pub struct Access {
     /// `--spin-us`: how long a connection that sends back to back is
     /// polled for its next request before its task sleeps (zero: never).
     pub spin: std::time::Duration,
+    /// `hit_send`: how large resident hits leave (`zerocopy`).
+    pub hit_send: zerocopy::HitSend,
     /// The threads client connections run on (`cores`).
     pub cores: Arc<crate::cores::Cores>,
 }

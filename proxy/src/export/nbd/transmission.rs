@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::limits::Hold;
-use super::zerocopy::ZeroCopy;
+use super::zerocopy::{Sent, Stream, ZeroCopy};
 use super::{errno_for, Export};
 use crate::cache::Data;
 use crate::io::spin::{Side, Spin};
@@ -70,6 +70,9 @@ enum Payload {
     File {
         offset: u64,
         len: usize,
+        /// Counts this hit among the connection's queued large hits
+        /// until sent.
+        _stream: Stream,
     },
     /// A side export's bytes (profile, manifest): counted apart from the
     /// image's, so "bytes served" stays the image payload.
@@ -141,14 +144,14 @@ pub async fn run(
     let mut spin = dup
         .clone()
         .and_then(|fd| Spin::new(fd, access.spin, Side::Export));
-    let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd) {
+    let zero_copy = dup.and_then(|fd| match ZeroCopy::new(fd, access.hit_send) {
         Ok(z) => Some(z),
         Err(e) => {
             tracing::debug!(error = %e, "no zero-copy replies on this connection");
             None
         }
     });
-    let can_zero_copy = zero_copy.is_some();
+    let streams = zero_copy.as_ref().map(ZeroCopy::streams);
     let writer = tokio::spawn(write_replies(
         ReplyWriter {
             w,
@@ -297,13 +300,13 @@ pub async fn run(
                     let len = req.length as usize;
                     // Hits are answered from here, without a task: large
                     // resident ones by sendfile, others by a NOWAIT read.
-                    let hit = if can_zero_copy
-                        && len >= ZERO_COPY_MIN
-                        && export.cache.try_hit_resident(req.offset, len)
-                    {
+                    let hit = if let Some(streams) = streams.as_ref().filter(|_| {
+                        len >= ZERO_COPY_MIN && export.cache.try_hit_resident(req.offset, len)
+                    }) {
                         Some(Payload::File {
                             offset: req.offset,
                             len,
+                            _stream: streams.enter(),
                         })
                     } else {
                         let Some(h) = budget.hold(u64::from(req.length)).await else {
@@ -562,11 +565,11 @@ impl ReplyWriter {
     }
 
     /// Sends `pending` and `len` bytes of the cache file at `offset`.
-    async fn send_file(&mut self, offset: u64, len: usize) -> std::io::Result<()> {
+    async fn send_file(&mut self, offset: u64, len: usize) -> std::io::Result<Sent> {
         if let Some(z) = &self.zero_copy {
-            z.send(&self.pending, &self.file, offset, len).await?;
+            let sent = z.send(&self.pending, &self.file, offset, len).await?;
             self.pending.clear();
-            return Ok(());
+            return Ok(sent);
         }
         // Not reached: File payloads are only made with zero-copy on.
         Err(std::io::ErrorKind::Unsupported.into())
@@ -708,10 +711,10 @@ async fn encode_reply(w: &mut ReplyWriter, reply: Reply, structured: bool) -> st
                         w.send_bytes(&d).await?;
                     }
                 }
-                Some(Payload::File { offset, len }) => {
-                    w.send_file(offset, len).await?;
-                    w.cache.metrics().served_zero_copy(len as u64);
-                }
+                Some(Payload::File { offset, len, .. }) => match w.send_file(offset, len).await? {
+                    Sent::Spliced => w.cache.metrics().served_zero_copy(len as u64),
+                    Sent::Copied => w.cache.metrics().served_hit_copy(len as u64),
+                },
                 // Encoded above.
                 Some(Payload::Sparse { .. }) | None => {}
             }
