@@ -566,7 +566,7 @@ impl ReplyWriter {
 
     /// Sends `pending` and `len` bytes of the cache file at `offset`.
     async fn send_file(&mut self, offset: u64, len: usize) -> std::io::Result<Sent> {
-        if let Some(z) = &self.zero_copy {
+        if let Some(z) = &mut self.zero_copy {
             let sent = z.send(&self.pending, &self.file, offset, len).await?;
             self.pending.clear();
             return Ok(sent);

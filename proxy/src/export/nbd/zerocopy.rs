@@ -79,7 +79,7 @@ pub enum Sent {
 pub struct Streams {
     queued: Arc<AtomicUsize>,
     /// The client is on this host (a Unix socket, loopback, or our own
-    /// address): only such connections count and copy.
+    /// address): only such connections count host-wide and copy.
     local: bool,
 }
 
@@ -87,7 +87,7 @@ impl Streams {
     /// Marks one large hit queued until the [`Stream`] drops.
     #[must_use]
     pub fn enter(&self) -> Stream {
-        if self.local && self.queued.fetch_add(1, Ordering::AcqRel) == 0 {
+        if self.queued.fetch_add(1, Ordering::AcqRel) == 0 && self.local {
             let n = LOCAL_STREAMS.fetch_add(1, Ordering::AcqRel) + 1;
             crate::metrics::local_streams(n.max(0).unsigned_abs());
         }
@@ -100,7 +100,7 @@ pub struct Stream(Streams);
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.0.local && self.0.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.queued.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.local {
             let n = LOCAL_STREAMS.fetch_sub(1, Ordering::AcqRel) - 1;
             crate::metrics::local_streams(n.max(0).unsigned_abs());
         }
@@ -128,6 +128,11 @@ pub struct ZeroCopy {
     sock: AsyncFd<Arc<OwnedFd>>,
     mode: HitSend,
     streams: Streams,
+    /// The copy's buffer, kept while this connection has large hits
+    /// queued: the shared pool (8 MiB in all) is often full of other
+    /// sizes, and a fresh 1 MiB each time cost page faults and zeroing,
+    /// 1.5 cores for 2150 MiB/s against 1.1 for 5600.
+    buf: Option<IoBuf>,
 }
 
 impl ZeroCopy {
@@ -148,6 +153,7 @@ impl ZeroCopy {
             sock,
             mode,
             streams,
+            buf: None,
         })
     }
 
@@ -164,7 +170,7 @@ impl ZeroCopy {
     /// Socket or file errors, or `UnexpectedEof` if the file is shorter
     /// than asked.
     pub async fn send(
-        &self,
+        &mut self,
         head: &[u8],
         file: &File,
         offset: u64,
@@ -227,24 +233,32 @@ impl ZeroCopy {
     /// Reads the range from the page cache piece by piece and sends each
     /// piece (the first with `head`) in one `sendmsg`.
     async fn send_copied(
-        &self,
+        &mut self,
         head: &[u8],
         file: &File,
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
+        let mut buf = match self.buf.take() {
+            Some(b) => b,
+            None => IoBuf::scratch(COPY_PIECE),
+        };
         let mut head = head;
         let mut at = offset;
         let mut left = len;
         while left > 0 {
             let n = left.min(COPY_PIECE);
-            let mut buf = IoBuf::scratch(n);
             // Resident (the caller checked): no wait on the disk.
             file.read_exact_at(&mut buf[..n], at)?;
             self.send_all(head, &buf[..n]).await?;
             head = &[];
             at += n as u64;
             left -= n;
+        }
+        // Kept only while more large hits are queued (this one's own
+        // count drops after the send).
+        if self.streams.queued.load(Ordering::Acquire) > 1 {
+            self.buf = Some(buf);
         }
         Ok(())
     }
