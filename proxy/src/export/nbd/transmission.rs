@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::limits::Hold;
-use super::zerocopy::{Sent, Stream, ZeroCopy};
+use super::zerocopy::{Sent, Stream, ZeroCopy, COPY_PIECE};
 use super::{errno_for, Export};
 use crate::cache::Data;
 use crate::io::spin::{Side, Spin};
@@ -564,15 +564,34 @@ impl ReplyWriter {
         Ok(())
     }
 
-    /// Sends `pending` and `len` bytes of the cache file at `offset`.
+    /// Sends `pending` and `len` bytes of the cache file at `offset`:
+    /// `sendfile`d, or read piece by piece from the page cache and sent
+    /// with what is pending (`zerocopy`, `hit_send`).
     async fn send_file(&mut self, offset: u64, len: usize) -> std::io::Result<Sent> {
-        if let Some(z) = &mut self.zero_copy {
-            let sent = z.send(&self.pending, &self.file, offset, len).await?;
-            self.pending.clear();
-            return Ok(sent);
-        }
         // Not reached: File payloads are only made with zero-copy on.
-        Err(std::io::ErrorKind::Unsupported.into())
+        let z = self
+            .zero_copy
+            .as_mut()
+            .ok_or(std::io::ErrorKind::Unsupported)?;
+        if !z.copies() {
+            z.sendfile(&self.pending, &self.file, offset, len).await?;
+            self.pending.clear();
+            return Ok(Sent::Spliced);
+        }
+        let mut buf = z.take_buf();
+        let (mut at, mut left) = (offset, len);
+        while left > 0 {
+            let n = left.min(COPY_PIECE);
+            // Resident (the reader checked): no wait on the disk.
+            std::os::unix::fs::FileExt::read_exact_at(&*self.file, &mut buf[..n], at)?;
+            self.send_with(&buf[..n]).await?;
+            at += n as u64;
+            left -= n;
+        }
+        if let Some(z) = self.zero_copy.as_mut() {
+            z.keep_buf(buf);
+        }
+        Ok(Sent::Copied)
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {

@@ -22,7 +22,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -60,11 +59,11 @@ impl std::str::FromStr for HitSend {
 /// Signed: a connection's decrement may land before its increment.
 static LOCAL_STREAMS: AtomicIsize = AtomicIsize::new(0);
 
-/// A copied hit is read and sent in pieces of at most this much: pooled
-/// buffers, not one as large as the request. Smaller pieces cost the
+/// A copied hit is read and sent in pieces of at most this much: one
+/// buffer, not one as large as the request. Smaller pieces cost the
 /// client: at 128 or 256 KiB fio's system time tripled (more, smaller
 /// receives) for 2-7 % less throughput.
-const COPY_PIECE: usize = 1 << 20;
+pub const COPY_PIECE: usize = 1 << 20;
 
 /// How a large hit left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,42 +162,48 @@ impl ZeroCopy {
         self.streams.clone()
     }
 
-    /// Sends `head` then `len` bytes of `file` at `offset`, by `sendfile`
-    /// or by a copy (see the module doc), and says which.
+    /// Whether the next large hit is copied rather than `sendfile`d (see
+    /// the module doc).
+    #[must_use]
+    pub fn copies(&self) -> bool {
+        match self.mode {
+            HitSend::Sendfile => false,
+            HitSend::Copy => true,
+            HitSend::Auto => self.streams.local && LOCAL_STREAMS.load(Ordering::Acquire) >= 2,
+        }
+    }
+
+    /// The buffer a copied hit is read into, at least [`COPY_PIECE`]
+    /// long: the one kept from the last copied hit, or a new one. Give it
+    /// back with [`Self::keep_buf`].
+    pub fn take_buf(&mut self) -> IoBuf {
+        self.buf
+            .take()
+            .unwrap_or_else(|| IoBuf::scratch(COPY_PIECE))
+    }
+
+    /// Keeps the copy's buffer while copying goes on: until a hit leaves
+    /// by `sendfile` or the connection ends. (Kept only while this
+    /// connection had more hits queued, fio's QD4 readers left gaps often
+    /// enough that the faults and zeroing stayed 11 % of herd's cycles.)
+    pub fn keep_buf(&mut self, buf: IoBuf) {
+        self.buf = Some(buf);
+    }
+
+    /// Sends `head` (`MSG_MORE`) then `len` bytes of `file` at `offset`
+    /// by `sendfile` (the caller copies instead when [`Self::copies`]),
+    /// and lets the copy's buffer go.
     ///
     /// # Errors
-    /// Socket or file errors, or `UnexpectedEof` if the file is shorter
-    /// than asked.
-    pub async fn send(
+    /// Socket errors, or `UnexpectedEof` if the file is shorter than asked.
+    pub async fn sendfile(
         &mut self,
         head: &[u8],
         file: &File,
         offset: u64,
         len: usize,
-    ) -> io::Result<Sent> {
-        let copy = match self.mode {
-            HitSend::Sendfile => false,
-            HitSend::Copy => true,
-            HitSend::Auto => self.streams.local && LOCAL_STREAMS.load(Ordering::Acquire) >= 2,
-        };
-        if copy {
-            self.send_copied(head, file, offset, len).await?;
-            Ok(Sent::Copied)
-        } else {
-            self.buf = None;
-            self.send_spliced(head, file, offset, len).await?;
-            Ok(Sent::Spliced)
-        }
-    }
-
-    /// `head` with `MSG_MORE`, then `sendfile`.
-    async fn send_spliced(
-        &self,
-        head: &[u8],
-        file: &File,
-        offset: u64,
-        len: usize,
     ) -> io::Result<()> {
+        self.buf = None;
         let mut sent = 0;
         while sent < head.len() {
             let rest = &head[sent..];
@@ -227,72 +232,6 @@ impl ZeroCopy {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             left -= n;
-        }
-        Ok(())
-    }
-
-    /// Reads the range from the page cache piece by piece and sends each
-    /// piece (the first with `head`) in one `sendmsg`.
-    async fn send_copied(
-        &mut self,
-        head: &[u8],
-        file: &File,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()> {
-        let mut buf = match self.buf.take() {
-            Some(b) => b,
-            None => IoBuf::scratch(COPY_PIECE),
-        };
-        let mut head = head;
-        let mut at = offset;
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(COPY_PIECE);
-            // Resident (the caller checked): no wait on the disk.
-            file.read_exact_at(&mut buf[..n], at)?;
-            self.send_all(head, &buf[..n]).await?;
-            head = &[];
-            at += n as u64;
-            left -= n;
-        }
-        // Kept while copying goes on: until a hit leaves by sendfile or
-        // the connection ends. (Kept only while this connection had more
-        // hits queued, fio's QD4 readers left gaps often enough that the
-        // faults and zeroing stayed 11 % of herd's cycles.)
-        self.buf = Some(buf);
-        Ok(())
-    }
-
-    /// Sends `a` then `b` in as few `sendmsg` calls as the socket takes.
-    async fn send_all(&self, a: &[u8], b: &[u8]) -> io::Result<()> {
-        let total = a.len() + b.len();
-        let mut done = 0;
-        while done < total {
-            let n = self
-                .write_with(|fd| {
-                    let bufs = if done < a.len() {
-                        [io::IoSlice::new(&a[done..]), io::IoSlice::new(b)]
-                    } else {
-                        [
-                            io::IoSlice::new(&b[done - a.len()..]),
-                            io::IoSlice::new(&[]),
-                        ]
-                    };
-                    nix::sys::socket::sendmsg::<()>(
-                        fd.as_raw_fd(),
-                        &bufs,
-                        &[],
-                        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-                        None,
-                    )
-                    .map_err(io::Error::from)
-                })
-                .await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            done += n;
         }
         Ok(())
     }
