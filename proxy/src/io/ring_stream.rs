@@ -912,16 +912,29 @@ impl RingRx {
     /// # Errors
     /// When the connection failed (receive or send).
     pub async fn recv_into(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        self.recv_into_then(dst, &mut []).await
+    }
+
+    /// [`RingRx::recv_into`] into `dst` and then `tail` (filled only once
+    /// `dst` is full), in one `recvmsg(2)`: a payload and the header after
+    /// it come in one call, not two. Returns the bytes placed in both.
+    ///
+    /// # Errors
+    /// As `recv_into`.
+    pub async fn recv_into_then(&mut self, dst: &mut [u8], tail: &mut [u8]) -> io::Result<usize> {
+        let want = dst.len() + tail.len();
         if dst.is_empty() {
             return Ok(0);
         }
         loop {
             if let Some(&(bid, len)) = self.ready.front() {
-                let n = (len - self.front_used).min(dst.len());
+                let n = (len - self.front_used).min(want);
                 // SAFETY: `bid` came in a CQE with `len` bytes and goes
                 // back only below, once every byte is copied out.
                 let src = unsafe { self.received(bid, self.front_used, self.front_used + n) };
-                dst[..n].copy_from_slice(src);
+                let (head, rest) = src.split_at(n.min(dst.len()));
+                dst[..head.len()].copy_from_slice(head);
+                tail[..rest.len()].copy_from_slice(rest);
                 self.front_used += n;
                 if self.front_used == len {
                     self.ready.pop_front();
@@ -946,8 +959,8 @@ impl RingRx {
                 continue;
             }
             if !self.drained {
-                let got = recv_now(self.shared.fd.as_raw_fd(), dst);
-                if let Some(done) = self.took_in_place(got, dst.len()) {
+                let got = recv_now(self.shared.fd.as_raw_fd(), dst, tail);
+                if let Some(done) = self.took_in_place(got, dst.len(), want) {
                     return done;
                 }
             }
@@ -976,12 +989,12 @@ impl RingRx {
                     let mut guard = ready?;
                     // Stale readiness (nothing there) is cleared, and so is
                     // readiness after a short read (unless more came since).
-                    let got = guard.try_io(|s| recv_now(s.get_ref().0, dst));
-                    if matches!(got, Ok(Ok(n)) if n < dst.len()) {
+                    let got = guard.try_io(|s| recv_now(s.get_ref().0, dst, tail));
+                    if matches!(got, Ok(Ok(n)) if n < want) {
                         guard.clear_ready();
                     }
                     if let Ok(got) = got {
-                        if let Some(done) = self.took_in_place(got, dst.len()) {
+                        if let Some(done) = self.took_in_place(got, dst.len(), want) {
                             return done;
                         }
                     }
@@ -1000,7 +1013,13 @@ impl RingRx {
     /// What a `recv(2)` of up to `want` bytes into place gave, accounted:
     /// `None` when nothing was there (or it was interrupted) and the
     /// receive goes on.
-    fn took_in_place(&mut self, got: io::Result<usize>, want: usize) -> Option<io::Result<usize>> {
+    /// `dst` is what was asked for in place, `want` that and the tail.
+    fn took_in_place(
+        &mut self,
+        got: io::Result<usize>,
+        dst: usize,
+        want: usize,
+    ) -> Option<io::Result<usize>> {
         match got {
             Ok(0) => {
                 self.eof = true;
@@ -1008,6 +1027,10 @@ impl RingRx {
             }
             Ok(n) => {
                 count(self.shared.link, "recv_in_place", 1);
+                if n > dst {
+                    // The next header came with the payload.
+                    count(self.shared.link, "recv_then_header", 1);
+                }
                 self.placed += n as u64;
                 self.drained = n < want;
                 Some(Ok(n))
@@ -1024,10 +1047,17 @@ impl RingRx {
     }
 }
 
-/// One non-blocking `recv(2)` into `dst`.
-fn recv_now(fd: RawFd, dst: &mut [u8]) -> io::Result<usize> {
-    use nix::sys::socket::{recv, MsgFlags};
-    recv(fd, dst, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+/// One non-blocking receive into `dst`, then `tail` (`recv(2)` when
+/// there is no tail, else `recvmsg(2)` with both).
+pub fn recv_now(fd: RawFd, dst: &mut [u8], tail: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{recv, recvmsg, MsgFlags};
+    if tail.is_empty() {
+        return recv(fd, dst, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from);
+    }
+    let mut iov = [io::IoSliceMut::new(dst), io::IoSliceMut::new(tail)];
+    recvmsg::<()>(fd, &mut iov, None, MsgFlags::MSG_DONTWAIT)
+        .map(|m| m.bytes)
+        .map_err(io::Error::from)
 }
 
 impl Drop for RingRx {

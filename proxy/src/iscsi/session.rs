@@ -103,6 +103,46 @@ impl RxIo {
             Self::Ring(r) => r.recv_into(dst).await.unwrap_or(0),
         }
     }
+
+    /// As `read`, into `dst` and then `tail`, in one receive. A read short
+    /// of both drained the socket: the next one waits for more first,
+    /// instead of trying a receive that finds nothing.
+    async fn read_then(&mut self, dst: &mut [u8], tail: &mut [u8]) -> usize {
+        let r = match self {
+            Self::Epoll(r) => r,
+            Self::Ring(r) => return r.recv_into_then(dst, tail).await.unwrap_or(0),
+        };
+        let want = dst.len() + tail.len();
+        let fd = r.as_ref().as_raw_fd();
+        loop {
+            if r.readable().await.is_err() {
+                return 0;
+            }
+            let mut short = None;
+            // tokio clears readiness when the closure says WouldBlock, and
+            // keeps what arrived since: so a short read reports it too.
+            let got = r.as_ref().try_io(tokio::io::Interest::READABLE, || {
+                let n = ring_stream::recv_now(fd, dst, tail)?;
+                if n > 0 && n < want {
+                    short = Some(n);
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            if let Some(n) = short {
+                return n;
+            }
+            match got {
+                Ok(n) => return n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return 0,
+            }
+        }
+    }
 }
 
 impl Rx {
@@ -212,10 +252,18 @@ async fn read_direct(
         std::mem::replace(&mut p.buf, IoBuf::scratch(0))
     };
     drop(s);
-    let n = r.read(&mut buf[at..at + left]).await;
-    if n == 0 {
+    // The header after the payload comes in the same receive, if it is
+    // there: one receive per PDU where it took two (and a third that
+    // found nothing before each wait).
+    let mut tail = [0u8; TAIL_MAX];
+    let after = parser.after_payload().min(TAIL_MAX);
+    let got = r
+        .read_then(&mut buf[at..at + left], &mut tail[..after])
+        .await;
+    if got == 0 {
         return Some(None);
     }
+    let n = got.min(left);
     parser.data_received(&buf[at..at + n]);
     {
         let Some(s) = session.upgrade() else {
@@ -229,9 +277,13 @@ async fn read_direct(
             p.received = at + n;
         }
     }
-    // The PDU, if its payload is now whole (and no digest follows).
-    Some(consume(parser, &[], session).await)
+    // The PDU, if its payload is now whole, and what the tail brought.
+    Some(consume(parser, &tail[..got - n], session).await)
 }
+
+/// The most a direct read takes after a payload (`PduStream::after_payload`:
+/// padding, data digest, the next BHS and its header digest).
+const TAIL_MAX: usize = 3 + 4 + pdu::BHS_LEN + 4;
 
 /// Acts on every event `input` completes: Data-In payload is copied
 /// straight into its command's buffer. Returns how many commands it
@@ -397,8 +449,7 @@ impl Session {
 
     /// Sends one PDU (digests added) on the locked send side; `large`:
     /// its answer is a payload read in place (`DIRECT_MIN` or more).
-    async fn send(&self, w: &mut Tx, out: &[u8], large: bool) -> bool {
-        let mut pdu = out.to_vec();
+    async fn send(&self, w: &mut Tx, mut pdu: Vec<u8>, large: bool) -> bool {
         pdu::add_digests(&mut pdu, self.params.header_digest, self.params.data_digest);
         match w {
             Tx::Epoll(w) => w.write_all(&pdu).await.is_ok(),
@@ -447,7 +498,10 @@ impl Session {
             let mut w = self.writer.lock().await;
             let issued = self.try_issue(&cdb, read_len, &mut out, &mut tx)?;
             if issued {
-                if !self.send(&mut w, &out, read_len >= DIRECT_MIN).await {
+                if !self
+                    .send(&mut w, std::mem::take(&mut out), read_len >= DIRECT_MIN)
+                    .await
+                {
                     drop(w);
                     self.kill();
                 }
@@ -531,7 +585,7 @@ impl Session {
             );
         }
         let mut w = self.writer.lock().await;
-        if !self.send(&mut w, &out, false).await {
+        if !self.send(&mut w, out, false).await {
             drop(w);
             self.kill();
         }
@@ -546,7 +600,7 @@ impl Session {
             pdu::encode_nop_out(pdu::RESERVED_TAG, ttt, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
         let mut w = self.writer.lock().await;
-        if !self.send(&mut w, &out, false).await {
+        if !self.send(&mut w, out, false).await {
             drop(w);
             self.kill();
         }
@@ -562,7 +616,7 @@ impl Session {
             pdu::encode_logout(itt, 0, st.cmd_sn, st.exp_stat_sn, &mut out);
         }
         let mut w = self.writer.lock().await;
-        let _ = self.send(&mut w, &out, false).await;
+        let _ = self.send(&mut w, out, false).await;
     }
 
     fn update_sn(&self, sn: Sn, has_stat: bool) {

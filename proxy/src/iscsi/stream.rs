@@ -211,6 +211,30 @@ impl PduStream {
         }
     }
 
+    /// In a Data-In's data: the bytes after it up to the end of the next
+    /// PDU's basic header (padding, data digest, BHS and header digest; an
+    /// AHS is not foreseen). A reader placing the data may read these in
+    /// the same call, into a buffer of its own that it then passes to
+    /// [`PduStream::next`]: one receive instead of two per PDU, and never a
+    /// byte of the next payload, which can then go straight into place too.
+    #[must_use]
+    pub fn after_payload(&self) -> usize {
+        match &self.state {
+            State::Payload {
+                data_in: Some(_),
+                len,
+                padded,
+                done,
+                ..
+            } if done < len => {
+                let digest = if self.data_digest { 4 } else { 0 };
+                let header_digest = if self.header_digest { 4 } else { 0 };
+                padded - len + digest + pdu::BHS_LEN + header_digest
+            }
+            _ => 0,
+        }
+    }
+
     /// In a Data-In's payload: its command (Initiator Task Tag), the buffer
     /// offset of the next data byte, and the data bytes still to come
     /// (padding and digest not counted). The caller may read them from the
@@ -472,22 +496,36 @@ mod tests {
 
     /// Reads `wire` as the session's direct path does: headers exactly,
     /// Data-In payloads (up to `step` bytes a read) straight into `dest`,
-    /// everything else in pieces of `step` through `next`.
+    /// everything else in pieces of `step` through `next`. With `tail`, a
+    /// read that completes a payload also takes what `after_payload` names.
     fn run_direct(
         wire: &[u8],
         step: usize,
         digests: bool,
+        tail: bool,
         dest: &mut [u8],
-    ) -> Result<Vec<TargetPdu>, StreamError> {
+    ) -> Result<(Vec<TargetPdu>, usize), StreamError> {
         let mut p = PduStream::new(digests, digests);
         let mut pdus = Vec::new();
         let mut at = 0;
+        let mut reads = 0;
         while at < wire.len() {
+            reads += 1;
             if let Some((_, offset, left)) = p.payload_wanted() {
-                let n = left.min(step).min(wire.len() - at);
-                dest[offset..offset + n].copy_from_slice(&wire[at..at + n]);
-                p.data_received(&dest[offset..offset + n]);
+                let after = if tail { p.after_payload() } else { 0 };
+                let n = (left + after).min(step).min(wire.len() - at);
+                let placed = n.min(left);
+                dest[offset..offset + placed].copy_from_slice(&wire[at..at + placed]);
+                p.data_received(&dest[offset..offset + placed]);
+                let mut input = &wire[at + placed..at + n];
                 at += n;
+                while let Some(e) = p.next(&mut input)? {
+                    match e {
+                        Event::Data { .. } => panic!("payload passed through next"),
+                        Event::Pdu { pdu, .. } => pdus.push(pdu),
+                    }
+                }
+                assert!(input.is_empty(), "the tail went past the next header");
             } else {
                 let n = p
                     .until_payload()
@@ -511,7 +549,7 @@ mod tests {
                 }
             }
         }
-        Ok(pdus)
+        Ok((pdus, reads))
     }
 
     #[test]
@@ -524,11 +562,26 @@ mod tests {
         for digests in [false, true] {
             let mut wire = data_in(9, 0, &a, false, digests);
             wire.extend(data_in(9, 5000, &b, true, digests));
-            for step in [1, 3, 48, 1000, 4096, 1 << 20] {
+            for (step, tail) in [1, 3, 48, 1000, 4096, 1 << 20]
+                .into_iter()
+                .flat_map(|s| [(s, false), (s, true)])
+            {
                 let mut dest = vec![0u8; whole.len()];
-                let pdus = run_direct(&wire, step, digests, &mut dest).unwrap();
-                assert!(dest == whole, "step {step} digests {digests}");
-                assert_eq!(pdus.len(), 2, "step {step} digests {digests}");
+                let (pdus, reads) = run_direct(&wire, step, digests, tail, &mut dest).unwrap();
+                assert!(dest == whole, "step {step} digests {digests} tail {tail}");
+                if step == 1 << 20 {
+                    // Header (BHS, then its digest), payload, digest;
+                    // again, with padding. The tail takes the digest and
+                    // the second header along with the first payload.
+                    let want = match (tail, digests) {
+                        (true, true) => 4,
+                        (true, false) => 3,
+                        (false, true) => 8,
+                        (false, false) => 5,
+                    };
+                    assert_eq!(reads, want, "digests {digests} tail {tail}");
+                }
+                assert_eq!(pdus.len(), 2, "step {step} digests {digests} tail {tail}");
                 assert!(matches!(
                     pdus[1],
                     TargetPdu::DataIn {
@@ -544,7 +597,7 @@ mod tests {
         wire[pdu::BHS_LEN + 4 + 10] ^= 1;
         let mut dest = vec![0u8; a.len()];
         assert_eq!(
-            run_direct(&wire, 4096, true, &mut dest).unwrap_err(),
+            run_direct(&wire, 4096, true, true, &mut dest).unwrap_err(),
             StreamError::Digest {
                 header: true,
                 data: false

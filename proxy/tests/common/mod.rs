@@ -184,7 +184,7 @@ pub fn assert_links_ran_on(h: &Herd, link: &str, io: &str, at_least: f64) {
 }
 
 /// `herd_ring_completions_total{link,op}` of `h`, if exported.
-fn ring_completions(h: &Herd, link: &str, op: &str) -> Option<f64> {
+pub fn ring_completions(h: &Herd, link: &str, op: &str) -> Option<f64> {
     scrape_opt(
         h.metrics,
         &format!("herd_ring_completions_total{{link=\"{link}\",op=\"{op}\"}}"),
