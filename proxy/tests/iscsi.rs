@@ -145,6 +145,13 @@ fn read_across_target_restart(
     if io == "uring" {
         // Chunk runs come as Data-In large enough to land in place.
         common::assert_received_in_place(&h, "iscsi");
+        // With several chunks in flight, answers queue back to back: a
+        // payload's receive takes the next PDU's header along.
+        let along = common::ring_completions(&h, "iscsi", "recv_then_header");
+        assert!(
+            along.unwrap_or(0.0) > 0.0,
+            "no header came with a payload: {along:?}"
+        );
     }
     let log = std::fs::read_to_string(&h.log).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);

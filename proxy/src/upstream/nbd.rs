@@ -233,14 +233,6 @@ impl Replies {
         }
     }
 
-    /// Where the rest of a payload goes and, after it, the next reply's
-    /// header: one receive takes both when they are there. `None` outside
-    /// a payload.
-    fn dest_then(&mut self) -> Option<(&mut [u8], &mut [u8])> {
-        let (_, buf, got) = self.body.as_mut()?;
-        Some((&mut buf[*got..], &mut self.hdr[..]))
-    }
-
     /// Accounts for `n` bytes written into `dest`: a whole payload goes to
     /// its caller; a whole header answers an error or empty reply, or
     /// starts the payload.
@@ -287,32 +279,15 @@ async fn ring_reader_loop(conn: std::sync::Weak<Conn>, mut rx: RingRx) {
     let mut st = Replies::default();
     'outer: loop {
         if st.direct {
-            // A payload and the header after it (`have` is 0 in a payload),
-            // or a header alone.
-            let got = match st.dest_then() {
-                Some((body, hdr)) => {
-                    let left = body.len();
-                    rx.recv_into_then(body, hdr)
-                        .await
-                        .map(|n| (n.min(left), n.saturating_sub(left)))
-                }
-                None => rx.recv_into(st.dest()).await.map(|n| (n, 0)),
-            };
-            let (n, after) = match got {
-                Ok((n, after)) if n > 0 => (n, after),
+            let n = match rx.recv_into(st.dest()).await {
+                Ok(n) if n > 0 => n,
                 _ => break,
             };
-            for n in [n, after] {
-                if n == 0 {
-                    continue;
-                }
-                match st.took(&conn, n) {
-                    Flow::On => {}
-                    Flow::Gone => return,
-                    Flow::Broken => break 'outer,
-                }
+            match st.took(&conn, n) {
+                Flow::On => continue,
+                Flow::Gone => return,
+                Flow::Broken => break,
             }
-            continue;
         }
         let Ok(Some(chunk)) = rx.recv().await else {
             break;
