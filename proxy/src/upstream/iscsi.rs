@@ -520,7 +520,7 @@ impl IscsiUpstream {
         // the command's buffer is the answer, not copied, and no pieces
         // are gathered (their vectors and boxed futures were a tenth of
         // the initiator's user time at 64 KiB QD16).
-        if offset == start && span == len && span <= self.max_xfer {
+        if offset == start && span == len && len > 0 && span <= self.max_xfer {
             return self.read_blocks(start / bs, span).await;
         }
         // Issue every piece before awaiting any: they pipeline on the session.
