@@ -294,6 +294,10 @@ fn describe() {
         "iSCSI logins refused while another session was live, whose core then read through that session"
     );
     describe_counter!(
+        "herd_recv_lowat_sets_total",
+        "times a link's receive low-water mark (SO_RCVLOWAT) was moved: raised to wake its reader only once a large payload is whole, or lowered again"
+    );
+    describe_counter!(
         "herd_iscsi_digest_errors_total",
         "iSCSI PDUs whose CRC32C header or data digest did not match (the connection is dropped and its commands reissued)"
     );

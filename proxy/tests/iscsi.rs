@@ -142,6 +142,8 @@ fn read_across_target_restart(
     // path asked for.
     let io = common::net_io_of(herd_args);
     common::assert_links_ran_on(&h, "iscsi", &io, 2.0);
+    // On both paths the reader slept until a chunk's payload was whole.
+    common::assert_waited_for_whole_payloads(&h, "iscsi");
     if io == "uring" {
         // Chunk runs come as Data-In large enough to land in place.
         common::assert_received_in_place(&h, "iscsi");

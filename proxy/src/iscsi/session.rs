@@ -27,6 +27,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
+use crate::io::lowat::RecvLowat;
 use crate::io::ring_stream::{self, Driven, NetIo, RingRx, RingTx, DIRECT_MIN};
 use crate::io::spin::{Side, Spin};
 
@@ -79,12 +80,14 @@ enum Tx {
     Ring(RingTx),
 }
 
-/// The receive side: the socket's reader, its QD1 spin (if on) and
-/// whether large payloads are arriving (read straight into place).
+/// The receive side: the socket's reader, its QD1 spin (if on), whether
+/// large payloads are arriving (read straight into place) and the bytes
+/// the socket waits for before it wakes the reader.
 struct Rx {
     io: RxIo,
     spin: Option<Spin>,
     direct: bool,
+    lowat: RecvLowat,
 }
 
 enum RxIo {
@@ -175,13 +178,25 @@ impl Rx {
             // PDUs after it (a tenth of the CPU at 1M QD8, on both paths).
             self.direct = parser.payload_len().unwrap_or(left) >= DIRECT_MIN;
             if self.direct {
-                let placed = read_direct(&mut self.io, parser, session, itt, at, left).await;
+                let placed = read_direct(
+                    &mut self.io,
+                    &mut self.lowat,
+                    parser,
+                    session,
+                    itt,
+                    at,
+                    left,
+                )
+                .await;
                 if let Some(placed) = placed {
                     return placed;
                 }
             }
         }
         scratch.clear();
+        if self.lowat.get() > 1 {
+            self.lowat.at_most(certain(session));
+        }
         match (parser.until_payload(), &mut self.io) {
             // Large payloads are coming: read up to the next one.
             (Some(want), io) if self.direct && want > 0 => {
@@ -224,6 +239,17 @@ fn spun_for(session: &std::sync::Weak<Session>, completed: u32) -> u32 {
     }
 }
 
+/// Bytes sure to arrive whatever the target answers: every command in
+/// flight (and ping) will get at least one BHS, one of them maybe a PDU
+/// already begun.
+fn certain(session: &std::sync::Weak<Session>) -> usize {
+    let pending = session.upgrade().map_or(0, |s| s.lock().pending.len());
+    match pending {
+        0 => 0,
+        n => 1 + (n - 1) * pdu::BHS_LEN,
+    }
+}
+
 /// Reads what has arrived of Data-In `itt`'s payload (`left` bytes from
 /// buffer offset `at`) from the socket straight into its command's buffer.
 /// `None` when the command cannot take it there (unknown, or not next in
@@ -231,6 +257,7 @@ fn spun_for(session: &std::sync::Weak<Session>, completed: u32) -> u32 {
 /// what `pump` returns.
 async fn read_direct(
     r: &mut RxIo,
+    lowat: &mut RecvLowat,
     parser: &mut PduStream,
     session: &std::sync::Weak<Session>,
     itt: u32,
@@ -243,13 +270,14 @@ async fn read_direct(
     let Some(s) = session.upgrade() else {
         return Some(None);
     };
-    let mut buf = {
+    let (mut buf, others) = {
         let mut st = s.lock();
+        let others = st.pending.len() > 1;
         let p = st.pending.get_mut(&itt)?;
         if p.received != at || at + left > p.buf.len() {
             return None;
         }
-        std::mem::replace(&mut p.buf, IoBuf::scratch(0))
+        (std::mem::replace(&mut p.buf, IoBuf::scratch(0)), others)
     };
     drop(s);
     // The header after the payload comes in the same receive, if it is
@@ -257,6 +285,9 @@ async fn read_direct(
     // found nothing before each wait).
     let mut tail = [0u8; TAIL_MAX];
     let after = parser.after_payload().min(TAIL_MAX);
+    // Wake once the payload is whole, and the header after it if another
+    // command will answer: not on each segment of it.
+    lowat.wait_for(left + if others { after } else { 0 });
     let got = r
         .read_then(&mut buf[at..at + left], &mut tail[..after])
         .await;
@@ -412,6 +443,7 @@ impl Session {
             io: rx,
             spin,
             direct: false,
+            lowat: RecvLowat::new(fd, "iscsi"),
         };
         let s = Arc::new(Self {
             fd,

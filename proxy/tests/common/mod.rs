@@ -191,6 +191,19 @@ pub fn ring_completions(h: &Herd, link: &str, op: &str) -> Option<f64> {
     )
 }
 
+/// Asserts that `h`'s reader on `link` raised its receive low-water mark
+/// to wake once a large payload is whole (and lowered it again).
+pub fn assert_waited_for_whole_payloads(h: &Herd, link: &str) {
+    let sets = scrape_opt(
+        h.metrics,
+        &format!("herd_recv_lowat_sets_total{{link=\"{link}\"}}"),
+    );
+    assert!(
+        sets.unwrap_or(0.0) >= 2.0,
+        "{link}: the receive low-water mark was never moved: {sets:?}"
+    );
+}
+
 /// Asserts that `h`'s ring on `link` received some payload in place
 /// (`RingRx::recv_into`) rather than copying all of it out of its buffers,
 /// and that the requests for such payloads went out at once (`send_now`):
