@@ -54,6 +54,9 @@ fn three_level_chain_is_byte_identical() {
     if io == "uring" {
         // leaf fetches 256 KiB chunks: large enough to land in place.
         common::assert_received_in_place(&leaf, "nbd");
+        // With chunks fetched side by side, its reader slept until a
+        // payload was whole.
+        common::assert_waited_for_whole_payloads(&leaf, "nbd");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,8 @@
 //! A receive low-water mark (`SO_RCVLOWAT`) for a reader that knows how
-//! many bytes are certain to come: the iSCSI session, reading the rest of
-//! a Data-In payload into place, and the header after it while other
-//! commands are in flight.
+//! many bytes are certain to come: the iSCSI session reading the rest of a
+//! Data-In payload into place (and the header after it while other
+//! commands are in flight), and the NBD client's ring reader doing the
+//! same with a reply while other requests are in flight.
 //!
 //! TCP then signals readiness once that many bytes are queued, not on each
 //! segment, so a 64 KiB payload is one wake and one receive where it was a

@@ -1060,6 +1060,13 @@ pub fn recv_now(fd: RawFd, dst: &mut [u8], tail: &mut [u8]) -> io::Result<usize>
         .map_err(io::Error::from)
 }
 
+/// The socket, for options on it (`io::lowat`); open while this lives.
+impl AsRawFd for RingRx {
+    fn as_raw_fd(&self) -> RawFd {
+        self.shared.fd.as_raw_fd()
+    }
+}
+
 impl Drop for RingRx {
     fn drop(&mut self) {
         self.shared.lock().closed = true;

@@ -12,6 +12,7 @@
 //! slot reconnects lazily, so reads recover as soon as the parent returns.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::oneshot;
 
 use super::{ReadFuture, Upstream, UpstreamError, UpstreamResult, UpstreamUrl};
+use crate::io::lowat::RecvLowat;
 use crate::io::ring_stream::{self, Driven, RingRx, RingTx, DIRECT_MIN};
 use crate::io::IoBuf;
 use crate::nbd::proto::{self, Info, InfoRequest, Request};
@@ -225,6 +227,18 @@ struct Replies {
 }
 
 impl Replies {
+    /// Bytes sure to arrive, whatever the parent answers, while no payload
+    /// is arriving: the rest of a header begun, and a header for each of
+    /// the `pending` requests it does not answer.
+    fn certain(&self, pending: usize) -> usize {
+        let len = proto::SIMPLE_REPLY_LEN;
+        if self.have > 0 {
+            len - self.have + len * pending.saturating_sub(1)
+        } else {
+            len * pending
+        }
+    }
+
     /// Where the next bytes of the stream go.
     fn dest(&mut self) -> &mut [u8] {
         match self.body.as_mut() {
@@ -277,7 +291,24 @@ impl Replies {
 /// header and payload is received straight into place instead.
 async fn ring_reader_loop(conn: std::sync::Weak<Conn>, mut rx: RingRx) {
     let mut st = Replies::default();
+    let mut lowat = RecvLowat::new(rx.as_raw_fd(), "nbd");
     'outer: loop {
+        let pending = || {
+            conn.upgrade()
+                .map_or(0, |c| c.pending.lock().map_or(0, |p| p.len()))
+        };
+        if st.direct && st.body.is_some() {
+            // With other requests in flight, wake once the payload and the
+            // next header are in: not on each segment. Alone, the payload
+            // is taken as it arrives, so its copy overlaps the transfer
+            // (waiting for all of it cost a quarter of the relay's 1M QD1).
+            match pending() {
+                0 => lowat.at_most(0),
+                _ => lowat.wait_for(st.dest().len() + proto::SIMPLE_REPLY_LEN),
+            }
+        } else if lowat.get() > 1 {
+            lowat.at_most(st.certain(pending()));
+        }
         if st.direct {
             let n = match rx.recv_into(st.dest()).await {
                 Ok(n) if n > 0 => n,
