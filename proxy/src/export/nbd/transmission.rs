@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{self, HandshakeError, Outcome};
 use super::limits::Hold;
-use super::zerocopy::{Sent, Stream, ZeroCopy, COPY_PIECE};
+use super::zerocopy::{Sent, Stream, ZeroCopy};
 use super::{errno_for, Export};
 use crate::cache::Data;
 use crate::io::spin::{Side, Spin};
@@ -578,10 +578,10 @@ impl ReplyWriter {
             self.pending.clear();
             return Ok(Sent::Spliced);
         }
-        let mut buf = z.take_buf();
+        let mut buf = z.take_buf(len);
         let (mut at, mut left) = (offset, len);
         while left > 0 {
-            let n = left.min(COPY_PIECE);
+            let n = left.min(buf.len());
             // Resident (the reader checked): no wait on the disk.
             std::os::unix::fs::FileExt::read_exact_at(&*self.file, &mut buf[..n], at)?;
             self.send_with(&buf[..n]).await?;
