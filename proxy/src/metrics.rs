@@ -415,11 +415,28 @@ pub fn fetch_buffer_bytes(now: u64, peak: u64) {
     gauge!("herd_cache_unpersisted_bytes").set(now as f64);
     gauge!("herd_cache_unpersisted_bytes_peak").set(peak as f64);
 }
-/// Reply bytes NBD connections hold in memory now, and the most at once.
-#[allow(clippy::cast_precision_loss)]
-pub fn reply_buffer_bytes(now: u64, peak: u64) {
-    gauge!("herd_reply_buffer_bytes").set(now as f64);
-    gauge!("herd_reply_buffer_bytes_peak").set(peak as f64);
+/// Reply bytes NBD connections hold in memory now, and the most at once:
+/// the gauges, for the reply budget to keep (see [`reply_buffer_gauges`]).
+pub struct HeldGauges {
+    now: Gauge,
+    peak: Gauge,
+}
+
+impl HeldGauges {
+    #[allow(clippy::cast_precision_loss)]
+    pub fn set(&self, now: u64, peak: u64) {
+        self.now.set(now as f64);
+        self.peak.set(peak as f64);
+    }
+}
+
+/// `herd_reply_buffer_bytes` and its peak.
+#[must_use]
+pub fn reply_buffer_gauges() -> HeldGauges {
+    HeldGauges {
+        now: gauge!("herd_reply_buffer_bytes"),
+        peak: gauge!("herd_reply_buffer_bytes_peak"),
+    }
 }
 /// A TLS handshake ended: `side` is `export` or `upstream`.
 pub fn tls_handshake(side: &'static str, ok: bool) {
@@ -443,10 +460,16 @@ pub fn iscsi_target_reject() {
 
 static ISCSI_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One SCSI command issued, with `in_flight` now outstanding.
+/// The counter of SCSI commands issued, for a session to keep.
+pub fn iscsi_commands() -> Counter {
+    counter!("herd_iscsi_commands_total")
+}
+
+/// One SCSI command issued (`commands` from [`iscsi_commands`]), with
+/// `in_flight` now outstanding.
 #[allow(clippy::cast_precision_loss)]
-pub fn iscsi_command(in_flight: usize) {
-    counter!("herd_iscsi_commands_total").increment(1);
+pub fn iscsi_command(commands: &Counter, in_flight: usize) {
+    commands.increment(1);
     let prev = ISCSI_MAX.fetch_max(in_flight, std::sync::atomic::Ordering::Relaxed);
     if in_flight > prev {
         gauge!("herd_iscsi_in_flight_max").set(in_flight as f64);

@@ -60,9 +60,32 @@ const MAX_IOV: usize = 1024;
 /// How long a dropped stream waits for the kernel to let go of its buffers.
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// Ring counters, as `herd_ring_*` metrics labelled with the link.
-fn count(link: &'static str, op: &'static str, n: u64) {
-    metrics::counter!("herd_ring_completions_total", "link" => link, "op" => op).increment(n);
+/// A ring's counters, `herd_ring_completions_total{link,op}`, resolved
+/// once per stream: a labelled `counter!` is a registry lookup, and these
+/// move several times per command.
+struct Counters {
+    send_now: metrics::Counter,
+    rearm: metrics::Counter,
+    recv: metrics::Counter,
+    send: metrics::Counter,
+    recv_in_place: metrics::Counter,
+    recv_then_header: metrics::Counter,
+    recv_empty: metrics::Counter,
+}
+
+impl Counters {
+    fn new(link: &'static str) -> Self {
+        let c = |op: &'static str| metrics::counter!("herd_ring_completions_total", "link" => link, "op" => op);
+        Self {
+            send_now: c("send_now"),
+            rearm: c("rearm"),
+            recv: c("recv"),
+            send: c("send"),
+            recv_in_place: c("recv_in_place"),
+            recv_then_header: c("recv_then_header"),
+            recv_empty: c("recv_empty"),
+        }
+    }
 }
 
 /// What drives a network stream: `net_io` in the configuration.
@@ -208,6 +231,7 @@ fn assemble(
         inflight: AtomicUsize::new(0),
         bufs,
         link,
+        counters: Counters::new(link),
     });
     let mut rx = RingRx {
         sock: None,
@@ -398,6 +422,7 @@ struct Shared {
     inflight: AtomicUsize,
     bufs: ProvidedBufs,
     link: &'static str,
+    counters: Counters,
 }
 
 impl Shared {
@@ -531,7 +556,7 @@ impl RingTx {
                     }
                 }
             };
-            count(self.shared.link, "send_now", 1);
+            self.shared.counters.send_now.increment(1);
             if sent == bytes.len() {
                 return Ok(());
             }
@@ -665,7 +690,7 @@ impl RingRx {
     /// `arrived` re-arms once it has ended.
     fn follow(&mut self) -> io::Result<()> {
         if self.armed && !self.stopping && self.armed_on != Some(std::thread::current().id()) {
-            count(self.shared.link, "rearm", 1);
+            self.shared.counters.rearm.increment(1);
             self.stop()?;
         }
         Ok(())
@@ -724,10 +749,10 @@ impl RingRx {
             }
         }
         if recvs > 0 {
-            count(self.shared.link, "recv", recvs);
+            self.shared.counters.recv.increment(recvs);
         }
         if sends > 0 {
-            count(self.shared.link, "send", sends);
+            self.shared.counters.send.increment(sends);
         }
     }
 
@@ -1026,17 +1051,17 @@ impl RingRx {
                 Some(Ok(0))
             }
             Ok(n) => {
-                count(self.shared.link, "recv_in_place", 1);
+                self.shared.counters.recv_in_place.increment(1);
                 if n > dst {
                     // The next header came with the payload.
-                    count(self.shared.link, "recv_then_header", 1);
+                    self.shared.counters.recv_then_header.increment(1);
                 }
                 self.placed += n as u64;
                 self.drained = n < want;
                 Some(Ok(n))
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                count(self.shared.link, "recv_empty", 1);
+                self.shared.counters.recv_empty.increment(1);
                 self.empty += 1;
                 self.drained = true;
                 None

@@ -399,6 +399,9 @@ pub struct Session {
     pub params: Params,
     pub lun: u16,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// `herd_iscsi_commands_total`, resolved once (a lookup per command
+    /// otherwise).
+    commands: metrics::Counter,
 }
 
 impl Drop for Session {
@@ -460,6 +463,7 @@ impl Session {
             params,
             lun,
             reader: Mutex::new(None),
+            commands: crate::metrics::iscsi_commands(),
         });
         let h = tokio::spawn(reader_loop(
             Arc::downgrade(&s),
@@ -586,7 +590,7 @@ impl Session {
                 tx,
             },
         );
-        crate::metrics::iscsi_command(st.pending.len());
+        crate::metrics::iscsi_command(&self.commands, st.pending.len());
         Ok(true)
     }
 

@@ -71,22 +71,32 @@ pub struct Gate {
 }
 
 /// Reply bytes held right now, and the most ever held at once.
-#[derive(Default)]
 struct Held {
     now: AtomicU64,
     peak: AtomicU64,
+    /// Their gauges, resolved once: a `gauge!` is a registry lookup, and
+    /// these move twice per reply.
+    gauges: crate::metrics::HeldGauges,
 }
 
 impl Held {
+    fn new() -> Self {
+        Self {
+            now: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            gauges: crate::metrics::reply_buffer_gauges(),
+        }
+    }
+
     fn add(&self, n: u64) {
         let now = self.now.fetch_add(n, Ordering::AcqRel) + n;
         let peak = self.peak.fetch_max(now, Ordering::AcqRel).max(now);
-        crate::metrics::reply_buffer_bytes(now, peak);
+        self.gauges.set(now, peak);
     }
 
     fn sub(&self, n: u64) {
         let now = self.now.fetch_sub(n, Ordering::AcqRel) - n;
-        crate::metrics::reply_buffer_bytes(now, self.peak.load(Ordering::Acquire));
+        self.gauges.set(now, self.peak.load(Ordering::Acquire));
     }
 }
 
@@ -129,7 +139,7 @@ impl Gate {
             limits,
             counts: Mutex::default(),
             shared: Arc::new(Semaphore::new(permits(limits.server_buffer))),
-            held: Arc::default(),
+            held: Arc::new(Held::new()),
         })
     }
 
