@@ -269,6 +269,21 @@ fn large_hits_are_copied_while_two_local_clients_stream_and_sendfiled_otherwise(
         } else {
             assert_eq!(beside, 0.0, "{mode}: B's hits beside A's");
         }
+        // Below COPY_MIN, auto sends B's hits by sendfile even beside A's
+        // (A's writer is stuck on its full socket by now).
+        let small = 64 << 10;
+        let (c1, s1) = (copied(), spliced());
+        for off in (0..4 * small).step_by(small) {
+            assert_eq!(b.read(off as u64, small as u32), data[off..off + small]);
+        }
+        let (dc, ds) = (copied() - c1, spliced() - s1);
+        let smalls = (4 * small) as f64;
+        let want = if mode == "copy" {
+            (smalls, 0.0)
+        } else {
+            (0.0, smalls)
+        };
+        assert_eq!((dc, ds), want, "{mode}: B's 64 KiB hits beside A's");
         drop(b);
         // A's replies come whole and right, however each one left.
         for _ in 0..queued {
@@ -278,7 +293,7 @@ fn large_hits_are_copied_while_two_local_clients_stream_and_sendfiled_otherwise(
             assert_eq!(got, data[off..off + MIB], "{mode}: handle {hd}");
         }
         assert_eq!(streams(0.0), 0.0, "{mode}");
-        let total = (8 + 32) as f64 * MIB as f64;
+        let total = (8 + 32) as f64 * MIB as f64 + smalls;
         assert_eq!(
             copied() + spliced(),
             total,

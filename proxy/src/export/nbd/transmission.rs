@@ -573,7 +573,7 @@ impl ReplyWriter {
             .zero_copy
             .as_mut()
             .ok_or(std::io::ErrorKind::Unsupported)?;
-        if !z.copies() {
+        if !z.copies(len) {
             z.sendfile(&self.pending, &self.file, offset, len).await?;
             self.pending.clear();
             return Ok(Sent::Spliced);
