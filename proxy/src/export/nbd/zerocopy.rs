@@ -2,8 +2,8 @@
 //! and the data is `sendfile`d from the cache file's page cache, so the
 //! bytes are copied once (into the client) instead of twice (file →
 //! buffer → socket); or, while several clients on this host stream at
-//! once, copied into the socket by herd (`hit_send`, DESIGN.md "How hits
-//! leave").
+//! once, hits of [`COPY_MIN`] or more are copied into the socket by herd
+//! (`hit_send`, DESIGN.md "How hits leave").
 //!
 //! Why the copy: a client on this host receives `sendfile`d bytes by
 //! copying them out of the page-cache pages themselves, and with two such
@@ -33,8 +33,8 @@ use crate::io::IoBuf;
 /// How large resident hits leave: `hit_send` in the configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HitSend {
-    /// `sendfile`, but copied while two or more connections from this
-    /// host have large hits queued.
+    /// `sendfile`, but hits of [`COPY_MIN`] or more are copied while two
+    /// or more connections from this host have large hits queued.
     #[default]
     Auto,
     /// Always `sendfile`.
