@@ -269,21 +269,41 @@ fn large_hits_are_copied_while_two_local_clients_stream_and_sendfiled_otherwise(
         } else {
             assert_eq!(beside, 0.0, "{mode}: B's hits beside A's");
         }
-        // Below COPY_MIN, auto sends B's hits by sendfile even beside A's
-        // (A's writer is stuck on its full socket by now).
+        // Below COPY_MIN, auto sends B's hits by sendfile even beside A's.
+        // A's writer must first be stuck on its full socket, so that only
+        // B's hits move the counters: none of A's completes in 100 ms.
+        let sent = || copied() + spliced();
+        let stuck = (0..50).any(|_| {
+            let before = sent();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            sent() == before
+        });
+        assert!(stuck, "{mode}: A's replies kept leaving for 5 s unread");
         let small = 64 << 10;
         let (c1, s1) = (copied(), spliced());
         for off in (0..4 * small).step_by(small) {
             assert_eq!(b.read(off as u64, small as u32), data[off..off + small]);
         }
-        let (dc, ds) = (copied() - c1, spliced() - s1);
+        // A hit is counted once sent, which can be after B has it: wait
+        // for the counter it should move, then check the other did not.
         let smalls = (4 * small) as f64;
+        let (c2, s2) = if mode == "copy" {
+            let c2 = h.metric_eventually("herd_served_hit_copy_bytes_total", c1 + smalls);
+            (c2, spliced())
+        } else {
+            let s2 = h.metric_eventually("herd_served_zero_copy_bytes_total", s1 + smalls);
+            (copied(), s2)
+        };
         let want = if mode == "copy" {
             (smalls, 0.0)
         } else {
             (0.0, smalls)
         };
-        assert_eq!((dc, ds), want, "{mode}: B's 64 KiB hits beside A's");
+        assert_eq!(
+            (c2 - c1, s2 - s1),
+            want,
+            "{mode}: B's 64 KiB hits beside A's"
+        );
         drop(b);
         // A's replies come whole and right, however each one left.
         for _ in 0..queued {
