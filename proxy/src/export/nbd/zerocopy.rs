@@ -196,16 +196,9 @@ impl ZeroCopy {
     }
 
     /// Keeps the copy's buffer until the connection ends, whichever way
-    /// the hits between leave. Dropped at each `sendfile`d hit, it was
-    /// allocated afresh whenever the host-wide count crossed two, which on
-    /// a relay's parent connections (a 64 KiB hit, then another, each
-    /// queued alone) was most copies: 1 MiB zeroed and faulted in for
-    /// 64 KiB, the root at 0.6 of a core for 470 MiB/s against 0.22 for
-    /// 750 with `sendfile` and 0.3 for 700 copying throughout. Taken from
-    /// the shared pool each time (8 MiB in all, often full of other
-    /// sizes), the same; kept only while this connection had more hits
-    /// queued, fio's QD4 readers left gaps often enough that the faults
-    /// and zeroing stayed 11 % of herd's cycles.
+    /// the hits between leave: dropped at each `sendfile`d hit, or taken
+    /// from the shared pool each time, it was faulted in and zeroed afresh
+    /// for most copies (DESIGN.md, "How hits leave").
     pub fn keep_buf(&mut self, buf: IoBuf) {
         self.buf = Some(buf);
     }
