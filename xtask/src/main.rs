@@ -49,6 +49,15 @@ enum Job {
     BuildEbpf,
     /// Record boots with both recorders, prefetch, and boot again (needs root).
     BootProfile,
+    /// The dataplane bench's byte forwarder (a relay that does nothing):
+    /// started by the bench, not by hand.
+    #[command(hide = true)]
+    Forward {
+        #[arg(long)]
+        listen: u16,
+        #[arg(long)]
+        to: u16,
+    },
     /// Build (or reuse) the demo boot disk.
     Image {
         #[arg(long, value_enum, default_value = "debian")]
@@ -75,6 +84,7 @@ fn main() -> Result<()> {
         Job::Deps => deps::run_all(),
         Job::Fuzz(o) => fuzz::run_fuzz(&o).map(drop),
         Job::BuildEbpf => ebpf::build().map(drop),
+        Job::Forward { listen, to } => bench::forward::run(listen, to),
         Job::Vagrant(o) => vagrant::run_action(&o),
         Job::Appliance { test } => {
             crate::deps::ensure(crate::deps::PACKAGES)?;

@@ -213,6 +213,7 @@ fn bench_smoke() -> Result<()> {
         baseline_herd: None,
         herd_only: false,
         groups: Vec::new(),
+        patterns: Vec::new(),
     };
     dataplane::run_bench(&o)?;
     let text = std::fs::read_to_string(out.join("dataplane.json"))?;
@@ -242,6 +243,18 @@ fn bench_smoke() -> Result<()> {
             "{}: no verdict in {row}",
             p.name
         );
+    }
+    // The relays are set against the forwarder's ceiling, every pattern.
+    let reach = md
+        .split("## What a relay could reach here")
+        .nth(1)
+        .context("the report lacks the relay ceiling")?;
+    for p in dataplane::PATTERNS {
+        let row = reach
+            .lines()
+            .find(|l| l.starts_with(&format!("| {} |", p.name)))
+            .with_context(|| format!("no relay ceiling row for {}", p.name))?;
+        anyhow::ensure!(!row.contains('–'), "{}: relay ceiling row {row}", p.name);
     }
     Ok(())
 }

@@ -54,6 +54,10 @@ pub struct Options {
     /// Only these groups of rows: hit, relay, tls (repeatable; default all).
     #[arg(long = "group", value_parser = ["hit", "relay", "tls"])]
     pub groups: Vec<String>,
+    /// Only these patterns (repeatable; default all): a quicker A/B of
+    /// one row, with more rounds for the same time.
+    #[arg(long = "pattern", value_parser = PATTERNS.iter().map(|p| p.name).collect::<Vec<_>>())]
+    pub patterns: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,6 +70,9 @@ pub struct Pattern {
     /// Report IOPS (small blocks) or MiB/s (large).
     pub iops: bool,
 }
+
+/// The relay group's ceiling column (`Server::Forward`): not a peer.
+pub const FORWARDER: &str = "splice forwarder->herd root";
 
 pub const PATTERNS: &[Pattern] = &[
     Pattern {
@@ -186,6 +193,9 @@ enum Server {
     HerdRelay,
     NbdkitRelay,
     QemuNbdRelay,
+    /// Not a relay: a splice forwarder between fio and the warm herd root,
+    /// the most any relay could do with the same two loopback crossings.
+    Forward,
     /// The hit path again, every connection TLS (NBD_OPT_STARTTLS).
     HerdTls,
     NbdkitTls,
@@ -193,7 +203,12 @@ enum Server {
 
 impl Server {
     const HIT: [Self; 4] = [Self::Herd, Self::Nbdkit, Self::QemuNbdUring, Self::QemuNbd];
-    const RELAY: [Self; 3] = [Self::HerdRelay, Self::NbdkitRelay, Self::QemuNbdRelay];
+    const RELAY: [Self; 4] = [
+        Self::HerdRelay,
+        Self::NbdkitRelay,
+        Self::QemuNbdRelay,
+        Self::Forward,
+    ];
     const TLS: [Self; 2] = [Self::HerdTls, Self::NbdkitTls];
 
     fn name(self) -> &'static str {
@@ -207,6 +222,7 @@ impl Server {
             Self::HerdRelay => "herd leaf->root",
             Self::NbdkitRelay => "nbdkit cache->nbdkit",
             Self::QemuNbdRelay => "qemu-nbd CoR->qemu-nbd",
+            Self::Forward => FORWARDER,
             Self::HerdTls => "herd TLS (warm)",
             Self::NbdkitTls => "nbdkit file TLS",
         }
@@ -508,16 +524,7 @@ fn start(env: &Env, s: Server) -> Result<Running> {
             "bench"
         }
         Server::HerdRelay | Server::HerdRelayBase => {
-            let pport = free_port()?;
-            procs.push(herd_serve(env, bin, "herd-root", &img, pport, &[])?);
-            wait_port(pport)?;
-            // A warm parent, as for the hit rows: fetched, then read once
-            // more into the page cache.
-            for _ in 0..2 {
-                run(Command::new("nbdcopy")
-                    .arg(format!("nbd://127.0.0.1:{pport}/herd"))
-                    .arg("null:"))?;
-            }
+            let pport = warm_root(env, bin, procs)?;
             procs.push(herd_serve(
                 env,
                 bin,
@@ -525,6 +532,20 @@ fn start(env: &Env, s: Server) -> Result<Running> {
                 &format!("nbd://127.0.0.1:{pport}/herd"),
                 port,
                 &[],
+            )?);
+            "herd"
+        }
+        Server::Forward => {
+            let pport = warm_root(env, bin, procs)?;
+            procs.push(spawn(
+                Command::new(std::env::current_exe()?).args([
+                    "forward",
+                    "--listen",
+                    &port.to_string(),
+                    "--to",
+                    &pport.to_string(),
+                ]),
+                &env.scratch.join("forward.log"),
             )?);
             "herd"
         }
@@ -573,6 +594,21 @@ fn start(env: &Env, s: Server) -> Result<Running> {
     };
     wait_port(port)?;
     Ok(running)
+}
+
+/// Starts a herd root over the image and warms it, as for the hit rows:
+/// fetched, then read once more into the page cache. Returns its port.
+fn warm_root(env: &Env, bin: &Path, procs: &mut Vec<Child>) -> Result<u16> {
+    let pport = free_port()?;
+    let img = env.image.to_string_lossy();
+    procs.push(herd_serve(env, bin, "herd-root", &img, pport, &[])?);
+    wait_port(pport)?;
+    for _ in 0..2 {
+        run(Command::new("nbdcopy")
+            .arg(format!("nbd://127.0.0.1:{pport}/herd"))
+            .arg("null:"))?;
+    }
+    Ok(pport)
 }
 
 /// How a fio job runs.
@@ -785,9 +821,13 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         .collect();
     let mut samples: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); PATTERNS.len()]; servers.len()];
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let pin_runs = cores >= 2 && !opts.herd_only;
+    let measured: Vec<bool> = PATTERNS
+        .iter()
+        .map(|p| opts.patterns.is_empty() || opts.patterns.iter().any(|w| w == p.name))
+        .collect();
+    let pin_runs = cores >= 2 && !opts.herd_only && measured[0];
     let mut pinned: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); PLACEMENTS.len()]; hit.len()];
-    let per_round = servers.len() * PATTERNS.len()
+    let per_round = servers.len() * measured.iter().filter(|&&m| m).count()
         + if pin_runs {
             hit.len() * PLACEMENTS.len()
         } else {
@@ -807,7 +847,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
         for k in 0..servers.len() {
             let si = (k + round) % servers.len();
             let s = &servers[si];
-            for (pi, p) in PATTERNS.iter().enumerate() {
+            for (pi, p) in PATTERNS.iter().enumerate().filter(|(pi, _)| measured[*pi]) {
                 pb.set_message(format!("round {} {} {}", round + 1, s.name(), p.name));
                 let mode = Mode {
                     cold: s.group() == "relay",
@@ -838,7 +878,7 @@ pub fn run_bench(opts: &Options) -> Result<Results> {
     pb.finish_and_clear();
     let mut cells = Vec::new();
     for (si, s) in servers.iter().enumerate() {
-        for (pi, p) in PATTERNS.iter().enumerate() {
+        for (pi, p) in PATTERNS.iter().enumerate().filter(|(pi, _)| measured[*pi]) {
             let unit = if p.iops { "IOPS" } else { "MiB/s" };
             cells.push(Cell::new(s, s.group(), p.name, unit, &samples[si][pi]));
         }

@@ -5,6 +5,7 @@
 
 pub mod dataplane;
 pub mod failover;
+pub mod forward;
 pub mod iscsi;
 mod plot;
 pub mod recorder;

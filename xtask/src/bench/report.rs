@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::dataplane::{pinned_pattern, Results, PATTERNS, PLACEMENTS};
+use super::dataplane::{pinned_pattern, Results, FORWARDER, PATTERNS, PLACEMENTS};
 
 fn cell<'a>(r: &'a Results, server: &str, pattern: &str) -> Option<&'a super::dataplane::Cell> {
     r.cells
@@ -24,6 +24,21 @@ fn is_baseline(name: &str) -> bool {
     name.starts_with("herd baseline")
 }
 
+/// A peer: neither herd (any build) nor the forwarder, which is a ceiling.
+fn is_peer(name: &str) -> bool {
+    !name.starts_with("herd") && name != FORWARDER
+}
+
+/// The best peer's name and median for one group and pattern.
+fn best_peer(r: &Results, group: &str, pattern: &str) -> Option<(String, f64)> {
+    servers(r, group)
+        .into_iter()
+        .filter(|n| is_peer(n))
+        .filter_map(|n| cell(r, &n, pattern).map(|c| (n, c.median)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, m)| *m > 0.0)
+}
+
 /// herd's median ÷ the best peer's median for one group and pattern (a
 /// baseline herd build is not a peer).
 pub fn ratio(r: &Results, group: &str, pattern: &str) -> Option<f64> {
@@ -32,12 +47,7 @@ pub fn ratio(r: &Results, group: &str, pattern: &str) -> Option<f64> {
         .iter()
         .find(|n| n.starts_with("herd") && !is_baseline(n))?;
     let h = cell(r, herd, pattern)?.median;
-    let best = names
-        .iter()
-        .filter(|n| !n.starts_with("herd"))
-        .filter_map(|n| cell(r, n, pattern).map(|c| c.median))
-        .fold(0.0, f64::max);
-    (best > 0.0).then(|| h / best)
+    best_peer(r, group, pattern).map(|(_, best)| h / best)
 }
 
 /// herd's median ÷ its baseline build's, when the run had one.
@@ -98,6 +108,7 @@ pub fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
+    relay_ceiling(&mut s, r);
     tls_cost(&mut s, r);
     pinned(&mut s, r);
     qd1_cpu(&mut s, r);
@@ -113,8 +124,13 @@ pub fn markdown(r: &Results) -> String {
         for n in servers(r, group) {
             let _ = write!(s, "| {n} |");
             for p in ["64k-rand-qd8", "1m-seq-qd1", "1m-seq-qd8"] {
-                let f = cell(r, &n, p).map_or(0.0, |c| c.median / r.ceilings.loopback_tcp_mib_s);
-                let _ = write!(s, " {:.0} % |", f * 100.0);
+                match cell(r, &n, p) {
+                    Some(c) => {
+                        let f = c.median / r.ceilings.loopback_tcp_mib_s;
+                        let _ = write!(s, " {:.0} % |", f * 100.0);
+                    }
+                    None => s.push_str(" – |"),
+                }
             }
             s.push('\n');
         }
@@ -177,6 +193,46 @@ fn bounds(s: &mut String, r: &Results) {
 
 fn servers_of(r: &Results, groups: &[&str]) -> Vec<String> {
     groups.iter().flat_map(|g| servers(r, g)).collect()
+}
+
+/// The relays beside the forwarder that only moves bytes between fio and
+/// the same warm root: how far the best peer is from what any relay could
+/// reach here, and how much of that herd's leaf reaches.
+fn relay_ceiling(s: &mut String, r: &Results) {
+    let Some(herd) = servers(r, "relay")
+        .into_iter()
+        .find(|n| n.starts_with("herd") && !is_baseline(n))
+    else {
+        return;
+    };
+    if cell(r, FORWARDER, PATTERNS[0].name).is_none() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## What a relay could reach here\n\n\
+         The {FORWARDER} column is no relay: fio's requests and the root's replies pass through it by \
+         `splice(2)`, parsed by nobody and cached nowhere, over the same two loopback crossings. Where moving \
+         the bytes is the bound (deep queues, large blocks), no relay can do much better, so \"forwarder ÷ best \
+         peer\" is about the most \"herd ÷ best peer\" can be there. At QD1 a relay that reads ahead can beat it.\n\n\
+         | pattern | best peer relay | forwarder ÷ best peer | herd ÷ forwarder |\n|---|---|---|---|"
+    );
+    for p in PATTERNS {
+        let (Some(f), Some(h)) = (cell(r, FORWARDER, p.name), cell(r, &herd, p.name)) else {
+            continue;
+        };
+        let peer = best_peer(r, "relay", p.name).map_or_else(
+            || "– | –".to_owned(),
+            |(n, m)| format!("{n} | {:.2}", f.median / m),
+        );
+        let herd_part = if f.median > 0.0 {
+            format!("{:.2}", h.median / f.median)
+        } else {
+            "–".to_owned()
+        };
+        let _ = writeln!(s, "| {} | {peer} | {herd_part} |", p.name);
+    }
+    s.push('\n');
 }
 
 /// What TLS costs each server: its TLS median ÷ its plain one.
