@@ -244,17 +244,17 @@ fn bench_smoke() -> Result<()> {
             p.name
         );
     }
-    // The relays are set against the forwarder's ceiling, every pattern.
+    // The relays are set beside the forwarder, every pattern.
     let reach = md
-        .split("## What a relay could reach here")
+        .split("## Beside a relay that only forwards")
         .nth(1)
-        .context("the report lacks the relay ceiling")?;
+        .context("the report lacks the forwarder's table")?;
     for p in dataplane::PATTERNS {
         let row = reach
             .lines()
             .find(|l| l.starts_with(&format!("| {} |", p.name)))
-            .with_context(|| format!("no relay ceiling row for {}", p.name))?;
-        anyhow::ensure!(!row.contains('–'), "{}: relay ceiling row {row}", p.name);
+            .with_context(|| format!("no forwarder row for {}", p.name))?;
+        anyhow::ensure!(!row.contains('–'), "{}: forwarder row {row}", p.name);
     }
     Ok(())
 }

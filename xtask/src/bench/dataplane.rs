@@ -71,7 +71,7 @@ pub struct Pattern {
     pub iops: bool,
 }
 
-/// The relay group's ceiling column (`Server::Forward`): not a peer.
+/// The relay group's reference column (`Server::Forward`): not a peer.
 pub const FORWARDER: &str = "splice forwarder->herd root";
 
 pub const PATTERNS: &[Pattern] = &[
@@ -194,7 +194,7 @@ enum Server {
     NbdkitRelay,
     QemuNbdRelay,
     /// Not a relay: a splice forwarder between fio and the warm herd root,
-    /// the most any relay could do with the same two loopback crossings.
+    /// what the same two loopback crossings allow with no work done.
     Forward,
     /// The hit path again, every connection TLS (NBD_OPT_STARTTLS).
     HerdTls,

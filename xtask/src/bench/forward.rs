@@ -3,8 +3,9 @@
 //! The dataplane bench puts it between fio and a warm herd root, where a
 //! relay would sit. It parses nothing and caches nothing, and moves each
 //! byte with `splice(2)` through a pipe, so no copy passes through user
-//! space: what it reaches is what any relay could reach on this machine
-//! with the same two loopback crossings, a ceiling for the relay rows.
+//! space: what it reaches is what the same two loopback crossings allow a
+//! middle process that does no work (a reference for the relay rows, not a
+//! bound: a relay that fetches ahead can beat it).
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};

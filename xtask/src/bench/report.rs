@@ -196,8 +196,7 @@ fn servers_of(r: &Results, groups: &[&str]) -> Vec<String> {
 }
 
 /// The relays beside the forwarder that only moves bytes between fio and
-/// the same warm root: how far the best peer is from what any relay could
-/// reach here, and how much of that herd's leaf reaches.
+/// the same warm root: what the two loopback crossings alone allow.
 fn relay_ceiling(s: &mut String, r: &Results) {
     let Some(herd) = servers(r, "relay")
         .into_iter()
@@ -210,11 +209,11 @@ fn relay_ceiling(s: &mut String, r: &Results) {
     }
     let _ = writeln!(
         s,
-        "## What a relay could reach here\n\n\
+        "## Beside a relay that only forwards\n\n\
          The {FORWARDER} column is no relay: fio's requests and the root's replies pass through it by \
-         `splice(2)`, parsed by nobody and cached nowhere, over the same two loopback crossings. Where moving \
-         the bytes is the bound (deep queues, large blocks), no relay can do much better, so \"forwarder ÷ best \
-         peer\" is about the most \"herd ÷ best peer\" can be there. At QD1 a relay that reads ahead can beat it.\n\n\
+         `splice(2)`, one for one, parsed by nobody and cached nowhere, over the same two loopback crossings. \
+         It is what those crossings allow a middle process that does no work, a reference rather than a bound: \
+         a relay that fetches ahead or in larger runs than fio asks for can beat it.\n\n\
          | pattern | best peer relay | forwarder ÷ best peer | herd ÷ forwarder |\n|---|---|---|---|"
     );
     for p in PATTERNS {
