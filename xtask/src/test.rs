@@ -224,17 +224,11 @@ fn bench_smoke() -> Result<()> {
         svg.contains("<svg") && svg.contains("herd"),
         "SVG lacks the chart"
     );
-    // Each herd row says what bounds it.
+    // Each herd row says what bounds it, and the relays are set beside
+    // the forwarder, every pattern.
     let md = std::fs::read_to_string(out.join("README.md"))?;
-    let bounds = md
-        .split("## What bounds each row")
-        .nth(1)
-        .context("the report lacks what bounds each row")?;
     for p in dataplane::PATTERNS {
-        let row = bounds
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} |", p.name)))
-            .with_context(|| format!("no bound row for {}", p.name))?;
+        let row = report_row(&md, "## What bounds each row", p.name)?;
         anyhow::ensure!(
             ["loopback (", "CPU (", "server core (", "latency ("]
                 .iter()
@@ -243,20 +237,20 @@ fn bench_smoke() -> Result<()> {
             "{}: no verdict in {row}",
             p.name
         );
-    }
-    // The relays are set beside the forwarder, every pattern.
-    let reach = md
-        .split("## Beside a relay that only forwards")
-        .nth(1)
-        .context("the report lacks the forwarder's table")?;
-    for p in dataplane::PATTERNS {
-        let row = reach
-            .lines()
-            .find(|l| l.starts_with(&format!("| {} |", p.name)))
-            .with_context(|| format!("no forwarder row for {}", p.name))?;
+        let row = report_row(&md, "## Beside a relay that only forwards", p.name)?;
         anyhow::ensure!(!row.contains('–'), "{}: forwarder row {row}", p.name);
     }
     Ok(())
+}
+
+/// The row for `pattern` in the report's section headed `heading`.
+fn report_row<'a>(md: &'a str, heading: &str, pattern: &str) -> Result<&'a str> {
+    md.split(heading)
+        .nth(1)
+        .with_context(|| format!("the report lacks {heading:?}"))?
+        .lines()
+        .find(|l| l.starts_with(&format!("| {pattern} |")))
+        .with_context(|| format!("no {pattern} row under {heading:?}"))
 }
 
 /// The memory bench on a small image: both nodes measured under load (the
