@@ -24,9 +24,16 @@ fn is_baseline(name: &str) -> bool {
     name.starts_with("herd baseline")
 }
 
-/// A peer: neither herd (any build) nor the forwarder, which is a ceiling.
+/// A peer: neither herd (any build) nor the forwarder, a reference.
 fn is_peer(name: &str) -> bool {
     !name.starts_with("herd") && name != FORWARDER
+}
+
+/// The herd build measured in `group` (not its baseline).
+fn herd_name(r: &Results, group: &str) -> Option<String> {
+    servers(r, group)
+        .into_iter()
+        .find(|n| n.starts_with("herd") && !is_baseline(n))
 }
 
 /// The best peer's name and median for one group and pattern.
@@ -42,24 +49,17 @@ fn best_peer(r: &Results, group: &str, pattern: &str) -> Option<(String, f64)> {
 /// herd's median ÷ the best peer's median for one group and pattern (a
 /// baseline herd build is not a peer).
 pub fn ratio(r: &Results, group: &str, pattern: &str) -> Option<f64> {
-    let names = servers(r, group);
-    let herd = names
-        .iter()
-        .find(|n| n.starts_with("herd") && !is_baseline(n))?;
-    let h = cell(r, herd, pattern)?.median;
+    let h = cell(r, &herd_name(r, group)?, pattern)?.median;
     best_peer(r, group, pattern).map(|(_, best)| h / best)
 }
 
 /// herd's median ÷ its baseline build's, when the run had one.
 pub fn ratio_to_baseline(r: &Results, group: &str, pattern: &str) -> Option<f64> {
-    let names = servers(r, group);
-    let herd = names
-        .iter()
-        .find(|n| n.starts_with("herd") && !is_baseline(n))?;
-    let base = names.iter().find(|n| is_baseline(n))?;
+    let herd = herd_name(r, group)?;
+    let base = servers(r, group).into_iter().find(|n| is_baseline(n))?;
     let (h, b) = (
-        cell(r, herd, pattern)?.median,
-        cell(r, base, pattern)?.median,
+        cell(r, &herd, pattern)?.median,
+        cell(r, &base, pattern)?.median,
     );
     (b > 0.0).then(|| h / b)
 }
@@ -108,7 +108,7 @@ pub fn markdown(r: &Results) -> String {
         }
         s.push('\n');
     }
-    relay_ceiling(&mut s, r);
+    forwarder_table(&mut s, r);
     tls_cost(&mut s, r);
     pinned(&mut s, r);
     qd1_cpu(&mut s, r);
@@ -197,14 +197,15 @@ fn servers_of(r: &Results, groups: &[&str]) -> Vec<String> {
 
 /// The relays beside the forwarder that only moves bytes between fio and
 /// the same warm root: what the two loopback crossings alone allow.
-fn relay_ceiling(s: &mut String, r: &Results) {
-    let Some(herd) = servers(r, "relay")
-        .into_iter()
-        .find(|n| n.starts_with("herd") && !is_baseline(n))
-    else {
+fn forwarder_table(s: &mut String, r: &Results) {
+    let Some(herd) = herd_name(r, "relay") else {
         return;
     };
-    if cell(r, FORWARDER, PATTERNS[0].name).is_none() {
+    // Any pattern: `--pattern` may have left out the first.
+    if !PATTERNS
+        .iter()
+        .any(|p| cell(r, FORWARDER, p.name).is_some())
+    {
         return;
     }
     let _ = writeln!(
